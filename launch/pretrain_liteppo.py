@@ -1,0 +1,74 @@
+"""LitePPO training entry point.
+
+    torchrun --nproc_per_node N launch/pretrain_liteppo.py --config examples/liteppo.yaml [key.path=value ...]
+
+Parse -> validate (before any process group exists) -> initialize distributed -> run.
+A bad configuration exits with status 2 and a message that says what to fix, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from liteppo_mcore.config import ConfigError, load_config, to_yaml, world_size_from_env  # noqa: E402
+
+EXIT_CONFIG = 2
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML configuration file (see examples/)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate for this world size, set up the process groups, print the layout, exit")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="configuration overrides")
+    return parser.parse_args(argv)
+
+
+def is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides, world_size_from_env())
+    except ConfigError as e:
+        if is_rank0():
+            print(f"liteppo: {e}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    if args.print_config:
+        if is_rank0():
+            print(to_yaml(cfg), end="", flush=True)
+        return 0
+
+    from liteppo_mcore.parallel.setup import init_distributed, shutdown_distributed
+
+    layout = init_distributed(cfg)
+    try:
+        if layout.rank == 0:
+            print(to_yaml(cfg), end="")
+            print(f"liteppo: layout {layout.describe()}", flush=True)
+            if cfg.token_level_loss and cfg.loss_agg_mode != "token-mean":
+                print(f"liteppo: token_level_loss=true, so loss_agg_mode={cfg.loss_agg_mode} is not used "
+                      "(the loss is token-mean)", flush=True)
+        if args.dry_run:
+            import torch.distributed as dist
+
+            dist.barrier()
+            if layout.rank == 0:
+                print("liteppo: dry run OK: configuration valid for this world size", flush=True)
+            return 0
+        from liteppo_mcore.trainer import run_training
+
+        return run_training(cfg, layout)
+    finally:
+        shutdown_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Process-group start-up from the configuration: backend, collective timeout, and the derived layout.
+
+This module owns `torch.distributed.init_process_group`. Megatron's model-parallel groups are built on
+top of it by the model code; dp is always derived as WORLD_SIZE / (tp * pp * cp).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from liteppo_mcore.config.schema import LitePPOConfig
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where this process sits: world size and rank, and the parallel sizes (dp derived)."""
+
+    world_size: int
+    rank: int
+    local_rank: int
+    tp: int
+    pp: int
+    cp: int
+    backend: str
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // (self.tp * self.pp * self.cp)
+
+    def describe(self) -> str:
+        return (f"world {self.world_size} = tp {self.tp} x pp {self.pp} x cp {self.cp} x dp {self.dp} "
+                f"(backend {self.backend})")
+
+
+def resolve_backend(requested: str) -> str:
+    """auto -> nccl when CUDA is present, else gloo. nccl without CUDA is refused with the fix."""
+    if requested == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if requested == "nccl" and not torch.cuda.is_available():
+        raise RuntimeError("parallel.backend=nccl needs CUDA, and none is available here. "
+                           "Set parallel.backend: auto (or gloo) to run on CPU.")
+    return requested
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(cfg: LitePPOConfig) -> Layout:
+    """Initialize the default process group (or reuse an existing one) and return the layout.
+
+    Under torchrun the env:// rendezvous is used; a plain `python` run becomes a one-process group
+    on a free local port, so the same code path serves both.
+    """
+    backend = resolve_backend(cfg.parallel.backend)
+    timeout = timedelta(minutes=cfg.parallel.timeout_minutes)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}",
+                                    rank=0, world_size=1, timeout=timeout)
+    p = cfg.parallel
+    return Layout(world_size=dist.get_world_size(), rank=dist.get_rank(), local_rank=local_rank,
+                  tp=p.tp, pp=p.pp, cp=p.cp, backend=backend)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up ./.venv and run the whole test suite (CPU; GPU and SGLang tests skip cleanly without them).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/setup_env.sh
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+exec .venv/bin/python -m pytest -q --timeout 900 "$@"
