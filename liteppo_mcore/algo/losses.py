@@ -1,0 +1,129 @@
+"""Per-token PPO policy and value losses (semantics section 4).
+
+Policy, with ``rho = exp(logp - old_logp)`` and ``eps = clip``::
+
+    l = max(-rho * A, -clip(rho, 1 - eps, 1 + eps) * A)
+    dual clip (c = dual_clip_ratio > 1):  l <- min(l, -c * A)  where A < 0
+
+Value (critic), with ``G`` the returns::
+
+    e = (V - G)^2
+    clip c:  Vc = V_old + clamp(V - V_old, -c, c),  e = max((V - G)^2, (Vc - G)^2)
+    l = 0.5 * e
+
+Both return the per-token loss ``[B, T]`` (0 at padding, in the promoted dtype of the inputs, with
+gradients to ``logp`` / ``values`` only) and a metrics dict of detached 0-d float64 tensors that are
+SUMS over this micro-batch's valid tokens (plus ``num_tokens``, and maxima where named so), so the
+caller can all-reduce them over ranks and micro-batches and divide by the global token count.
+Aggregating the per-token loss into a scalar is ``aggregation.aggregate``'s job.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .stats import STAT_DTYPE, as_bool_mask
+
+
+def _check_same_shape(mask: Tensor, **tensors: Tensor) -> None:
+    for name, t in tensors.items():
+        if t.shape != mask.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected the mask's {tuple(mask.shape)}")
+
+
+def _masked_sum(x: Tensor, valid: Tensor) -> Tensor:
+    return torch.where(valid, x.detach().to(STAT_DTYPE), 0.0).sum()
+
+
+def _masked_max_of_positive(x: Tensor, valid: Tensor) -> Tensor:
+    """Max of a positive quantity over valid entries; 0 (neutral for a max) when there are none."""
+    masked = torch.where(valid, x.detach().to(STAT_DTYPE), 0.0)
+    return masked.amax() if masked.numel() else masked.new_zeros(())
+
+
+def policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip: float,
+    dual_clip_ratio: Optional[float] = None,
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Clipped (optionally dual-clipped) PPO surrogate per token; shapes ``[B, T]``.
+
+    Metrics (sums over valid tokens unless noted):
+      ``clipfrac_sum``       tokens where the clipped term is the active (strictly larger) one;
+      ``dual_clipfrac_sum``  tokens where the dual-clip bound ``-c*A`` is active (0 without dual clip);
+      ``approx_kl_sum``      k3 estimate of KL(old || new): ``(rho - 1) - log rho`` (>= 0);
+      ``ratio_max``          max of ``rho`` over valid tokens (0 when there are none: ``rho > 0``,
+                             so 0 is neutral for a max-reduction);
+      ``num_tokens``         number of valid tokens.
+    """
+    if not clip > 0:
+        raise ValueError(f"pg_clip must be > 0, got {clip!r}")
+    if dual_clip_ratio is not None and not dual_clip_ratio > 1:
+        raise ValueError(f"dual_clip_ratio must be > 1 (or None to disable dual clip), got {dual_clip_ratio!r}")
+    _check_same_shape(mask, logp=logp, old_logp=old_logp, advantages=advantages)
+    valid = as_bool_mask(mask)
+    # Mask the log-ratio before exp: garbage log-probs at padding would give inf * 0 = NaN otherwise.
+    log_ratio = torch.where(valid, logp - old_logp.detach(), 0.0)
+    ratio = torch.exp(log_ratio)
+    adv = torch.where(valid, advantages.detach(), 0.0)
+    unclipped = -ratio * adv
+    clipped = -ratio.clamp(1.0 - clip, 1.0 + clip) * adv
+    loss = torch.maximum(unclipped, clipped)
+    dual_active = torch.zeros_like(valid)
+    if dual_clip_ratio is not None:
+        bound = -dual_clip_ratio * adv
+        dual_active = (adv < 0) & (bound < loss)
+        loss = torch.where(dual_active, bound, loss)
+    loss = torch.where(valid, loss, 0.0)
+    with torch.no_grad():
+        metrics = {
+            "clipfrac_sum": (valid & (clipped > unclipped)).sum().to(STAT_DTYPE),
+            "dual_clipfrac_sum": (valid & dual_active).sum().to(STAT_DTYPE),
+            "approx_kl_sum": _masked_sum(torch.expm1(log_ratio) - log_ratio, valid),
+            "ratio_max": _masked_max_of_positive(ratio, valid),
+            "num_tokens": valid.sum().to(STAT_DTYPE),
+        }
+    return loss, metrics
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    *,
+    clip: Optional[float] = None,
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Critic loss per token ``0.5 * e`` (module docstring), shapes ``[B, T]``; ``clip=None``: no clip.
+
+    Metrics (sums over valid tokens): ``vf_clipfrac_sum`` (tokens where the clipped error is the larger
+    one), ``values_sum`` (of ``V``), ``num_tokens``.
+    """
+    if clip is not None and not clip > 0:
+        raise ValueError(f"value_clip must be > 0 or None, got {clip!r}")
+    _check_same_shape(mask, values=values, old_values=old_values, returns=returns)
+    valid = as_bool_mask(mask)
+    target = returns.detach()
+    error = torch.where(valid, values - target, 0.0).square()
+    clip_active = torch.zeros_like(valid)
+    if clip is not None:
+        old = old_values.detach()
+        clipped_values = old + (values - old).clamp(-clip, clip)
+        clipped_error = torch.where(valid, clipped_values - target, 0.0).square()
+        clip_active = valid & (clipped_error > error)
+        error = torch.maximum(error, clipped_error)
+    loss = 0.5 * error
+    with torch.no_grad():
+        metrics = {
+            "vf_clipfrac_sum": clip_active.sum().to(STAT_DTYPE),
+            "values_sum": _masked_sum(values, valid),
+            "num_tokens": valid.sum().to(STAT_DTYPE),
+        }
+    return loss, metrics

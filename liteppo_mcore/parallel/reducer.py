@@ -1,0 +1,103 @@
+"""All-reduce callables over the right process groups, for the global statistics of ``algo``.
+
+``algo`` takes its reductions as ``allreduce_sum(tensor) -> tensor`` callables; this module builds
+them. Which group (liteppo-semantics, "Which ranks a statistic is reduced over"):
+
+- ``dp_sum``: the data-parallel group. Sequences (scores, rewards, per-sequence counts) are replicated
+  on every TP/PP/CP rank of a model replica, and advantages/whitening work on gathered whole
+  sequences, so sums over them go over DP only.
+- ``dp_cp_sum``: DP x CP. During forward/backward CP splits each sequence's tokens, so sums of
+  CP-local token quantities (a micro-batch's token count, a CP-local loss) go over DP x CP.
+
+Every rank of the group must call the callable the same number of times, in the same order, also a
+rank without valid tokens. The callables are not differentiable: they reduce detached copies.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+AllReduce = Callable[[Tensor], Tensor]
+
+
+def group_world_size(group: Optional[dist.ProcessGroup]) -> int:
+    """Number of ranks of ``group``; 1 for ``None`` (no group: this process holds everything)."""
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group=group)
+
+
+def _comm_device(group: dist.ProcessGroup, tensor: Tensor) -> torch.device:
+    """NCCL reduces only CUDA tensors; statistics are often built on CPU, so move them there."""
+    if dist.get_backend(group) == "nccl" and tensor.device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return tensor.device
+
+
+def _make_allreduce(group: Optional[dist.ProcessGroup], op: dist.ReduceOp) -> AllReduce:
+    if group_world_size(group) == 1:
+        return lambda tensor: tensor.detach().clone()
+
+    def allreduce(tensor: Tensor) -> Tensor:
+        buffer = tensor.detach().to(_comm_device(group, tensor), copy=True).contiguous()
+        dist.all_reduce(buffer, op=op, group=group)
+        return buffer.to(tensor.device)
+
+    return allreduce
+
+
+def make_allreduce_sum(group: Optional[dist.ProcessGroup]) -> AllReduce:
+    """A callable returning a NEW tensor, the element-wise sum of its argument over ``group``.
+
+    The input is left untouched and keeps its dtype (float64 works on gloo and NCCL). ``group=None``
+    or a group of one rank gives a plain copy; pass ``torch.distributed.group.WORLD`` for all ranks.
+    """
+    return _make_allreduce(group, dist.ReduceOp.SUM)
+
+
+def make_allreduce_max(group: Optional[dist.ProcessGroup]) -> AllReduce:
+    """Like ``make_allreduce_sum`` with an element-wise maximum (e.g. ``actor/ratio_max``)."""
+    return _make_allreduce(group, dist.ReduceOp.MAX)
+
+
+class Reducer:
+    """Sum/max callables over the DP group and over the DP x CP group.
+
+    Build it with ``Reducer.from_parallel_state()`` after megatron's ``initialize_model_parallel``, or
+    ``Reducer.single_process()`` when one process holds the whole batch.
+    """
+
+    def __init__(self, dp_group: Optional[dist.ProcessGroup], dp_cp_group: Optional[dist.ProcessGroup]) -> None:
+        self.dp_group = dp_group
+        self.dp_cp_group = dp_cp_group
+        self.dp_sum: AllReduce = make_allreduce_sum(dp_group)
+        self.dp_cp_sum: AllReduce = make_allreduce_sum(dp_cp_group)
+        self.dp_max: AllReduce = make_allreduce_max(dp_group)
+        self.dp_cp_max: AllReduce = make_allreduce_max(dp_cp_group)
+
+    @property
+    def dp_size(self) -> int:
+        return group_world_size(self.dp_group)
+
+    @property
+    def dp_cp_size(self) -> int:
+        return group_world_size(self.dp_cp_group)
+
+    @classmethod
+    def from_parallel_state(cls) -> "Reducer":
+        """The groups of megatron-core's ``parallel_state`` (must be initialized)."""
+        from megatron.core import parallel_state
+
+        return cls(
+            dp_group=parallel_state.get_data_parallel_group(),
+            dp_cp_group=parallel_state.get_data_parallel_group(with_context_parallel=True),
+        )
+
+    @classmethod
+    def single_process(cls) -> "Reducer":
+        """Identity reductions: this process holds the whole batch."""
+        return cls(dp_group=None, dp_cp_group=None)
