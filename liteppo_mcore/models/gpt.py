@@ -1,0 +1,165 @@
+"""Building the megatron-core GPT actor, the critic (same trunk + value head) and the frozen reference.
+
+`build_models(cfg, groups)` is the one call: it resolves the shape (YAML or Hugging Face config.json),
+the layer spec, the dtype, and returns the models that liteppo-semantics says exist: the critic when
+`adv_estimator: gae`, the reference when `use_kl_loss` or `add_token_level_kl`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core import tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from liteppo_mcore.config.schema import LitePPOConfig
+from liteppo_mcore.models.shapes import ModelShape, resolve_shape
+from liteppo_mcore.models.spec import block_spec, choose_backend
+from liteppo_mcore.parallel.mcore import ParallelGroups
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """auto -> bf16 on GPU, fp32 on CPU (bf16 matmuls on CPU are slow and the tests compare in fp32)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return _DTYPES[name]
+
+
+def transformer_config(shape: ModelShape, cfg: LitePPOConfig, dtype: torch.dtype) -> TransformerConfig:
+    """megatron's TransformerConfig for `shape` under the configured layout. Dropout is 0 everywhere:
+    PPO ratios must be exactly 1 before the first update, and trainer and engine log-probs must agree."""
+    m, p = cfg.model, cfg.parallel
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=shape.num_layers, hidden_size=shape.hidden_size, ffn_hidden_size=shape.ffn_hidden_size,
+        num_attention_heads=shape.num_attention_heads, num_query_groups=shape.num_query_groups,
+        kv_channels=shape.head_dim, normalization="RMSNorm", layernorm_epsilon=shape.norm_epsilon,
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, add_qkv_bias=shape.qkv_bias,
+        qk_layernorm=shape.qk_norm, hidden_dropout=0.0, attention_dropout=0.0,
+        tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp, context_parallel_size=p.cp,
+        sequence_parallel=p.sequence_parallel, params_dtype=dtype, pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, init_method_std=m.init_std,
+        use_cpu_initialization=not on_gpu, perform_initialization=True,
+        # Fusions: on CPU they would trigger torch.compile (slow start, nothing gained).
+        bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
+        bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
+        recompute_granularity=m.recompute_granularity,
+        recompute_method=m.recompute_method if m.recompute_granularity == "full" else None,
+        recompute_num_layers=m.recompute_num_layers if m.recompute_granularity == "full" else None,
+        deallocate_pipeline_outputs=False)
+
+
+class ValueHead(MegatronModule):
+    """hidden -> one value per token, replacing the critic's output layer; starts at zero.
+
+    The weight is replicated on every TP rank: the input hidden states are complete on each of them
+    (gathered first under sequence parallelism), so every rank computes the same values and the same
+    gradients, and no reduction over TP is needed.
+    """
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__(config=config)
+        self.sequence_parallel = config.sequence_parallel
+        self.linear = torch.nn.Linear(config.hidden_size, 1, bias=True, dtype=config.params_dtype)
+        torch.nn.init.zeros_(self.linear.weight)
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden_states, weight=None, runtime_gather_output=None):
+        if self.sequence_parallel:
+            hidden_states = tensor_parallel.gather_from_sequence_parallel_region(
+                hidden_states, tensor_parallel_output_grad=False)
+        return self.linear(hidden_states), None
+
+
+@dataclass
+class Models:
+    """The models of a run on this rank (this rank's shards)."""
+
+    actor: GPTModel
+    critic: Optional[GPTModel]
+    reference: Optional[GPTModel]
+    shape: ModelShape
+    padded_vocab_size: int
+    config: TransformerConfig
+
+
+def build_gpt(shape: ModelShape, cfg: LitePPOConfig, groups: ParallelGroups, *, dtype: torch.dtype,
+              padded_vocab: int, value_head: bool = False) -> GPTModel:
+    """One GPT (this rank's pipeline stage and TP shard), with random weights from the seeded streams."""
+    shape.check_layout(cfg.parallel.tp, cfg.parallel.pp)
+    config = transformer_config(shape, cfg, dtype)
+    backend = choose_backend(cfg.model.attention_backend, cfg.parallel.cp)
+    n_stage = get_num_layers_to_build(config, vp_stage=None, pp_rank=groups.pp_rank)
+    scaling = shape.rope_scaling or {}
+    model = GPTModel(
+        config=config, transformer_layer_spec=block_spec(backend, shape.qk_norm, n_stage),
+        vocab_size=padded_vocab, max_sequence_length=shape.max_position_embeddings,
+        pre_process=groups.is_first_stage, post_process=groups.is_last_stage, parallel_output=True,
+        share_embeddings_and_output_weights=shape.tie_word_embeddings and not value_head,
+        position_embedding_type="rope", rotary_base=int(shape.rope_theta),
+        rope_scaling=bool(scaling), rope_scaling_factor=float(scaling.get("factor", 8.0)))
+    if scaling:
+        _apply_llama3_rope_scaling(model, shape)
+    if value_head and groups.is_last_stage:
+        model.output_layer = ValueHead(config)
+    return model
+
+
+def _apply_llama3_rope_scaling(model: GPTModel, shape: ModelShape) -> None:
+    """megatron takes only the factor; Llama 3 configs also set the frequency bounds and the
+    original context length, so recompute the inverse frequencies with all four."""
+    s = shape.rope_scaling or {}
+    rope = model.rotary_pos_emb
+    dim = rope.inv_freq.numel() * 2
+    base = 1.0 / (shape.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    rope.inv_freq = rope._apply_scaling(
+        base.to(rope.inv_freq.device), factor=float(s.get("factor", 8.0)),
+        low_freq_factor=float(s.get("low_freq_factor", 1.0)), high_freq_factor=float(s.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(s.get("original_max_position_embeddings", 8192)))
+
+
+def build_models(cfg: LitePPOConfig, groups: ParallelGroups, *, vocab_size: Optional[int] = None) -> Models:
+    """Actor, and the critic / reference when the configuration implies them (see module doc).
+
+    The critic's trunk starts from the actor's initial weights (its value head at zero); the reference
+    is a frozen copy of the initial actor. Loading pretrained weights into the actor happens before
+    this copy (conversion tools), so both start from what the actor starts from.
+    """
+    shape = resolve_shape(cfg.model, vocab_size)
+    dtype = resolve_dtype(cfg.model.dtype)
+    padded = shape.padded_vocab_size(cfg.parallel.tp, cfg.model.make_vocab_size_divisible_by)
+    actor = build_gpt(shape, cfg, groups, dtype=dtype, padded_vocab=padded)
+    critic = None
+    if cfg.has_critic:
+        critic = build_gpt(shape, cfg, groups, dtype=dtype, padded_vocab=padded, value_head=True)
+        copy_trunk(actor, critic)
+    reference = None
+    if cfg.has_reference:
+        # Modules hold process groups, which cannot be deep-copied: build a twin and copy the weights.
+        reference = build_gpt(shape, cfg, groups, dtype=dtype, padded_vocab=padded)
+        reference.load_state_dict(actor.state_dict())
+        for param in reference.parameters():
+            param.requires_grad_(False)
+        reference.eval()
+    return Models(actor=actor, critic=critic, reference=reference, shape=shape, padded_vocab_size=padded,
+                  config=actor.config)
+
+
+def copy_trunk(src: GPTModel, dst: GPTModel) -> None:
+    """Copy every tensor the two models share by name and shape (embedding, layers, final norm)."""
+    dst_state = dst.state_dict()
+    with torch.no_grad():
+        for name, tensor in src.state_dict().items():
+            if name.startswith("output_layer.") or name not in dst_state:
+                continue
+            if isinstance(tensor, torch.Tensor) and dst_state[name].shape == tensor.shape:
+                dst_state[name].copy_(tensor)

@@ -1,0 +1,76 @@
+"""megatron-core's model-parallel groups: built here (the only caller of `parallel_state`), handed out
+as one `ParallelGroups` object that the rest of the package receives instead of reading globals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from liteppo_mcore.parallel import cpu_compat
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    """The groups and ranks of this process in a TP x CP x PP x DP layout."""
+
+    tp_group: object
+    pp_group: object
+    cp_group: object
+    dp_group: object          # data parallel only: sequence-level statistics
+    dp_cp_group: object       # data x context parallel: sums of CP-local token quantities
+    tp_rank: int
+    tp_size: int
+    pp_rank: int
+    pp_size: int
+    cp_rank: int
+    cp_size: int
+    dp_rank: int
+    dp_size: int
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+
+def initialize_model_parallel(tp: int, pp: int, cp: int, seed: int = 42) -> ParallelGroups:
+    """Build megatron's groups on top of the default process group (which must exist), seed the
+    model-parallel RNG streams, and return the groups. On CPU the compatibility layer goes in first."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    if not dist.is_initialized():
+        raise RuntimeError("initialize the default process group first (liteppo_mcore.parallel.setup)")
+    cpu_compat.install()
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                 context_parallel_size=cp)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return current_groups()
+
+
+def current_groups() -> ParallelGroups:
+    from megatron.core import parallel_state as ps
+
+    return ParallelGroups(
+        tp_group=ps.get_tensor_model_parallel_group(), pp_group=ps.get_pipeline_model_parallel_group(),
+        cp_group=ps.get_context_parallel_group(), dp_group=ps.get_data_parallel_group(),
+        dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
+        tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=ps.get_tensor_model_parallel_world_size(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(), pp_size=ps.get_pipeline_model_parallel_world_size(),
+        cp_rank=ps.get_context_parallel_rank(), cp_size=ps.get_context_parallel_world_size(),
+        dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size())
+
+
+def destroy_model_parallel() -> None:
+    from megatron.core import parallel_state as ps
+
+    ps.destroy_model_parallel()
