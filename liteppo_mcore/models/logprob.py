@@ -37,7 +37,8 @@ Tensor = torch.Tensor
 
 # Rows per chunk when the caller gives none: 64 Mi elements, i.e. 256 MiB for each fp32 temporary.
 _AUTO_CHUNK_ELEMENTS = 1 << 26
-# Row max of a shard that holds no real vocabulary entry: exp(_EMPTY_MAX - M) is 0, and (m - M) * 0 is finite.
+# Row max reported by a shard of vocabulary padding only (s = a = 0): it must never become the merged max,
+# or rows whose real logits sit far below 0 would underflow to Z = 0; and (m - M) * 0 stays finite.
 _EMPTY_MAX = -1.0e30
 
 

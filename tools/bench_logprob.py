@@ -1,0 +1,227 @@
+"""Benchmark: vocab-parallel log-prob + entropy (forward and backward) against naive fp32 log_softmax.
+
+Both versions run in the same process on the same random logits ``[tokens, vocab]`` (TP=1). Reports
+the median time of forward+backward and, on CUDA, the extra peak memory over the inputs (CUDA events
+after warm-up); on CPU (perf_counter), the bytes of tensors each version keeps alive for backward,
+beyond the logits themselves. Also the largest difference from the naive results, as a sanity check.
+
+    python tools/bench_logprob.py --device cpu --size small --out bench_logprob.json
+    python tools/bench_logprob.py --device cuda --size full          # bf16, 16,384 x 151,936
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict, Tuple
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from liteppo_mcore.models.logprob import vocab_parallel_logprob_entropy  # noqa: E402
+
+SIZES = {"small": (2048, 32768), "full": (16384, 151936)}
+GIB = float(1 << 30)
+
+
+def naive(x: torch.Tensor, targets: torch.Tensor, temperature: float, entropy_grad: bool):
+    """The textbook version: fp32 log_softmax of the whole logits, entropy from the same tensor."""
+    logsm = torch.log_softmax(x.float() / temperature, dim=-1)
+    logp = logsm.gather(1, targets.unsqueeze(1)).squeeze(1)
+    ent = -(logsm.exp() * logsm).sum(-1)
+    return logp, ent if entropy_grad else ent.detach()
+
+
+def variants(args) -> Dict[str, Tuple[Callable, bool]]:
+    """name -> (function, whether its loss has the entropy term, like the naive one, so grads compare)."""
+    def ours(**kw):
+        return lambda x, t: vocab_parallel_logprob_entropy(
+            x, t, temperature=args.temperature, chunk_size=args.chunk_size, **kw)
+
+    return {
+        "naive fp32 log_softmax (entropy grad)": (lambda x, t: naive(x, t, args.temperature, True), True),
+        "ours (entropy detached)": (ours(entropy_grad=False), False),
+        "ours (entropy grad)": (ours(entropy_grad=True), True),
+        "ours, grad in place (entr. detached)": (ours(entropy_grad=False, inplace_backward=True), False),
+    }
+
+
+def fwd_bwd(fn: Callable, x: torch.Tensor, targets, w_logp, w_ent):
+    logp, ent = fn(x, targets)
+    loss = (w_logp * logp).sum()
+    if ent.requires_grad:
+        loss = loss + (w_ent * ent).sum()
+    loss.backward()
+    return logp.detach(), ent.detach()
+
+
+class SavedBytes:
+    """Counts the bytes of distinct storages autograd saves for backward, and those beyond the logits'."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.own = logits.untyped_storage().data_ptr()
+        self.seen: Dict[int, int] = {}
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        self.seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    def context(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+
+    @property
+    def total(self) -> int:
+        return sum(self.seen.values())
+
+    @property
+    def beyond_logits(self) -> int:
+        return sum(size for ptr, size in self.seen.items() if ptr != self.own)
+
+
+def one_run(fn: Callable, x: torch.Tensor, pristine: torch.Tensor, inputs, counter=None) -> tuple:
+    """(milliseconds, (logp, entropy)) of one forward+backward from pristine logits (restored each time:
+    one version writes its gradient into them)."""
+    with torch.no_grad():
+        x.copy_(pristine)
+    x.grad = None
+    cuda = x.device.type == "cuda"
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+    begin = time.perf_counter()
+    if counter is not None:
+        with counter.context():
+            outputs = fwd_bwd(fn, x, *inputs)
+    else:
+        outputs = fwd_bwd(fn, x, *inputs)
+    if cuda:
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end), outputs
+    return (time.perf_counter() - begin) * 1e3, outputs
+
+
+def extra_peak(fn: Callable, x: torch.Tensor, pristine: torch.Tensor, inputs) -> float:
+    """Bytes allocated at the peak of one forward+backward beyond what existed before (the grad included)."""
+    with torch.no_grad():
+        x.copy_(pristine)
+    x.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fwd_bwd(fn, x, *inputs)
+    torch.cuda.synchronize()
+    x.grad = None
+    return float(torch.cuda.max_memory_allocated() - base)
+
+
+def measure_one(name: str, fn: Callable, same_loss: bool, x, pristine, inputs, args, reference) -> tuple:
+    """One table row, and this version's (logp, entropy, grad) from its last run."""
+    cuda = x.device.type == "cuda"
+    counter = None if cuda else SavedBytes(x)
+    one_run(fn, x, pristine, inputs, counter)  # the first warm-up run also counts saved tensors on CPU
+    for _ in range(args.warmup - 1):
+        one_run(fn, x, pristine, inputs)
+    times = []
+    for _ in range(args.repeats):
+        elapsed, (logp, ent) = one_run(fn, x, pristine, inputs)
+        times.append(elapsed)
+    outputs = (logp, ent, x.grad.clone())
+    x.grad = None
+    row = {"version": name, "median_ms": statistics.median(times), "times_ms": times}
+    if cuda:
+        row["extra_peak_bytes"] = extra_peak(fn, x, pristine, inputs)
+    else:
+        row["saved_for_backward_bytes"] = counter.total
+        row["saved_beyond_logits_bytes"] = counter.beyond_logits
+    if reference is not None:
+        row["max_abs_diff_vs_naive"] = {
+            "logp": (logp - reference[0]).abs().max().item(),
+            "entropy": (ent - reference[1]).abs().max().item(),
+            "grad": (outputs[2].float() - reference[2].float()).abs().max().item() if same_loss else None}
+    return row, outputs
+
+
+def measure(args) -> dict:
+    device = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    n, v = SIZES[args.size]
+    gen = torch.Generator(device=device).manual_seed(0)
+    pristine = (torch.randn(n, v, generator=gen, device=device) * 2).to(dtype)
+    targets = torch.randint(0, v, (n,), generator=gen, device=device)
+    inputs = (targets, torch.rand(n, generator=gen, device=device), torch.rand(n, generator=gen, device=device))
+    x = pristine.clone().requires_grad_(True)
+    rows, reference = [], None
+    for name, (fn, same_loss) in variants(args).items():
+        row, outputs = measure_one(name, fn, same_loss, x, pristine, inputs, args, reference)
+        if reference is None:  # the first version, the naive one, is the reference
+            reference = outputs
+        rows.append(row)
+    for row in rows:
+        row["time_ratio_vs_naive"] = row["median_ms"] / rows[0]["median_ms"]
+    logits_bytes = pristine.numel() * pristine.element_size()
+    floor_ms = 3 * logits_bytes / (args.bandwidth_tbs * 1e12) * 1e3 if device.type == "cuda" else None
+    return {"device": str(device), "dtype": args.dtype, "tokens": n, "vocab": v, "temperature": args.temperature,
+            "chunk_size": args.chunk_size, "logits_bytes": logits_bytes, "memory_floor_ms": floor_ms,
+            "torch": torch.__version__, "rows": rows}
+
+
+def print_table(result: dict) -> None:
+    cuda = result["device"].startswith("cuda")
+    size = result["logits_bytes"]
+    print(f"\nlog-prob + entropy fwd+bwd | {result['tokens']} tokens x {result['vocab']} vocab | "
+          f"{result['dtype']} on {result['device']} | logits {size / GIB:.3f} GiB")
+    if result["memory_floor_ms"] is not None:
+        print(f"memory-bound floor (read logits twice, write grad once): {result['memory_floor_ms']:.2f} ms")
+    mem_head = "extra peak, x logits" if cuda else "saved for bwd: all / beyond logits, x logits"
+    print(f"{'version':<40} {'median ms':>10} {'vs naive':>9}  {mem_head:<46} max |diff| logp/ent/grad")
+    for row in result["rows"]:
+        if cuda:
+            mem_txt = f"{row['extra_peak_bytes'] / GIB:.3f} GiB ({row['extra_peak_bytes'] / size:.2f}x)"
+        else:
+            mem_txt = (f"{row['saved_for_backward_bytes'] / size:.4f}x / "
+                       f"{row['saved_beyond_logits_bytes'] / size:.4f}x")
+        diff = row.get("max_abs_diff_vs_naive")
+        diff_txt = "" if diff is None else (f"{diff['logp']:.1e}/{diff['entropy']:.1e}/"
+                                            + ("-" if diff["grad"] is None else f"{diff['grad']:.1e}"))
+        print(f"{row['version']:<40} {row['median_ms']:>10.2f} {row['time_ratio_vs_naive']:>8.2f}x  "
+              f"{mem_txt:<46} {diff_txt}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="full" if cuda else "small")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if cuda else "cpu")
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    parser.add_argument("--temperature", type=float, default=0.99)
+    parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk (default: automatic)")
+    parser.add_argument("--warmup", type=int, default=None, help="default: 3 on cuda, 1 on cpu")
+    parser.add_argument("--repeats", type=int, default=None, help="default: 10 on cuda, 3 on cpu")
+    parser.add_argument("--bandwidth-tbs", type=float, default=4.3, help="GPU memory bandwidth for the floor")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    gpu = args.device == "cuda"
+    args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
+    args.repeats = args.repeats if args.repeats is not None else (10 if gpu else 3)
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    result = measure(args)
+    print_table(result)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
