@@ -16,21 +16,15 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
-import socket
 import time
 import traceback
 from datetime import timedelta
 from typing import Any, Callable, Dict, List, Optional
 
+from liteppo_mcore.parallel.setup import free_port
+
 _POLL_S = 0.1
 _GRACE_S = 2.0  # after a child dies without reporting, how long its message may still be in flight
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _resolve(module: str, qualname: str) -> Callable[..., Any]:
