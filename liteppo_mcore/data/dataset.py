@@ -56,7 +56,7 @@ class PromptDataset(Sequence[PromptSample]):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i):  # type: ignore[override]
+    def __getitem__(self, i: int) -> PromptSample:  # type: ignore[override]
         return self.samples[i]
 
     def __iter__(self) -> Iterator[PromptSample]:
