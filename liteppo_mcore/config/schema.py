@@ -95,7 +95,7 @@ class ParallelConfig:
 @dataclass
 class TrainConfig:
     optimizer: str = "adamw"
-    """Actor optimizer: adamw, adam or sgd."""
+    """Optimizer of the actor and critic: adamw, adam (L2 weight decay) or sgd (plain, no momentum)."""
     lr: float = 1e-6
     """Actor peak learning rate."""
     min_lr: float = 0.0
@@ -117,7 +117,7 @@ class TrainConfig:
     mini_batch_size: int = 512
     """Responses per optimizer step, global (the rollout batch of N responses splits into these)."""
     micro_batch_size: int = 4
-    """Responses per micro-batch per rank."""
+    """Most responses per micro-batch per rank (a share's last micro-batch may hold fewer)."""
     max_tokens_per_micro_batch: Optional[int] = None
     """Optional bound on tokens per micro-batch; long responses then go in smaller micro-batches."""
     use_distributed_optimizer: bool = False

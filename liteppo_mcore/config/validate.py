@@ -203,10 +203,6 @@ def _check_batches(c: _Checker, cfg: S.LitePPOConfig, dp: Optional[int]) -> None
         c.fail("train.mini_batch_size", mini, f"must be divisible by the data-parallel size dp={dp} "
                "(each DP rank takes an equal share of every mini-batch)",
                f"Set train.mini_batch_size to a multiple of {dp}.")
-    elif (mini // dp) % micro:
-        c.fail("train.micro_batch_size", micro,
-               f"must divide each rank's share of a mini-batch, mini_batch_size/dp = {mini}/{dp} = {mini // dp}",
-               "Pick a micro_batch_size that divides it.")
 
 
 def _check_sections(c: _Checker, cfg: S.LitePPOConfig) -> None:

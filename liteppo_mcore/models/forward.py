@@ -84,6 +84,19 @@ def to_response_coords(full: Tensor, batch: SequenceBatch, width: int) -> Tensor
     return torch.where(valid, out, torch.zeros((), dtype=out.dtype))
 
 
+def to_sequence_coords(resp: Tensor, batch: SequenceBatch, seq_len: int) -> Tensor:
+    """Inverse of to_response_coords: `[B, T]` per response token -> `[B, seq_len]` at the positions
+    that predict them (0 elsewhere), so per-token training targets line up with the logits."""
+    b, width = resp.shape
+    out = resp.new_zeros(b, seq_len)
+    t = torch.arange(width)[None, :].expand(b, width)
+    valid = t < batch.response_lens[:, None]
+    idx = (batch.prompt_lens - 1)[:, None] + t
+    rows = torch.arange(b)[:, None].expand(b, width)
+    out[rows[valid], idx[valid]] = resp[valid]
+    return out
+
+
 def padded_seq_len(batch: SequenceBatch, groups: ParallelGroups, sequence_parallel: bool) -> int:
     multiple = 2 * groups.cp_size if groups.cp_size > 1 else 1
     if sequence_parallel:

@@ -55,7 +55,10 @@ def transformer_config(shape: ModelShape, cfg: LitePPOConfig, dtype: torch.dtype
         recompute_granularity=m.recompute_granularity,
         recompute_method=m.recompute_method if m.recompute_granularity == "full" else None,
         recompute_num_layers=m.recompute_num_layers if m.recompute_granularity == "full" else None,
-        deallocate_pipeline_outputs=False)
+        deallocate_pipeline_outputs=False,
+        # Training losses arrive already divided by the GLOBAL token/sequence counts of the mini-batch
+        # (train/loss.py): megatron must neither average them over micro-batches nor over DP.
+        calculate_per_token_loss=True)
 
 
 class ValueHead(MegatronModule):

@@ -101,3 +101,37 @@ class Reducer:
     def single_process(cls) -> "Reducer":
         """Identity reductions: this process holds the whole batch."""
         return cls(dp_group=None, dp_cp_group=None)
+
+
+def all_gather_padded(tensor: Tensor, group: Optional[dist.ProcessGroup], *, equal_rows: bool = False) -> Tensor:
+    """Concatenate every rank's ``tensor`` along dim 0, in rank order, on every rank of ``group``.
+
+    Trailing dimensions may differ between ranks: each is zero-padded to the largest over the group.
+    ``equal_rows=True`` asserts that every rank holds the same number of rows (dim 0).
+    """
+    if group_world_size(group) == 1:
+        return tensor.clone()
+    shape = torch.tensor(list(tensor.shape), dtype=torch.long)
+    shapes = torch.empty(group_world_size(group), shape.numel(), dtype=torch.long)
+    _gather_shapes(shape, shapes, group)
+    if equal_rows and not bool((shapes[:, 0] == shapes[0, 0]).all()):
+        raise ValueError(f"every data-parallel rank must hold the same number of rows, got {shapes[:, 0].tolist()}")
+    wide = shapes.amax(dim=0)
+    wide[0] = int(shapes[:, 0].max())
+    as_bytes = tensor.dtype == torch.bool  # gloo cannot move bool tensors
+    local = tensor.to(torch.uint8) if as_bytes else tensor
+    padded = local.new_zeros(tuple(int(w) for w in wide))
+    padded[tuple(slice(0, n) for n in tensor.shape)] = local
+    device = _comm_device(group, padded)
+    parts = [torch.empty_like(padded, device=device) for _ in range(shapes.shape[0])]
+    dist.all_gather(parts, padded.to(device), group=group)
+    rows = [part[:int(n)].to(tensor.device) for part, n in zip(parts, shapes[:, 0])]
+    out = torch.cat(rows)
+    return out.bool() if as_bytes else out
+
+
+def _gather_shapes(shape: Tensor, out: Tensor, group: dist.ProcessGroup) -> None:
+    device = _comm_device(group, shape)
+    parts = [torch.empty_like(shape, device=device) for _ in range(out.shape[0])]
+    dist.all_gather(parts, shape.to(device), group=group)
+    out.copy_(torch.stack([p.cpu() for p in parts]))

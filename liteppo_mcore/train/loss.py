@@ -1,0 +1,110 @@
+"""The actor and critic losses of one micro-batch, on this rank's positions (liteppo-semantics section 4).
+
+Each micro-batch returns its SHARE of the mini-batch loss: numerators are local (this rank's
+sequences, this CP rank's tokens), denominators are the GLOBAL counts of the optimizer mini-batch
+(`Denominators`, reduced before the first micro-batch). megatron runs with
+`calculate_per_token_loss=True`, so it neither averages over micro-batches nor over DP: gradients are
+summed over micro-batches and DP x CP ranks, which makes one optimizer step's gradient the gradient
+of `Agg(...)` over the whole mini-batch, whatever the layout.
+
+Metrics are detached float64 sums over this rank's tokens (or shares of `Agg`), summed over
+micro-batches and ranks by the caller, then divided by the global token count: means over tokens,
+never averages of rank averages. `ratio_max` is a maximum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from liteppo_mcore.algo import aggregate, kl_estimate, policy_loss, value_loss
+from liteppo_mcore.algo.stats import STAT_DTYPE
+from liteppo_mcore.config.schema import LitePPOConfig
+from liteppo_mcore.models.logprob import logprob_entropy_at
+from liteppo_mcore.parallel.mcore import ParallelGroups
+
+# Metric sums of one micro-batch, in a fixed order (they travel as one float64 vector).
+ACTOR_SUMS = ("loss", "pg_loss", "kl_loss", "entropy_sum", "clipfrac_sum", "dual_clipfrac_sum",
+              "approx_kl_sum", "num_tokens")
+CRITIC_SUMS = ("loss", "value_loss", "vf_clipfrac_sum", "values_sum", "num_tokens")
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The configuration keys the losses read, resolved once."""
+
+    agg_mode: str
+    response_length: int
+    pg_clip: float
+    dual_clip_ratio: Optional[float]
+    use_kl_loss: bool
+    kl_loss_coef: float
+    kl_loss_type: str
+    entropy_coef: float
+    value_clip: Optional[float]
+    temperature: float
+
+    @classmethod
+    def from_config(cls, cfg: LitePPOConfig) -> "LossSettings":
+        return cls(agg_mode=cfg.effective_loss_agg_mode, response_length=cfg.response_length,
+                   pg_clip=cfg.pg_clip, dual_clip_ratio=cfg.dual_clip_ratio if cfg.dual_clip_loss else None,
+                   use_kl_loss=cfg.use_kl_loss, kl_loss_coef=cfg.kl_loss_coef, kl_loss_type=cfg.kl_loss_type,
+                   entropy_coef=cfg.entropy_coef, value_clip=cfg.value_clip, temperature=cfg.rollout.temperature)
+
+
+@dataclass(frozen=True)
+class Denominators:
+    """Global counts of one optimizer mini-batch: valid tokens and sequences with a valid token."""
+
+    num_tokens: Tensor
+    num_seqs: Tensor
+
+
+def _agg(x: Tensor, mb: Dict[str, Tensor], s: LossSettings, d: Denominators) -> Tensor:
+    return aggregate(x, mb["mask"], mode=s.agg_mode, num_tokens=d.num_tokens, num_seqs=d.num_seqs,
+                     response_length=s.response_length, seq_token_counts=mb["seq_token_counts"])
+
+
+def _sums(names: Tuple[str, ...], values: Dict[str, Tensor]) -> Tensor:
+    return torch.stack([values[k].detach().to(STAT_DTYPE).reshape(()) for k in names])
+
+
+def actor_loss(output: Tensor, mb: Dict[str, Tensor], s: LossSettings, d: Denominators, groups: ParallelGroups,
+               vocab_size: int) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Policy loss (+ KL loss, - entropy bonus) share of one micro-batch from the actor's logits
+    `[b, S/cp, V/tp]`. Returns the loss to back-propagate and {"sums": [ACTOR_SUMS], "ratio_max"}."""
+    mask = mb["mask"]
+    logp, entropy = logprob_entropy_at(
+        output, mb["labels"], mask, tp_group=groups.tp_group, temperature=s.temperature,
+        vocab_start=groups.tp_rank * output.shape[-1], vocab_size=vocab_size, compute_entropy=True,
+        entropy_grad=s.entropy_coef != 0.0)
+    # One optimizer update per step: the update's own detached log-probs are old_logp (ratio 1).
+    old_logp = mb["old_logp"] if "old_logp" in mb else logp.detach()
+    pg, m = policy_loss(logp, old_logp, mb["advantages"], mask, clip=s.pg_clip, dual_clip_ratio=s.dual_clip_ratio)
+    pg_loss = _agg(pg, mb, s, d)
+    loss = pg_loss
+    kl_loss = torch.zeros((), dtype=pg_loss.dtype)
+    if s.use_kl_loss:
+        kl_loss = _agg(kl_estimate(logp, mb["ref_logp"], s.kl_loss_type), mb, s, d)
+        loss = loss + s.kl_loss_coef * kl_loss
+    if s.entropy_coef != 0.0:
+        loss = loss - s.entropy_coef * _agg(entropy, mb, s, d)
+    entropy_sum = torch.where(mask, entropy.detach(), 0.0).sum()
+    sums = _sums(ACTOR_SUMS, {"loss": loss, "pg_loss": pg_loss, "kl_loss": kl_loss, "entropy_sum": entropy_sum,
+                              **m})
+    return loss, {"sums": sums, "ratio_max": m["ratio_max"].reshape(1)}
+
+
+def critic_loss(output: Tensor, mb: Dict[str, Tensor], s: LossSettings, d: Denominators
+                ) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Clipped value loss `0.5 * Agg(e)` share of one micro-batch from the critic's `[b, S/cp, 1]`."""
+    mask = mb["mask"]
+    values = torch.where(mask, output.squeeze(-1).float(), 0.0)
+    old_values = mb["old_values"] if "old_values" in mb else values.detach()
+    e, m = value_loss(values, old_values, mb["returns"], mask, clip=s.value_clip)
+    loss = _agg(e, mb, s, d)
+    sums = _sums(CRITIC_SUMS, {"loss": loss, "value_loss": loss, **m})
+    return loss, {"sums": sums, "ratio_max": torch.zeros(1, dtype=STAT_DTYPE)}

@@ -1,0 +1,186 @@
+"""One PPO update of the actor or the critic: epochs -> mini-batches -> micro-batches through
+megatron's pipeline schedule -> a guarded optimizer step per mini-batch.
+
+    updater = ModelUpdater(models.actor, "actor", cfg, groups, vocab_size=V)
+    step_batch = gather_over_dp(local_batch, groups)      # once per step, shared by actor and critic
+    metrics = updater.update(step_batch, step=k)          # {"actor/pg_loss": ..., ...}
+
+Gradient invariance (liteppo-semantics section 4): before each mini-batch the numbers of valid tokens
+and of valid sequences of the whole mini-batch are summed over DP (every CP rank holds whole
+sequences, so sequences and tokens are each counted once); the losses in `train/loss.py` divide by
+them; megatron sums gradients over micro-batches and DP x CP ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from liteppo_mcore.algo.stats import STAT_DTYPE
+from liteppo_mcore.config.schema import LitePPOConfig
+from liteppo_mcore.parallel.mcore import ParallelGroups
+from liteppo_mcore.parallel.reducer import make_allreduce_max, make_allreduce_sum
+from liteppo_mcore.train.batch import (TrainBatch, micro_batches, minibatch_indices, plan_micro_batches,
+                                       rank_share)
+from liteppo_mcore.train.loss import (ACTOR_SUMS, CRITIC_SUMS, Denominators, LossSettings, actor_loss,
+                                      critic_loss)
+from liteppo_mcore.train.optim import OptimSettings, guarded_step, learning_rate, set_learning_rate, wrap_for_training
+
+log = logging.getLogger(__name__)
+
+
+def compute_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+@dataclass
+class _StepTotals:
+    """Reduced metric sums over the mini-batches of one step."""
+
+    sums: Tensor
+    ratio_max: float = 0.0
+    grad_norms: List[float] = field(default_factory=list)
+    lr: float = 0.0
+    num_minibatches: int = 0
+    skipped: List[str] = field(default_factory=list)
+
+
+class ModelUpdater:
+    """The training state of one model (DDP wrapper, optimizer, update counter) and its update."""
+
+    def __init__(self, model: torch.nn.Module, kind: str, cfg: LitePPOConfig, groups: ParallelGroups, *,
+                 vocab_size: int) -> None:
+        if kind not in ("actor", "critic"):
+            raise ValueError(f"kind must be 'actor' or 'critic', got {kind!r}")
+        self.kind, self.cfg, self.groups, self.vocab_size = kind, cfg, groups, vocab_size
+        self.loss_settings = LossSettings.from_config(cfg)
+        self.optim_settings = OptimSettings.from_config(cfg, kind)
+        self.model, self.optimizer = wrap_for_training(model, self.optim_settings)
+        self.num_updates = 0  # applied optimizer steps: drives the LR schedule; checkpointed state
+        self._sum_names = ACTOR_SUMS if kind == "actor" else CRITIC_SUMS
+        self._dp_cp_sum = make_allreduce_sum(groups.dp_cp_group)
+        self._dp_cp_max = make_allreduce_max(groups.dp_cp_group)
+        self._pp_sum = make_allreduce_sum(groups.pp_group)
+        self._pp_max = make_allreduce_max(groups.pp_group)
+        self._dp_sum = make_allreduce_sum(groups.dp_group)
+
+    # ------------------------------------------------------------------ the update
+    def update(self, batch: TrainBatch, step: int) -> Dict[str, float]:
+        """`ppo_epochs` passes over the step's whole batch (the same on every rank: see gather_over_dp)."""
+        self._check_inputs(batch)
+        cfg = self.cfg
+        totals = _StepTotals(sums=torch.zeros(len(self._sum_names), dtype=STAT_DTYPE))
+        self.model.train()
+        for epoch in range(cfg.ppo_epochs):
+            for indices in minibatch_indices(batch.size, cfg.train.mini_batch_size, seed=cfg.seed, step=step,
+                                             epoch=epoch):
+                share = batch.select(rank_share(indices, self.groups.dp_rank, self.groups.dp_size))
+                self._train_minibatch(share, totals)
+        return self._metrics(totals)
+
+    def _check_inputs(self, batch: TrainBatch) -> None:
+        batch.validate()
+        need = ["advantages"] if self.kind == "actor" else ["returns"]
+        if self.kind == "actor" and self.loss_settings.use_kl_loss:
+            need.append("ref_logp")
+        updates = self.cfg.ppo_epochs * (batch.size // self.cfg.train.mini_batch_size)
+        if self.kind == "actor" and updates > 1:
+            need.append("old_logp")  # only a single update may use its own detached log-probs
+        missing = [k for k in need if getattr(batch, k) is None]
+        if missing:
+            raise ValueError(f"the {self.kind} update needs TrainBatch.{', '.join(missing)}")
+
+    def _denominators(self, share: TrainBatch) -> Denominators:
+        local = torch.stack([share.response_lens.sum(), (share.response_lens > 0).sum()]).to(STAT_DTYPE)
+        num_tokens, num_seqs = self._dp_sum(local).unbind()
+        return Denominators(num_tokens=num_tokens, num_seqs=num_seqs)
+
+    def _train_minibatch(self, share: TrainBatch, totals: _StepTotals) -> None:
+        g, t = self.groups, self.cfg.train
+        denominators = self._denominators(share)
+        multiple = (2 * g.cp_size if g.cp_size > 1 else 1) * (g.tp_size if self.cfg.parallel.sequence_parallel else 1)
+        plans = plan_micro_batches(share.prompt_lens + share.response_lens, micro_batch_size=t.micro_batch_size,
+                                   max_tokens=t.max_tokens_per_micro_batch, pipeline=g.pp_size > 1,
+                                   multiple=multiple)
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        data = micro_batches(share, plans, g, compute_device())
+        store = get_forward_backward_func()(
+            forward_step_func=partial(self._forward_step, denominators=denominators), data_iterator=data,
+            model=[self.model], num_microbatches=len(plans), seq_length=max(p.seq_len for p in plans),
+            micro_batch_size=max(p.num_rows for p in plans), forward_only=False)
+        sums, ratio_max = self._reduce(store)
+        lr = learning_rate(self.num_updates + 1, self.optim_settings)
+        set_learning_rate(self.optimizer, lr)
+        applied, grad_norm, reason = guarded_step(self.optimizer, self.optim_settings.clip_grad,
+                                                  bool(torch.isfinite(sums).all()))
+        totals.num_minibatches += 1
+        if not applied:
+            reason = reason or "the optimizer reported a failed step"
+            totals.skipped.append(reason)
+            log.warning("%s update skipped, weights unchanged: %s", self.kind, reason)
+            return
+        self.num_updates += 1
+        totals.sums += sums
+        totals.ratio_max = max(totals.ratio_max, ratio_max)
+        totals.grad_norms.append(grad_norm)
+        totals.lr = lr
+
+    def _forward_step(self, data_iterator, model, denominators: Denominators):
+        mb = next(data_iterator)
+        output = model(mb["tokens"], None, attention_mask=None)
+        if self.kind == "actor":
+            loss_fn = partial(actor_loss, mb=mb, s=self.loss_settings, d=denominators, groups=self.groups,
+                              vocab_size=self.vocab_size)
+        else:
+            loss_fn = partial(critic_loss, mb=mb, s=self.loss_settings, d=denominators)
+
+        def loss_func(output_tensor):
+            loss, metrics = loss_fn(output_tensor)
+            num_tokens = mb["mask"].sum().to(torch.int)
+            return loss, num_tokens, metrics
+
+        return output, loss_func
+
+    def _reduce(self, store: List[Dict[str, Tensor]]) -> tuple[Tensor, float]:
+        """Sum the micro-batches' metric sums (held by the last stage) over PP, then DP x CP."""
+        sums = torch.zeros(len(self._sum_names), dtype=STAT_DTYPE)
+        ratio_max = torch.zeros(1, dtype=STAT_DTYPE)
+        if self.groups.is_last_stage:
+            for item in store:
+                sums += item["sums"].cpu()
+                ratio_max = torch.maximum(ratio_max, item["ratio_max"].cpu())
+        # Non-last stages hold zeros: a sum over PP broadcasts the last stage's values.
+        sums = self._dp_cp_sum(self._pp_sum(sums))
+        ratio_max = self._dp_cp_max(self._pp_max(ratio_max))
+        return sums, float(ratio_max)
+
+    # ------------------------------------------------------------------ metrics
+    def _metrics(self, totals: _StepTotals) -> Dict[str, float]:
+        s = dict(zip(self._sum_names, totals.sums.tolist()))
+        applied = max(1, len(totals.grad_norms))
+        tokens = max(1.0, s["num_tokens"])
+        nan = float("nan")
+        p = self.kind
+        out = {f"{p}/grad_norm": sum(totals.grad_norms) / applied if totals.grad_norms else nan,
+               f"{p}/lr": totals.lr, f"{p}/skipped_updates": float(len(totals.skipped))}
+        if p == "actor":
+            out.update({"actor/pg_loss": s["pg_loss"] / applied, "actor/kl_loss": s["kl_loss"] / applied,
+                        "actor/entropy": s["entropy_sum"] / tokens, "actor/clipfrac": s["clipfrac_sum"] / tokens,
+                        "actor/dual_clipfrac": s["dual_clipfrac_sum"] / tokens,
+                        "actor/approx_kl": s["approx_kl_sum"] / tokens, "actor/ratio_max": totals.ratio_max})
+        else:
+            out.update({"critic/value_loss": s["value_loss"] / applied,
+                        "critic/vf_clipfrac": s["vf_clipfrac_sum"] / tokens,
+                        "critic/values_mean": s["values_sum"] / tokens})
+        if not totals.grad_norms:
+            out = {k: (v if k.endswith(("skipped_updates", "/lr")) else nan) for k, v in out.items()}
+        return out
