@@ -209,6 +209,10 @@ def _check_sections(c: _Checker, cfg: S.LitePPOConfig) -> None:
     t, r, d = cfg.train, cfg.rollout, cfg.data
     c.choice("train.optimizer", t.optimizer, S.OPTIMIZERS)
     c.choice("train.lr_schedule", t.lr_schedule, S.LR_SCHEDULES)
+    if t.use_distributed_optimizer and t.optimizer == "sgd":
+        c.fail("train.use_distributed_optimizer", True, "works with train.optimizer adam or adamw only "
+               "(megatron's distributed optimizer shards Adam states)",
+               "Set train.optimizer: adamw, or train.use_distributed_optimizer: false.")
     c.non_negative("train.lr", t.lr)
     c.non_negative("train.min_lr", t.min_lr)
     if t.min_lr is not None and t.lr is not None and t.min_lr > t.lr:

@@ -27,9 +27,11 @@ BASE = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads
 MODES = [("token_level", ["token_level_loss=true", "loss_agg_mode=seq-mean-token-sum"])] + [
     (m, ["token_level_loss=false", f"loss_agg_mode={m}"])
     for m in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")]
-LAYOUTS_1 = [("one_micro_batch", [f"train.micro_batch_size={N}"]), ("micro_1", ["train.micro_batch_size=1"])]
+LAYOUTS_1 = [("one_micro_batch", [f"train.micro_batch_size={N}"]), ("micro_1", ["train.micro_batch_size=1"]),
+             ("token_bound", [f"train.micro_batch_size={N}", "train.max_tokens_per_micro_batch=40"])]
 LAYOUTS_2 = [("dp2", ["train.micro_batch_size=2"]), ("tp2", ["parallel.tp=2", "train.micro_batch_size=3"]),
-             ("pp2", ["parallel.pp=2", "train.micro_batch_size=2"]), ("cp2", ["parallel.cp=2", "train.micro_batch_size=4"])]
+             ("pp2", ["parallel.pp=2", "train.micro_batch_size=2"]), ("cp2", ["parallel.cp=2", "train.micro_batch_size=4"]),
+             ("pp2_token_bound", ["parallel.pp=2", "train.micro_batch_size=8", "train.max_tokens_per_micro_batch=40"])]
 LAYOUTS_4 = [("tp2pp2", ["parallel.tp=2", "parallel.pp=2", "train.micro_batch_size=4"])]
 ADAMW = ["train.optimizer=adamw", "train.lr=0.001", "critic.lr=0.001", "train.weight_decay=0", "critic.weight_decay=0"]
 
@@ -134,6 +136,7 @@ def reference_worker(rank, ws, data):
             for kind, model in (("actor", models.actor), ("critic", models.critic)):
                 params = [p for p in model.parameters() if p.requires_grad]
                 result[f"{kind}_grad"] = _whole_grads(model, groups)
+                result[f"{kind}_grad_norm"] = torch.cat([g.flatten() for g in result[f"{kind}_grad"].values()]).norm()
                 if optimizer == "sgd":
                     with torch.no_grad():
                         for p in params:
@@ -253,6 +256,9 @@ def _check(results, refs, layouts):
         m = got["metrics"]
         assert m["actor/clipfrac"] > 0 and m["actor/ratio_max"] > 1.2 and m["actor/skipped_updates"] == 0
         assert math.isfinite(m["critic/value_loss"]) and m["critic/vf_clipfrac"] > 0
+        for kind in ("actor", "critic"):  # the global gradient norm, each parameter counted once
+            want = refs[(optimizer, name)][f"{kind}_grad_norm"].item()
+            assert math.isclose(m[f"{kind}/grad_norm"], want, rel_tol=1e-5), (layout, kind, m[f"{kind}/grad_norm"], want)
     assert {k[0] for k in results} == {name for name, _ in layouts}
 
 

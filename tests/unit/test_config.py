@@ -263,3 +263,10 @@ def test_readme_configuration_table_is_current():
     assert table in readme, "README.md's configuration table is stale: paste `python tools/config_table.py`"
     for key in list(PUBLISHED_DEFAULTS) + list(ADDED_DEFAULTS):
         assert f"| `{key}` |" in table
+
+
+def test_distributed_optimizer_needs_adam():
+    with pytest.raises(ConfigError, match=r"train.use_distributed_optimizer=True: works with train.optimizer adam "
+                                          r"or adamw only .* Set train.optimizer: adamw"):
+        load_config(overrides=["train.optimizer=sgd", "train.use_distributed_optimizer=true"])
+    load_config(overrides=["train.optimizer=adamw", "train.use_distributed_optimizer=true"])
