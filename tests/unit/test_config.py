@@ -266,7 +266,7 @@ def test_readme_configuration_table_is_current():
 
 
 def test_distributed_optimizer_needs_adam():
-    with pytest.raises(ConfigError, match=r"train.use_distributed_optimizer=True: works with train.optimizer adam "
+    with pytest.raises(ConfigError, match=r"train.use_distributed_optimizer=true: works with train.optimizer adam "
                                           r"or adamw only .* Set train.optimizer: adamw"):
         load_config(overrides=["train.optimizer=sgd", "train.use_distributed_optimizer=true"])
     load_config(overrides=["train.optimizer=adamw", "train.use_distributed_optimizer=true"])
