@@ -20,7 +20,7 @@ from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from liteppo_mcore.config.schema import LitePPOConfig
-from liteppo_mcore.models.shapes import ModelShape, resolve_shape
+from liteppo_mcore.models.shapes import ModelShape
 from liteppo_mcore.models.spec import block_spec, choose_backend
 from liteppo_mcore.parallel.mcore import ParallelGroups
 
@@ -48,6 +48,8 @@ def transformer_config(shape: ModelShape, cfg: LitePPOConfig, dtype: torch.dtype
         tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp, context_parallel_size=p.cp,
         sequence_parallel=p.sequence_parallel, params_dtype=dtype, pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, init_method_std=m.init_std,
+        # Always initialize, also before loading weights: with CPU initialization megatron sets the
+        # tensor-parallel attributes (partition_dim, stride) only while drawing the random weights.
         use_cpu_initialization=not on_gpu, perform_initialization=True,
         # Fusions: on CPU they would trigger torch.compile (slow start, nothing gained).
         bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
@@ -134,13 +136,16 @@ def build_models(cfg: LitePPOConfig, groups: ParallelGroups, *, vocab_size: Opti
     """Actor, and the critic / reference when the configuration implies them (see module doc).
 
     The critic's trunk starts from the actor's initial weights (its value head at zero); the reference
-    is a frozen copy of the initial actor. Loading pretrained weights into the actor happens before
-    this copy (conversion tools), so both start from what the actor starts from.
+    is a frozen copy of the initial actor. Pretrained weights (model.load, else model.hf_path) go into
+    the actor before these copies, so both start from what the actor starts from.
     """
-    shape = resolve_shape(cfg.model, vocab_size)
+    from liteppo_mcore.checkpoint.pretrained import load_pretrained_actor, pretrained_shape
+
+    shape = pretrained_shape(cfg, vocab_size)
     dtype = resolve_dtype(cfg.model.dtype)
     padded = shape.padded_vocab_size(cfg.parallel.tp, cfg.model.make_vocab_size_divisible_by)
     actor = build_gpt(shape, cfg, groups, dtype=dtype, padded_vocab=padded)
+    load_pretrained_actor(actor, cfg, groups, shape)
     critic = None
     if cfg.has_critic:
         critic = build_gpt(shape, cfg, groups, dtype=dtype, padded_vocab=padded, value_head=True)

@@ -88,7 +88,10 @@ def _require(cfg: Dict[str, Any], key: str, path: str) -> Any:
 
 
 def shape_from_hf_config(hf: Dict[str, Any], path: str = "config.json") -> ModelShape:
-    """The shape of a Hugging Face config (a dict read from config.json)."""
+    """The shape of a Hugging Face config (a dict read from config.json, either rope format)."""
+    from liteppo_mcore.convert.hf_files import normalize_config
+
+    hf = normalize_config(hf)
     archs = hf.get("architectures") or []
     family = next((HF_ARCHITECTURES[a] for a in archs if a in HF_ARCHITECTURES), None)
     if family is None:

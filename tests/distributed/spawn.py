@@ -132,7 +132,7 @@ def run_gloo(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float
     results = ctx.Queue()
     procs = [
         ctx.Process(target=_child, args=(rank, world_size, child_env, (module, qualname), payload, timeout, results),
-                    name=f"gloo-rank{rank}", daemon=True)
+                    name=f"gloo-rank{rank}", daemon=False)  # ranks may start processes (dist-checkpoint writers)
         for rank in range(world_size)
     ]
     done: Dict[int, bytes] = {}
