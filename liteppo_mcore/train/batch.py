@@ -25,7 +25,7 @@ from liteppo_mcore.models.forward import (SequenceBatch, cp_split, shifted_label
 from liteppo_mcore.parallel.mcore import ParallelGroups
 from liteppo_mcore.parallel.reducer import all_gather_padded
 
-PER_TOKEN_KEYS = ("advantages", "old_logp", "ref_logp", "returns", "old_values")
+PER_TOKEN_KEYS = ("advantages", "old_logp", "ref_logp", "returns", "old_values", "rollout_logp")
 
 
 @dataclass
@@ -46,6 +46,7 @@ class TrainBatch:
     ref_logp: Optional[Tensor] = None
     returns: Optional[Tensor] = None
     old_values: Optional[Tensor] = None
+    rollout_logp: Optional[Tensor] = None  # the engine's; only for the train-vs-rollout mismatch metric
 
     @property
     def size(self) -> int:

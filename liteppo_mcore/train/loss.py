@@ -28,7 +28,7 @@ from liteppo_mcore.parallel.mcore import ParallelGroups
 
 # Metric sums of one micro-batch, in a fixed order (they travel as one float64 vector).
 ACTOR_SUMS = ("loss", "pg_loss", "kl_loss", "entropy_sum", "clipfrac_sum", "dual_clipfrac_sum",
-              "approx_kl_sum", "num_tokens")
+              "approx_kl_sum", "num_tokens", "rollout_abs_diff_sum")
 CRITIC_SUMS = ("loss", "value_loss", "vf_clipfrac_sum", "values_sum", "num_tokens")
 
 
@@ -93,8 +93,10 @@ def actor_loss(output: Tensor, mb: Dict[str, Tensor], s: LossSettings, d: Denomi
     if s.entropy_coef != 0.0:
         loss = loss - s.entropy_coef * _agg(entropy, mb, s, d)
     entropy_sum = torch.where(mask, entropy.detach(), 0.0).sum()
+    # With old_logp skipped, this pass's log-probs are the trainer's side of rollout/logprob_abs_diff.
+    diff = (logp.detach() - mb["rollout_logp"]).abs() if "rollout_logp" in mb else torch.zeros_like(logp)
     sums = _sums(ACTOR_SUMS, {"loss": loss, "pg_loss": pg_loss, "kl_loss": kl_loss, "entropy_sum": entropy_sum,
-                              **m})
+                              "rollout_abs_diff_sum": torch.where(mask, diff, 0.0).sum(), **m})
     return loss, {"sums": sums, "ratio_max": m["ratio_max"].reshape(1)}
 
 

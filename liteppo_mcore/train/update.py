@@ -51,6 +51,7 @@ class _StepTotals:
     lr: float = 0.0
     num_minibatches: int = 0
     skipped: List[str] = field(default_factory=list)
+    has_rollout_logp: bool = False
 
 
 class ModelUpdater:
@@ -77,7 +78,8 @@ class ModelUpdater:
         """`ppo_epochs` passes over the step's whole batch (the same on every rank: see gather_over_dp)."""
         self._check_inputs(batch)
         cfg = self.cfg
-        totals = _StepTotals(sums=torch.zeros(len(self._sum_names), dtype=STAT_DTYPE))
+        totals = _StepTotals(sums=torch.zeros(len(self._sum_names), dtype=STAT_DTYPE),
+                             has_rollout_logp=batch.rollout_logp is not None)
         self.model.train()
         for epoch in range(cfg.ppo_epochs):
             for indices in minibatch_indices(batch.size, cfg.train.mini_batch_size, seed=cfg.seed, step=step,
@@ -177,6 +179,8 @@ class ModelUpdater:
                         "actor/entropy": s["entropy_sum"] / tokens, "actor/clipfrac": s["clipfrac_sum"] / tokens,
                         "actor/dual_clipfrac": s["dual_clipfrac_sum"] / tokens,
                         "actor/approx_kl": s["approx_kl_sum"] / tokens, "actor/ratio_max": totals.ratio_max})
+            if totals.has_rollout_logp:
+                out["rollout/logprob_abs_diff"] = s["rollout_abs_diff_sum"] / tokens
         else:
             out.update({"critic/value_loss": s["value_loss"] / applied,
                         "critic/vf_clipfrac": s["vf_clipfrac_sum"] / tokens,

@@ -1,1 +1,1 @@
-"""utils"""
+"""Leaf helpers: rank-aware console output, metric sinks (JSONL, TensorBoard), phase timers."""

@@ -1,0 +1,49 @@
+"""Console output from one rank: the per-step line and a progress bar for long phases."""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Dict, Optional
+
+import torch.distributed as dist
+
+
+def is_main_rank() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args, **kwargs) -> None:
+    """print on global rank 0 only, flushed (torchrun interleaves the ranks' output otherwise)."""
+    if is_main_rank():
+        print(*args, **kwargs, flush=True)
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def step_line(step: int, max_steps: int, metrics: Dict[str, float], step_s: float, eta_s: float) -> str:
+    """`step 12/500 | reward 0.41 | kl 0.002 | clipfrac 0.08 | len 812 | 41 s/step | eta 3h02m`."""
+    parts = [f"step {step}/{max_steps}"]
+    for label, key, fmt in (("reward", "reward/mean", ".3f"), ("kl", "kl/mean", ".4f"),
+                            ("clipfrac", "actor/clipfrac", ".3f"), ("len", "response_length/mean", ".1f"),
+                            ("acc", "eval/accuracy", ".3f")):
+        if key in metrics:
+            parts.append(f"{label} {metrics[key]:{fmt}}")
+    parts.append(f"{step_s:.1f} s/step")
+    parts.append(f"eta {format_duration(eta_s)}")
+    return " | ".join(parts)
+
+
+def progress(total: int, desc: str, enabled: Optional[bool] = None):
+    """A tqdm bar on rank 0 (a no-op elsewhere, or when stderr is not a terminal and no one watches)."""
+    from tqdm import tqdm
+
+    show = is_main_rank() if enabled is None else enabled
+    return tqdm(total=total, desc=desc, disable=not show, leave=False, file=sys.stderr, dynamic_ncols=True)

@@ -1,0 +1,40 @@
+"""Console step line, metric sinks and the plot."""
+
+import os
+
+from liteppo_mcore.utils.console import format_duration, step_line
+from liteppo_mcore.utils.sinks import MetricsWriter, plot_metrics, read_metrics
+from liteppo_mcore.utils.timers import PhaseTimer
+
+
+def test_step_line_reads_like_the_house_style():
+    line = step_line(12, 500, {"reward/mean": 0.41, "kl/mean": 0.002, "actor/clipfrac": 0.08,
+                               "response_length/mean": 812.0}, 41.0, 3 * 3600 + 2 * 60)
+    assert line == "step 12/500 | reward 0.410 | kl 0.0020 | clipfrac 0.080 | len 812.0 | 41.0 s/step | eta 3h02m"
+    assert format_duration(75) == "1m15s" and format_duration(float("nan")) == "?"
+
+
+def test_metrics_jsonl_tensorboard_and_plot(tmp_path):
+    w = MetricsWriter(str(tmp_path), enabled=True, tensorboard=True)
+    w.write(0, {"eval/accuracy": 0.1})
+    w.write(1, {"reward/mean": 0.2, "actor/pg_loss": float("nan")})
+    w.write(2, {"reward/mean": 0.5, "eval/accuracy": 0.7})
+    w.close()
+    rows = read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [0, 1, 2] and rows[1]["actor/pg_loss"] is None
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tensorboard"))
+    png = plot_metrics(str(tmp_path / "metrics.jsonl"), str(tmp_path / "plot.png"))
+    assert png and os.path.getsize(png) > 1000
+    off = MetricsWriter(str(tmp_path / "other"), enabled=False)
+    off.write(0, {"x": 1.0})
+    assert not os.path.exists(tmp_path / "other")
+
+
+def test_phase_timer_accumulates_and_resets():
+    t = PhaseTimer()
+    with t("rollout"):
+        sum(range(1000))
+    with t("rollout"):
+        pass
+    m = t.metrics()
+    assert set(m) == {"time/rollout"} and m["time/rollout"] >= 0 and t.metrics() == {}
