@@ -1,0 +1,223 @@
+"""The `hf` rollout engine: a transformers model of the actor's family, fed by the weight exporter.
+
+The model is built in-process from the actor's shape (`convert.hf_config_from_shape`), so it computes
+the same function as the megatron actor whatever the run started from; its weights arrive through
+`update_weights` after every update. Generation is transformers' own `generate` (temperature, top-p,
+top-k, stop at EOS; `n` samples by repeating each prompt), on left-padded batches: the attention mask
+hides the padding and transformers derives position ids from it, so a padded prompt generates what it
+would alone. Log-probs are recomputed from the RAW logits of every step (`output_logits`), as
+`log_softmax(logits / temperature)` over the full vocabulary: the processed scores would be
+renormalized by top-p/top-k.
+
+Collective contract (see engine.py): only the first rank of each model replica (tp = pp = cp = 0)
+holds the transformers model and generates; it broadcasts the results over the replica's CP, PP and TP
+groups, so every rank of the replica returns the same generations. Each DP replica generates for its
+own prompts, with a sampling seed that mixes in its DP rank.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from liteppo_mcore.convert.hf_files import hf_config_from_shape
+from liteppo_mcore.parallel.mcore import ParallelGroups
+from liteppo_mcore.rollout.engine import Generation, RolloutEngine, SamplingParams, WeightBucket
+
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+
+
+def build_hf_model(shape, dtype: torch.dtype, device: torch.device, attn_implementation: str = "sdpa"):
+    """A transformers causal LM with the actor's shape (weights: whatever init gives; load them next)."""
+    import transformers
+
+    if shape.family not in ARCHITECTURES:
+        raise ValueError(f"model family {shape.family!r} has no transformers class here; "
+                         f"supported: {sorted(ARCHITECTURES)}")
+    fields = hf_config_from_shape(shape, ARCHITECTURES[shape.family])
+    model_type = fields.pop("model_type")
+    config = transformers.AutoConfig.for_model(model_type, **fields)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                              attn_implementation=attn_implementation)
+    return model.eval().requires_grad_(False)
+
+
+def sampling_seed(seed: int, dp_rank: int) -> int:
+    """One seed per DP replica: the replicas sample different prompts, with independent noise."""
+    return (int(seed) * 1_000_003 + int(dp_rank) * 7919) % (2**63 - 1)
+
+
+def check_params(params: SamplingParams) -> None:
+    problems = []
+    if not params.temperature > 0:
+        problems.append(f"temperature must be > 0 (log-probs are at the temperature), got {params.temperature}")
+    if not 0 < params.top_p <= 1:
+        problems.append(f"top_p must be in (0, 1], got {params.top_p}")
+    if params.top_k == 0 or params.top_k < -1:
+        problems.append(f"top_k must be -1 (disabled) or >= 1, got {params.top_k}")
+    if params.max_new_tokens < 1 or params.n < 1:
+        problems.append(f"max_new_tokens and n must be >= 1, got {params.max_new_tokens} and {params.n}")
+    if problems:
+        raise ValueError("sampling parameters: " + "; ".join(problems) + ". Fix the rollout section.")
+
+
+def finish(new_tokens: Sequence[int], logprobs: Sequence[float], stop_ids: Sequence[int]) -> Generation:
+    """Cut a generated row after its first stop token (kept); what follows it is padding."""
+    stops = set(stop_ids)
+    for i, tok in enumerate(new_tokens):
+        if tok in stops:
+            return Generation(list(new_tokens[: i + 1]), list(logprobs[: i + 1]), "stop")
+    return Generation(list(new_tokens), list(logprobs), "length")
+
+
+def share_within_replica(value, groups: ParallelGroups):
+    """`value` of the replica's first rank (tp = pp = cp = 0) on every rank of the replica.
+
+    Three broadcasts, each from rank 0 of a group: over CP, then PP, then TP. Every rank belongs to
+    exactly one group of each kind, so all ranks take part in each step; groups without the first rank
+    of the replica pass along values that a later step overwrites."""
+    for group, size in ((groups.cp_group, groups.cp_size), (groups.pp_group, groups.pp_size),
+                        (groups.tp_group, groups.tp_size)):
+        if size > 1:
+            box = [value]
+            dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+            value = box[0]
+    return value
+
+
+class HFEngine(RolloutEngine):
+    """See the module docstring. `eos_token_ids` stop generation when the sampling parameters name none."""
+
+    name = "hf"
+    needs_weight_sync = True
+
+    def __init__(self, shape, groups: ParallelGroups, *, eos_token_ids: Sequence[int], dtype: torch.dtype,
+                 device: Optional[torch.device] = None, pad_token_id: Optional[int] = None,
+                 max_batch_size: Optional[int] = None, attn_implementation: str = "sdpa"):
+        if not eos_token_ids:
+            raise ValueError("the hf engine needs at least one EOS token id to stop generation")
+        self.shape, self.groups = shape, groups
+        self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
+        self.pad_token_id = self.eos_token_ids[0] if pad_token_id is None else int(pad_token_id)
+        self.max_batch_size = max_batch_size
+        self.device = torch.device(device) if device is not None else _default_device()
+        self.is_generator = groups.tp_rank == 0 and groups.pp_rank == 0 and groups.cp_rank == 0
+        self.model = build_hf_model(shape, dtype, self.device, attn_implementation) if self.is_generator else None
+        self._params: Dict[str, Tensor] = dict(self.model.named_parameters()) if self.model is not None else {}
+        self._asleep = False
+
+    # ------------------------------------------------------------------ weights
+    @torch.no_grad()
+    def update_weights(self, buckets: Iterable[WeightBucket]) -> None:
+        """Copy every tensor of the stream into the model (the generating rank); every rank iterates the
+        buckets, since producing them is collective. Every model tensor must arrive, each once."""
+        seen = set()
+        for bucket in buckets:
+            if self.model is None:
+                continue
+            for name, tensor in bucket:
+                param = self._params.get(name)
+                if param is None:
+                    raise KeyError(f"hf engine: the weight stream sent {name!r}, which the {self.shape.family} "
+                                   "model does not have. The exporter and the engine disagree on the shape.")
+                if tuple(param.shape) != tuple(tensor.shape):
+                    raise ValueError(f"hf engine: {name} has shape {list(param.shape)}, the stream sent "
+                                     f"{list(tensor.shape)}.")
+                param.copy_(tensor)
+                seen.add(name)
+        missing = sorted(set(self._params) - seen)
+        if missing:
+            raise KeyError(f"hf engine: the weight stream lacked {len(missing)} tensors, e.g. {missing[:3]}; "
+                           "the engine would generate with stale weights.")
+
+    def get_weight(self, name: str) -> Optional[Tensor]:
+        """The engine's tensor `name` on the generating rank; None on the other ranks."""
+        if self.model is None:
+            return None
+        if name not in self._params:
+            raise KeyError(f"hf engine: no tensor {name!r}")
+        return self._params[name]
+
+    @torch.no_grad()
+    def logits(self, tokens: Tensor) -> Optional[Tensor]:
+        """Full-vocabulary logits `[B, S, V]` (float32) of unpadded token rows; None off the generating rank."""
+        if self.model is None:
+            return None
+        return self.model(tokens.to(self.device)).logits.float()
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> List[List[Generation]]:
+        check_params(params)
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("hf engine: every prompt needs at least one token")
+        result = self._generate_all(prompts, params) if self.is_generator else None
+        return share_within_replica(result, self.groups)
+
+    def _generate_all(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> List[List[Generation]]:
+        if self._asleep:
+            raise RuntimeError("hf engine: generate() while asleep; call wake() first")
+        rows = [list(p) for p in prompts for _ in range(params.n)]
+        step = self.max_batch_size or max(1, len(rows))
+        out: List[Generation] = []
+        with torch.random.fork_rng(devices=_rng_devices(self.device)):
+            torch.manual_seed(sampling_seed(params.seed, self.groups.dp_rank))
+            for lo in range(0, len(rows), step):
+                out.extend(self._generate_batch(rows[lo: lo + step], params))
+        return [out[i * params.n: (i + 1) * params.n] for i in range(len(prompts))]
+
+    @torch.no_grad()
+    def _generate_batch(self, rows: List[List[int]], params: SamplingParams) -> List[Generation]:
+        stop_ids = list(params.stop_token_ids or self.eos_token_ids)
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):  # left padding: every row's last prompt token is at the same column
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+        out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                  generation_config=self._generation_config(params, stop_ids))
+        new = out.sequences[:, width:].cpu()
+        raw = torch.stack(out.logits, dim=1).float()  # [B, T, V] before any processor
+        logp = torch.log_softmax(raw / params.temperature, dim=-1)
+        logp = logp.gather(-1, new.to(logp.device).unsqueeze(-1)).squeeze(-1).cpu()
+        return [finish(new[i].tolist(), logp[i].tolist(), stop_ids) for i in range(len(rows))]
+
+    def _generation_config(self, params: SamplingParams, stop_ids: List[int]):
+        from transformers import GenerationConfig
+
+        common = dict(max_new_tokens=params.max_new_tokens, min_new_tokens=0, eos_token_id=stop_ids,
+                      pad_token_id=self.pad_token_id, return_dict_in_generate=True, output_logits=True,
+                      use_cache=True, num_beams=1, repetition_penalty=1.0)
+        if params.greedy:
+            return GenerationConfig(do_sample=False, **common)
+        # top_k=0 disables top-k: left unset, transformers would default it to 50.
+        return GenerationConfig(do_sample=True, temperature=params.temperature, top_p=params.top_p,
+                                top_k=params.top_k if params.top_k > 0 else 0, **common)
+
+    # ------------------------------------------------------------------ memory
+    def sleep(self) -> None:
+        """On a GPU, park the model on the CPU while the trainer trains."""
+        if self.model is not None and self.device.type == "cuda" and not self._asleep:
+            self.model.to("cpu")
+            torch.cuda.empty_cache()
+        self._asleep = True
+
+    def wake(self) -> None:
+        if self.model is not None and self.device.type == "cuda" and self._asleep:
+            self.model.to(self.device)
+        self._asleep = False
+
+    def shutdown(self) -> None:
+        self.model, self._params = None, {}
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _rng_devices(device: torch.device) -> list:
+    return [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []

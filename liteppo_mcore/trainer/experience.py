@@ -1,0 +1,121 @@
+"""From generations to a training batch: sequences, rewards, normalization, advantages, and the step
+metrics about them (liteppo-semantics sections 1-3 and 6). Every statistic is global over DP."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from liteppo_mcore.algo import (compute_advantages, global_moments, kl_estimate, mean_of_sequence_means,
+                                normalize_rewards, token_level_rewards)
+from liteppo_mcore.algo.normalization import RunningMoments
+from liteppo_mcore.algo.stats import STAT_DTYPE
+from liteppo_mcore.config.schema import LitePPOConfig
+from liteppo_mcore.parallel.reducer import Reducer
+from liteppo_mcore.rollout.engine import Generation
+from liteppo_mcore.train.batch import TrainBatch
+
+
+@dataclass
+class Rollout:
+    """This DP rank's responses of one step: whole groups, response k*n..k*n+n-1 of prompt k."""
+
+    batch: TrainBatch            # tokens, prompt_lens, response_lens (per-token tensors filled later)
+    rollout_logp: Tensor         # [N, T] the engine's log-probs
+    finish_reasons: List[str]
+    response_texts: List[str]
+    answers: List[str]
+
+    @property
+    def mask(self) -> Tensor:
+        t = self.rollout_logp.shape[1]
+        return torch.arange(t)[None, :] < self.batch.response_lens[:, None]
+
+
+def build_rollout(prompts: Sequence[Sequence[int]], answers: Sequence[str], generations: List[List[Generation]],
+                  tokenizer) -> Rollout:
+    """Pack prompt + response token ids, right-padded, in group order."""
+    rows, prompt_lens, response_lens, logps, reasons, texts, row_answers = [], [], [], [], [], [], []
+    for prompt, answer, group in zip(prompts, answers, generations):
+        for gen in group:
+            rows.append(list(prompt) + list(gen.token_ids))
+            prompt_lens.append(len(prompt))
+            response_lens.append(len(gen.token_ids))
+            logps.append(list(gen.logprobs))
+            reasons.append(gen.finish_reason)
+            texts.append(tokenizer.decode(gen.token_ids, skip_special_tokens=True))
+            row_answers.append(answer)
+    n = len(rows)
+    width = max((len(r) for r in rows), default=1)
+    t = max(max(response_lens, default=1), 1)
+    tokens = torch.zeros(n, width, dtype=torch.long)
+    logp = torch.zeros(n, t, dtype=torch.float32)
+    for i, (row, lp) in enumerate(zip(rows, logps)):
+        tokens[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        logp[i, :len(lp)] = torch.tensor(lp, dtype=torch.float32)
+    batch = TrainBatch(tokens=tokens, prompt_lens=torch.tensor(prompt_lens, dtype=torch.long),
+                       response_lens=torch.tensor(response_lens, dtype=torch.long))
+    return Rollout(batch=batch, rollout_logp=logp, finish_reasons=reasons, response_texts=texts, answers=row_answers)
+
+
+def global_summary(x: Tensor, reducer: Reducer, prefix: str, mask: Optional[Tensor] = None) -> Dict[str, float]:
+    """`{prefix}/mean, /std, /max, /min` of the valid entries of `x` over every DP rank."""
+    m = global_moments(x, mask, allreduce_sum=reducer.dp_sum)
+    values = x.detach().to(STAT_DTYPE)
+    valid = torch.ones_like(values, dtype=torch.bool) if mask is None else mask.bool()
+    local = torch.stack([torch.where(valid, values, -torch.inf).max() if values.numel() else
+                         torch.tensor(-torch.inf, dtype=STAT_DTYPE),
+                         torch.where(valid, -values, -torch.inf).max() if values.numel() else
+                         torch.tensor(-torch.inf, dtype=STAT_DTYPE)])
+    hi, neg_lo = reducer.dp_max(local).tolist()
+    return {f"{prefix}/mean": float(m.mean), f"{prefix}/std": float(m.var().sqrt()), f"{prefix}/max": hi,
+            f"{prefix}/min": -neg_lo}
+
+
+def rollout_metrics(rollout: Rollout, cfg: LitePPOConfig, reducer: Reducer) -> Dict[str, float]:
+    lens = rollout.batch.response_lens.to(STAT_DTYPE)
+    clipped = torch.tensor([r == "length" for r in rollout.finish_reasons], dtype=STAT_DTYPE)
+    local = torch.stack([lens.sum(), torch.tensor(float(lens.numel()), dtype=STAT_DTYPE), clipped.sum()])
+    total, count, num_clipped = reducer.dp_sum(local).tolist()
+    longest = reducer.dp_max(lens.max().reshape(1) if lens.numel() else torch.zeros(1, dtype=STAT_DTYPE))
+    return {"response_length/mean": total / max(count, 1.0), "response_length/max": float(longest),
+            "response_length/clip_ratio": num_clipped / max(count, 1.0)}
+
+
+def normalized_rewards(scores: Tensor, cfg: LitePPOConfig, reducer: Reducer,
+                       running: Optional[RunningMoments]) -> Tensor:
+    return normalize_rewards(scores, group_size=cfg.num_return_sequences_in_group, reward_norm=cfg.reward_norm,
+                             div_std_global=cfg.div_std_global, reward_shift=cfg.reward_shift,
+                             reward_scale=cfg.reward_scale, reward_clip=cfg.reward_clip, running=running,
+                             allreduce_sum=reducer.dp_sum)
+
+
+def advantages_and_returns(rollout: Rollout, normalized: Tensor, cfg: LitePPOConfig, reducer: Reducer, *,
+                           kl_coef: float, values: Optional[Tensor]) -> Dict[str, float]:
+    """Token rewards (with the token-level KL when configured), then advantages and returns written
+    into `rollout.batch`; returns the `kl/*` and `adv/*` metrics."""
+    batch, mask = rollout.batch, rollout.mask
+    metrics: Dict[str, float] = {}
+    kl = None
+    if batch.ref_logp is not None and batch.old_logp is not None:
+        kl = torch.where(mask, kl_estimate(batch.old_logp, batch.ref_logp, cfg.kl_penalty), 0.0)
+        metrics["kl/mean"] = float(mean_of_sequence_means(kl, mask, allreduce_sum=reducer.dp_sum))
+    token_rewards = token_level_rewards(normalized.float(), mask, kl=kl if cfg.add_token_level_kl else None,
+                                        kl_coef=kl_coef)
+    adv, ret = compute_advantages(cfg.adv_estimator, mask, token_rewards=token_rewards, values=values,
+                                  normalized_scores=normalized.float(), gamma=cfg.gamma, lambd=cfg.lambd,
+                                  whiten=cfg.whiten_advantages, advantage_clip=cfg.advantage_clip,
+                                  allreduce_sum=reducer.dp_sum)
+    batch.advantages, batch.returns = adv.float(), ret.float()
+    if values is not None:
+        batch.old_values = values
+    m = global_moments(adv, mask, allreduce_sum=reducer.dp_sum)
+    metrics.update({"adv/mean": float(m.mean), "adv/std": float(m.var().sqrt())})
+    if cfg.advantage_clip is not None:
+        hit = (mask & (adv.abs() >= cfg.advantage_clip)).sum().to(STAT_DTYPE)
+        metrics["adv/clip_frac"] = float(reducer.dp_sum(hit.reshape(1))) / max(float(m.count), 1.0)
+    return metrics
+

@@ -1,0 +1,327 @@
+"""The RLVR step loop (liteppo-semantics section 5), one named call per stage:
+
+    rollout -> reward -> normalization -> reference / old log-probs and values -> advantages
+    -> actor and critic updates -> weight sync -> metrics -> checkpoint -> eval
+
+Every rank runs this same loop (SPMD); actor, critic and reference live on every rank (colocated).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from liteppo_mcore.algo import make_kl_controller
+from liteppo_mcore.algo.normalization import RunningMoments
+from liteppo_mcore.checkpoint.paths import checkpoints_dir, read_latest, resolve_iteration_dir
+from liteppo_mcore.checkpoint.trainer_state import load_trainer_checkpoint, save_trainer_checkpoint
+from liteppo_mcore.config.loader import to_yaml
+from liteppo_mcore.config.schema import LitePPOConfig
+from liteppo_mcore.convert.hf_files import hf_config_from_shape, read_config
+from liteppo_mcore.data import PromptSampler, build_datasets, shard_for_rank, tokenizer_from_config
+from liteppo_mcore.models.forward import forward_per_token
+from liteppo_mcore.models.gpt import build_models
+from liteppo_mcore.models.shapes import HF_ARCHITECTURES
+from liteppo_mcore.parallel.mcore import destroy_model_parallel, initialize_model_parallel
+from liteppo_mcore.parallel.reducer import Reducer, make_allreduce_max
+from liteppo_mcore.rewards import build_reward_runner
+from liteppo_mcore.rollout import build_engine, sampling_params_from_config
+from liteppo_mcore.rollout.engine import SamplingParams
+from liteppo_mcore.rollout.exporter import WeightExporter
+from liteppo_mcore.rollout.metrics import check_weights_equal, logprob_abs_diff
+from liteppo_mcore.train import ModelUpdater, gather_over_dp
+from liteppo_mcore.trainer import experience as X
+from liteppo_mcore.utils.console import is_main_rank, print0, step_line
+from liteppo_mcore.utils.sinks import MetricsWriter, plot_metrics
+from liteppo_mcore.utils.timers import PhaseTimer
+
+
+def _mix_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+class Trainer:
+    """Everything one rank holds for a run, and the step."""
+
+    def __init__(self, cfg: LitePPOConfig) -> None:
+        self.cfg = cfg
+        p = cfg.parallel
+        self.groups = initialize_model_parallel(p.tp, p.pp, p.cp, seed=cfg.seed)
+        self.reducer = Reducer(self.groups.dp_group, self.groups.dp_cp_group)
+        self.tokenizer = tokenizer_from_config(cfg.model, cfg.data)
+        self.train_set, self.eval_set = build_datasets(cfg.data, self.tokenizer, prompt_length=cfg.prompt_length)
+        self.sampler = PromptSampler(len(self.train_set), cfg.rollout_batch_size, seed=cfg.seed,
+                                     shuffle=cfg.data.shuffle)
+        self.models = build_models(cfg, self.groups, vocab_size=cfg.model.vocab_size or len(self.tokenizer))
+        self.vocab_size = self.models.shape.vocab_size
+        self.actor = ModelUpdater(self.models.actor, "actor", cfg, self.groups, vocab_size=self.vocab_size)
+        self.critic = (ModelUpdater(self.models.critic, "critic", cfg, self.groups, vocab_size=self.vocab_size)
+                       if self.models.critic is not None else None)
+        self.eos_ids = tuple(i for i in [self.tokenizer.eos_token_id] if i is not None)
+        self.engine = build_engine(cfg, self.models, self.groups, self.eos_ids)
+        self.exporter = (WeightExporter(self.models.actor, self.groups, self.models.shape,
+                                        cfg.rollout.weight_sync_bucket_mb << 20)
+                         if self.engine.needs_weight_sync else None)
+        self.rewards = build_reward_runner(cfg.reward)
+        self.kl_ctl = make_kl_controller(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
+        self.running = RunningMoments() if cfg.reward_norm == "running" else None
+        self.run_dir = cfg.output_dir
+        self.sinks = MetricsWriter(self.run_dir, enabled=is_main_rank(), tensorboard=cfg.logging.tensorboard,
+                                   wandb_project=cfg.logging.wandb_project)
+        self.step = 0
+        if is_main_rank():
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
+                f.write(to_yaml(cfg))
+        self.resume()
+        self.sync_weights()
+        self._install_signal_handlers()
+
+    # ------------------------------------------------------------------ the run
+    def fit(self) -> None:
+        cfg = self.cfg
+        if self.step == 0 and self._eval_enabled():
+            self.sinks.write(0, self.evaluate())
+        start = time.perf_counter()
+        first = self.step
+        while self.step < cfg.max_steps:
+            t0 = time.perf_counter()
+            metrics = self.train_step()
+            self.step += 1
+            if self._eval_enabled() and (self.step == cfg.max_steps or
+                                         (cfg.eval.interval and self.step % cfg.eval.interval == 0)):
+                metrics.update(self.evaluate())
+            if self._saved_at(self.step):
+                t_save = time.perf_counter()
+                self.save()
+                metrics["time/checkpoint"] = time.perf_counter() - t_save
+            step_s = time.perf_counter() - t0
+            metrics["perf/step_s"] = step_s
+            self.sinks.write(self.step, metrics)
+            if self.step % cfg.logging.log_interval == 0 or self.step == cfg.max_steps:
+                per_step = (time.perf_counter() - start) / (self.step - first)
+                print0(step_line(self.step, cfg.max_steps, metrics, step_s, per_step * (cfg.max_steps - self.step)))
+            if self._stop_requested():
+                if not self._saved_at(self.step):
+                    self.save()
+                print0(f"liteppo: stopped by a signal after step {self.step}; checkpoint saved. Run the same "
+                       "command again to resume.")
+                return
+        if is_main_rank() and cfg.logging.plot:
+            plot_metrics(self.sinks.path, os.path.join(self.run_dir, "reward_accuracy.png"))
+
+    def _saved_at(self, step: int) -> bool:
+        interval = self.cfg.checkpoint.save_interval
+        return step == self.cfg.max_steps or bool(interval and step % interval == 0)
+
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT (scheduler pre-emption, Ctrl-C) finish the current step, then save and exit."""
+        self._signal = False
+        if not self.cfg.checkpoint.save_on_signal:
+            return
+
+        def handler(signum, frame):
+            self._signal = True
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handler)
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank got a signal (agreed on by all ranks, or the save would deadlock)."""
+        flag = torch.tensor([1.0 if self._signal else 0.0])
+        return bool(make_allreduce_max(torch.distributed.group.WORLD)(flag).item())
+
+    def close(self) -> None:
+        self.engine.shutdown()
+        self.rewards.close()
+        self.sinks.close()
+        destroy_model_parallel()
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> Dict[str, float]:
+        cfg, timer = self.cfg, PhaseTimer()
+        with timer("rollout"):
+            rollout = self.rollout()
+        with timer("reward"):
+            scores, metrics = self.score(rollout)
+        normalized = X.normalized_rewards(scores, cfg, self.reducer, self.running)
+        metrics["reward/normalized_mean"] = float(X.global_summary(normalized, self.reducer, "n")["n/mean"])
+        values = self.log_probs_and_values(rollout, timer)
+        metrics.update(X.advantages_and_returns(rollout, normalized, cfg, self.reducer,
+                                                kl_coef=self.kl_ctl.value, values=values))
+        metrics.update(X.rollout_metrics(rollout, cfg, self.reducer))
+        with timer("train"):
+            metrics.update(self.update(rollout))
+        with timer("sync"):
+            self.sync_weights()
+        if "kl/mean" in metrics:
+            metrics["kl/coef"] = self.kl_ctl.value
+            self.kl_ctl.update(metrics["kl/mean"], cfg.num_responses_per_step)
+        metrics.update(timer.metrics())
+        self._write_samples(rollout, scores)
+        return metrics
+
+    def rollout(self) -> X.Rollout:
+        samples = shard_for_rank(self.train_set.select(self.sampler.next_batch()), self.groups.dp_rank,
+                                 self.groups.dp_size)
+        params = self._sampling(n=self.cfg.num_return_sequences_in_group,
+                                seed=_mix_seed(self.cfg.seed, self.step, self.groups.dp_rank))
+        prompts = [s.prompt_ids for s in samples]
+        self.engine.wake()
+        generations = self.engine.generate(prompts, params)
+        self.engine.sleep()
+        return X.build_rollout(prompts, [s.answer for s in samples], generations, self.tokenizer)
+
+    def score(self, rollout: X.Rollout):
+        scores, stats = self.rewards(rollout.response_texts, rollout.answers)
+        scores = torch.tensor(scores, dtype=torch.float64)
+        metrics = X.global_summary(scores, self.reducer, "reward")
+        metrics["reward/errors"] = float(self.reducer.dp_sum(torch.tensor([stats.get("reward/errors", 0.0)])))
+        return scores, metrics
+
+    def log_probs_and_values(self, rollout: X.Rollout, timer: PhaseTimer) -> Optional[torch.Tensor]:
+        """Reference and old log-probs (the latter only when something needs them before the update)
+        and the critic's values, all written into `rollout.batch`; returns the values (gae) or None."""
+        batch, cfg = rollout.batch, self.cfg
+        seqs = batch.sequences()
+        micro = math.gcd(batch.size, cfg.train.micro_batch_size)
+        kw = dict(vocab_size=self.vocab_size, micro_batch_size=micro,
+                  sequence_parallel=cfg.parallel.sequence_parallel)
+        if self.models.reference is not None:
+            with timer("ref"):
+                batch.ref_logp = forward_per_token(self.models.reference, seqs, self.groups, compute_entropy=False,
+                                                   temperature=cfg.rollout.temperature, **kw)["logp"]
+        updates = cfg.ppo_epochs * (cfg.num_responses_per_step // cfg.train.mini_batch_size)
+        if updates > 1 or cfg.add_token_level_kl or self.models.reference is not None:
+            with timer("old_logp"):
+                batch.old_logp = forward_per_token(self.models.actor, seqs, self.groups, compute_entropy=False,
+                                                   temperature=cfg.rollout.temperature, **kw)["logp"]
+        else:
+            batch.rollout_logp = rollout.rollout_logp  # the update's own pass gives the mismatch metric
+        values = None
+        if self.models.critic is not None:
+            with timer("values"):
+                values = forward_per_token(self.models.critic, seqs, self.groups, kind="critic", **kw)["values"]
+        return values
+
+    def update(self, rollout: X.Rollout) -> Dict[str, float]:
+        metrics: Dict[str, float] = {}
+        if rollout.batch.old_logp is not None:
+            metrics["rollout/logprob_abs_diff"] = logprob_abs_diff(rollout.rollout_logp, rollout.batch.old_logp,
+                                                                   rollout.mask, allreduce=self.reducer.dp_sum)
+        step_batch = gather_over_dp(rollout.batch, self.groups)
+        metrics.update(self.actor.update(step_batch, self.step))
+        if self.critic is not None:
+            metrics.update(self.critic.update(step_batch, self.step))
+        return metrics
+
+    def sync_weights(self) -> None:
+        """Push the actor's weights to the engine; it stays awake until the next rollout is done."""
+        if self.exporter is not None:
+            self.engine.wake()  # memory back first: loading into a sleeping engine would peak later
+            self.engine.update_weights(self.exporter.buckets())
+            if self.cfg.rollout.check_weight_sync:
+                check_weights_equal(self.engine, self.exporter)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpointed(self):
+        models = {"actor": self.models.actor}
+        optimizers = {"actor": self.actor.optimizer}
+        if self.critic is not None:
+            models["critic"], optimizers["critic"] = self.models.critic, self.critic.optimizer
+        if self.models.reference is not None and not (self.cfg.model.load or self.cfg.model.hf_path):
+            models["reference"] = self.models.reference  # random initial weights: cannot be rebuilt
+        return models, optimizers
+
+    def save(self) -> str:
+        models, optimizers = self._checkpointed()
+        common = {"step": self.step, "kl_ctl": self.kl_ctl.state_dict(), "sampler": self.sampler.state_dict(),
+                  "running": self.running.state_dict() if self.running is not None else None,
+                  "num_updates": {"actor": self.actor.num_updates,
+                                  "critic": self.critic.num_updates if self.critic is not None else 0},
+                  "config": to_yaml(self.cfg)}
+        return save_trainer_checkpoint(self.run_dir, self.step, models=models, optimizers=optimizers, common=common,
+                                       hf_config=self._hf_config(), side_files_from=self.cfg.model.hf_path)
+
+    def resume(self) -> None:
+        """Continue from `checkpoint.load`, else the run directory's latest checkpoint, if any."""
+        where = self.cfg.checkpoint.load or read_latest(checkpoints_dir(self.run_dir))
+        if where is None:
+            return
+        iter_dir = resolve_iteration_dir(where)
+        models, optimizers = self._checkpointed()
+        common = load_trainer_checkpoint(iter_dir, models=models, optimizers=optimizers)
+        self.step = int(common["step"])
+        self.kl_ctl.load_state_dict(common["kl_ctl"])
+        self.sampler.load_state_dict(common["sampler"])
+        if self.running is not None and common.get("running"):
+            self.running.load_state_dict(common["running"])
+        self.actor.num_updates = int(common["num_updates"]["actor"])
+        if self.critic is not None:
+            self.critic.num_updates = int(common["num_updates"]["critic"])
+        print0(f"liteppo: resumed from {iter_dir} at step {self.step}")
+
+    def _hf_config(self) -> dict:
+        if self.cfg.model.hf_path:
+            return read_config(self.cfg.model.hf_path)
+        arch = next(a for a, family in HF_ARCHITECTURES.items() if family == self.models.shape.family)
+        return hf_config_from_shape(self.models.shape, arch, self.models.config.params_dtype)
+
+    # ------------------------------------------------------------------ evaluation and outputs
+    def _eval_enabled(self) -> bool:
+        return self.cfg.eval.enabled and self.eval_set is not None and len(self.eval_set) > 0
+
+    def evaluate(self) -> Dict[str, float]:
+        """Greedy pass@1 (`eval/accuracy`: the share of held-out prompts whose reward is 1) and, with
+        `eval.num_samples = k > 1`, sampled `eval/pass@k`."""
+        cfg, ev = self.cfg, self.cfg.eval
+        count = len(self.eval_set) if ev.max_prompts is None else min(ev.max_prompts, len(self.eval_set))
+        samples = shard_for_rank(self.eval_set.select(range(count - count % self.groups.dp_size)),
+                                 self.groups.dp_rank, self.groups.dp_size)
+        prompts, answers = [s.prompt_ids for s in samples], [s.answer for s in samples]
+        self.engine.wake()
+        runs = [(1, self._sampling(n=1, seed=0, greedy=True))]
+        if ev.num_samples > 1:
+            runs.append((ev.num_samples, self._sampling(n=ev.num_samples, seed=_mix_seed(cfg.seed, self.step, 7))))
+        metrics = {}
+        for k, params in runs:
+            generations = self.engine.generate(prompts, params)
+            texts = [self.tokenizer.decode(g.token_ids, skip_special_tokens=True) for group in generations for g in group]
+            scores, _ = self.rewards(texts, [a for a in answers for _ in range(k)])
+            solved = torch.tensor(scores, dtype=torch.float64).reshape(-1, k) >= 1.0 - 1e-9
+            hits = self.reducer.dp_sum(torch.tensor([float(solved.any(dim=1).sum()), float(len(prompts))]))
+            metrics["eval/accuracy" if k == 1 else f"eval/pass@{k}"] = float(hits[0] / hits[1].clamp(min=1))
+        self.engine.sleep()
+        return metrics
+
+    def _sampling(self, *, n: int, seed: int, greedy: bool = False) -> SamplingParams:
+        return sampling_params_from_config(self.cfg, greedy=greedy, n=n, seed=seed, stop_token_ids=self.eos_ids)
+
+    def _write_samples(self, rollout: X.Rollout, scores: torch.Tensor) -> None:
+        k = self.cfg.logging.num_sample_completions
+        if not is_main_rank() or k <= 0 or self.step % self.cfg.logging.log_interval:
+            return
+        prompts = self.tokenizer.batch_decode([row[:int(p)] for row, p in zip(rollout.batch.tokens[:k].tolist(),
+                                                                              rollout.batch.prompt_lens[:k])])
+        with open(os.path.join(self.run_dir, "samples.jsonl"), "a", encoding="utf-8") as f:
+            for prompt, text, answer, score in zip(prompts, rollout.response_texts[:k], rollout.answers[:k],
+                                                   scores[:k].tolist()):
+                f.write(json.dumps({"step": self.step, "prompt": prompt, "response": text, "answer": answer,
+                                    "reward": score}) + "\n")
+
+
+def run_training(cfg: LitePPOConfig, layout) -> int:
+    """Run training for `cfg` on this process; returns the exit status."""
+    trainer = Trainer(cfg)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return 0
