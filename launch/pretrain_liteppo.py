@@ -3,7 +3,9 @@
     torchrun --nproc_per_node N launch/pretrain_liteppo.py --config examples/liteppo.yaml [key.path=value ...]
 
 Parse -> validate (before any process group exists) -> initialize distributed -> run.
-A bad configuration exits with status 2 and a message that says what to fix, without a traceback.
+A bad configuration, or bad input found while starting (a missing model or data path, an unreachable
+rollout server, a run directory holding another run's checkpoint), exits with status 2 and a message
+that says what to fix, without a traceback.
 """
 
 from __future__ import annotations
@@ -63,9 +65,14 @@ def main(argv=None) -> int:
             if layout.rank == 0:
                 print("liteppo: dry run OK: configuration valid for this world size", flush=True)
             return 0
-        from liteppo_mcore.trainer import run_training
+        from liteppo_mcore.trainer import USER_ERRORS, run_training
 
-        return run_training(cfg, layout)
+        try:
+            return run_training(cfg, layout)
+        except USER_ERRORS as e:  # bad input found at run time: the message says what to fix
+            if os.environ.get("LOCAL_RANK", "0") == "0":
+                print(f"liteppo: error on rank {layout.rank}: {e}", file=sys.stderr, flush=True)
+            return EXIT_CONFIG
     finally:
         shutdown_distributed()
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 import torch
@@ -103,9 +103,8 @@ def load_trainer_checkpoint(iter_dir: str, *, models: Mapping[str, torch.nn.Modu
     return loaded[COMMON_KEY]
 
 
-def checkpoint_models(iter_dir: str) -> Tuple[str, ...]:
-    """The model prefixes a checkpoint holds (from its common state)."""
+def checkpoint_common(iter_dir: str) -> Dict[str, Any]:
+    """The `liteppo` common state of a checkpoint (step, models, the resolved config, ...)."""
     from megatron.core import dist_checkpointing
 
-    common = dist_checkpointing.load_common_state_dict(iter_dir)
-    return tuple(common.get(COMMON_KEY, {}).get("models", ()))
+    return dist_checkpointing.load_common_state_dict(iter_dir).get(COMMON_KEY, {})

@@ -17,11 +17,12 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from liteppo_mcore.algo import make_kl_controller
 from liteppo_mcore.algo.normalization import RunningMoments
-from liteppo_mcore.checkpoint.paths import checkpoints_dir, read_latest, resolve_iteration_dir
-from liteppo_mcore.checkpoint.trainer_state import load_trainer_checkpoint, save_trainer_checkpoint
+from liteppo_mcore.checkpoint.paths import CheckpointError, checkpoints_dir, read_latest, resolve_iteration_dir
+from liteppo_mcore.checkpoint.trainer_state import checkpoint_common, load_trainer_checkpoint, save_trainer_checkpoint
 from liteppo_mcore.config.loader import to_yaml
 from liteppo_mcore.config.schema import LitePPOConfig
 from liteppo_mcore.convert.hf_files import hf_config_from_shape, read_config
@@ -256,6 +257,7 @@ class Trainer:
         if where is None:
             return
         iter_dir = resolve_iteration_dir(where)
+        self._check_compatible(iter_dir)
         models, optimizers = self._checkpointed()
         common = load_trainer_checkpoint(iter_dir, models=models, optimizers=optimizers)
         self.step = int(common["step"])
@@ -267,6 +269,22 @@ class Trainer:
         if self.critic is not None:
             self.critic.num_updates = int(common["num_updates"]["critic"])
         print0(f"liteppo: resumed from {iter_dir} at step {self.step}")
+
+    def _check_compatible(self, iter_dir: str) -> None:
+        """Refuse a checkpoint of a different model or algorithm before megatron fails on its tensors."""
+        stored = checkpoint_common(iter_dir).get("config")
+        if not stored:
+            return
+        old = OmegaConf.to_container(OmegaConf.create(stored))
+        new = OmegaConf.to_container(OmegaConf.create(to_yaml(self.cfg)))
+        keys = [f"model.{k}" for k in ("family", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                                       "num_query_groups", "hf_path", "vocab_size")] + ["adv_estimator"]
+        differ = [(k, _get(old, k), _get(new, k)) for k in keys if _get(old, k) != _get(new, k)]
+        if differ:
+            detail = ", ".join(f"{k}: {a!r} there, {b!r} here" for k, a, b in differ)
+            raise CheckpointError(f"{iter_dir} belongs to another run ({detail}). Choose a new output_dir, or set "
+                                  "checkpoint.load to a checkpoint of this model (model.load to start a new run "
+                                  "from its actor weights).")
 
     def _hf_config(self) -> dict:
         if self.cfg.model.hf_path:
@@ -315,6 +333,12 @@ class Trainer:
                                                    scores[:k].tolist()):
                 f.write(json.dumps({"step": self.step, "prompt": prompt, "response": text, "answer": answer,
                                     "reward": score}) + "\n")
+
+
+def _get(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def run_training(cfg: LitePPOConfig, layout) -> int:
