@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Iterable, List, Sequence, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 from torch import Tensor
 
@@ -51,6 +51,12 @@ class RolloutEngine(ABC):
     name: str = "abstract"
     #: True when the engine holds its own copy of the weights and needs `update_weights` after updates.
     needs_weight_sync: bool = True
+    #: Set by the trainer for its progress bar: called with the number of responses just finished.
+    on_progress: Optional[Callable[[int], None]] = None
+
+    def _advance(self, num_responses: int) -> None:
+        if self.on_progress is not None:
+            self.on_progress(num_responses)
 
     @abstractmethod
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> List[List[Generation]]:

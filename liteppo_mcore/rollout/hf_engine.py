@@ -167,6 +167,7 @@ class HFEngine(RolloutEngine):
             torch.manual_seed(sampling_seed(params.seed, self.groups.dp_rank))
             for lo in range(0, len(rows), step):
                 out.extend(self._generate_batch(rows[lo: lo + step], params))
+                self._advance(len(rows[lo: lo + step]))
         return [out[i * params.n: (i + 1) * params.n] for i in range(len(prompts))]
 
     @torch.no_grad()

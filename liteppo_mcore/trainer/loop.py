@@ -39,7 +39,7 @@ from liteppo_mcore.rollout.exporter import WeightExporter
 from liteppo_mcore.rollout.metrics import check_weights_equal, logprob_abs_diff
 from liteppo_mcore.train import ModelUpdater, gather_over_dp
 from liteppo_mcore.trainer import experience as X
-from liteppo_mcore.utils.console import is_main_rank, print0, step_line
+from liteppo_mcore.utils.console import is_main_rank, print0, progress, step_line
 from liteppo_mcore.utils.sinks import MetricsWriter, plot_metrics
 from liteppo_mcore.utils.timers import PhaseTimer
 
@@ -176,7 +176,12 @@ class Trainer:
                                 seed=_mix_seed(self.cfg.seed, self.step, self.groups.dp_rank))
         prompts = [s.prompt_ids for s in samples]
         self.engine.wake()
-        generations = self.engine.generate(prompts, params)
+        total = len(prompts) * params.n * self.groups.dp_size  # the bar counts the whole step's responses
+        with progress(total, f"rollout {self.step + 1}") as bar:
+            self.engine.on_progress = lambda k: bar.update(k * self.groups.dp_size)
+            generations = self.engine.generate(prompts, params)
+            self.engine.on_progress = None
+            bar.update(total - bar.n)
         self.engine.sleep()
         return X.build_rollout(prompts, [s.answer for s in samples], generations, self.tokenizer)
 

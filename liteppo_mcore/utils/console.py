@@ -42,8 +42,9 @@ def step_line(step: int, max_steps: int, metrics: Dict[str, float], step_s: floa
 
 
 def progress(total: int, desc: str, enabled: Optional[bool] = None):
-    """A tqdm bar on rank 0 (a no-op elsewhere, or when stderr is not a terminal and no one watches)."""
+    """A tqdm bar on rank 0 when stderr is a terminal (a no-op elsewhere)."""
     from tqdm import tqdm
 
-    show = is_main_rank() if enabled is None else enabled
+    # Only on a terminal: in a job log (torchrun, SLURM) the redraws would be lines of noise.
+    show = (is_main_rank() and sys.stderr.isatty()) if enabled is None else enabled
     return tqdm(total=total, desc=desc, disable=not show, leave=False, file=sys.stderr, dynamic_ncols=True)

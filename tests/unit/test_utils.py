@@ -38,3 +38,16 @@ def test_phase_timer_accumulates_and_resets():
         pass
     m = t.metrics()
     assert set(m) == {"time/rollout"} and m["time/rollout"] >= 0 and t.metrics() == {}
+
+
+def test_progress_bar_counts_and_stays_quiet_off_a_terminal(capsys):
+    from liteppo_mcore.utils.console import progress
+
+    with progress(10, "rollout", enabled=True) as bar:
+        bar.update(4)
+        bar.update(6)
+        assert bar.n == 10
+    assert "rollout" in capsys.readouterr().err
+    with progress(10, "rollout") as quiet:  # pytest's stderr is not a terminal
+        quiet.update(10)
+    assert "rollout" not in capsys.readouterr().err
