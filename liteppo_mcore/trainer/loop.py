@@ -39,6 +39,7 @@ from liteppo_mcore.rollout.exporter import WeightExporter
 from liteppo_mcore.rollout.metrics import check_weights_equal, logprob_abs_diff
 from liteppo_mcore.train import ModelUpdater, gather_over_dp
 from liteppo_mcore.trainer import experience as X
+from liteppo_mcore.utils.flops import mfu, train_flops
 from liteppo_mcore.utils.console import is_main_rank, print0, progress, step_line
 from liteppo_mcore.utils.sinks import MetricsWriter, plot_metrics
 from liteppo_mcore.utils.timers import PhaseTimer
@@ -104,7 +105,7 @@ class Trainer:
                 self.save()
                 metrics["time/checkpoint"] = time.perf_counter() - t_save
             step_s = time.perf_counter() - t0
-            metrics["perf/step_s"] = step_s
+            metrics.update(self._perf(step_s))
             self.sinks.write(self.step, metrics)
             if self.step % cfg.logging.log_interval == 0 or self.step == cfg.max_steps:
                 per_step = (time.perf_counter() - start) / (self.step - first)
@@ -117,6 +118,27 @@ class Trainer:
                 return
         if is_main_rank() and cfg.logging.plot:
             plot_metrics(self.sinks.path, os.path.join(self.run_dir, "reward_accuracy.png"))
+
+    def _model_work(self, rollout: X.Rollout) -> tuple:
+        """(tokens, model FLOPs) of the step over all DP ranks, Megatron's convention (utils/flops.py):
+        every training pass over the non-padding tokens (forward-only passes count 1/3 of a training
+        pass; updates count ppo_epochs times, for the critic too). Generation is not counted."""
+        lens = (rollout.batch.prompt_lens + rollout.batch.response_lens).tolist()
+        passes = self.cfg.ppo_epochs * (2 if self.critic is not None else 1)  # updates, fwd + bwd
+        forward_only = sum(x is not None for x in (rollout.batch.ref_logp, rollout.batch.old_logp,
+                                                   rollout.batch.old_values))
+        flops = train_flops(self.models.shape, lens) * (passes + forward_only / 3)
+        tokens, flops = self.reducer.dp_sum(torch.tensor([float(sum(lens)), flops], dtype=torch.float64)).tolist()
+        return tokens, flops
+
+    def _perf(self, step_s: float) -> Dict[str, float]:
+        tokens, flops = getattr(self, "_step_work", (0.0, 0.0))
+        out = {"perf/step_s": step_s, "perf/tokens_per_s": tokens / step_s}
+        peak = self.cfg.logging.peak_tflops
+        if peak and torch.cuda.is_available():  # on CPU the figure would mean nothing: omitted
+            world = torch.distributed.get_world_size()
+            out["perf/mfu"] = mfu(flops, step_s, peak) / world
+        return out
 
     def _saved_at(self, step: int) -> bool:
         interval = self.cfg.checkpoint.save_interval
@@ -166,6 +188,7 @@ class Trainer:
             metrics["kl/coef"] = self.kl_ctl.value
             self.kl_ctl.update(metrics["kl/mean"], cfg.num_responses_per_step)
         metrics.update(timer.metrics())
+        self._step_work = self._model_work(rollout)
         self._write_samples(rollout, scores)
         return metrics
 

@@ -1,0 +1,414 @@
+"""Benchmark: one actor PPO update as the trainer runs it, against the best stock megatron-core step.
+
+Both sides do ONE OPTIMIZER STEP over the same number of real tokens: forward + backward over all
+micro-batches through megatron's schedule, then the (Adam) optimizer step, on one device, random
+weights (nothing is downloaded).
+
+- baseline: megatron-core's own local layer spec with this project's SDPA core attention (the fastest
+  stock configuration without Transformer Engine), megatron's vocab-parallel cross-entropy, full
+  sequences of `seq_len` tokens at micro-batch 2 and 4, megatron DDP + optimizer, `optimizer.step()`;
+- ours: `ModelUpdater.update` on a `TrainBatch` of variable-length prompt + response sequences
+  (prompt lengths shared within a group, response lengths spread up to the sequence length), LitePPO
+  settings: vocab-parallel log-prob and entropy, token-mean clipped policy loss over response masks,
+  one guarded optimizer step; by sequences per micro-batch and by a token bound per micro-batch.
+
+Reported per case: median (and min) seconds of the step (CUDA events after warm-up), real tokens/s, model
+TFLOP/s and MFU (`liteppo_mcore.utils.flops`: Megatron's convention, padding not counted) against a
+matmul rate measured in the same run, peak memory (reset before each case's build, so it includes
+weights and optimizer states), and ours / baseline ratios. A table is printed last.
+
+    python tools/bench_train_step.py --device cuda --size full --out bench_train_step.json
+    python tools/bench_train_step.py --device cpu --size small          # tiny shape, fp32, ~30 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from importlib.metadata import version
+from typing import Callable, Dict, List, Optional, Tuple
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+GIB = float(1 << 30)
+GROUP = 8  # responses per prompt
+# Qwen2.5-1.5B; the small shape keeps its proportions loosely (GQA, tied embeddings, QKV bias).
+SIZES = {
+    "small": {"shape": {"num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128, "num_attention_heads": 4,
+                        "num_query_groups": 2, "vocab_size": 1000},
+              "seq_len": 128, "sequences": 8, "matmul_n": 1024},
+    "full": {"shape": {"num_layers": 28, "hidden_size": 1536, "ffn_hidden_size": 8960, "num_attention_heads": 12,
+                       "num_query_groups": 2, "vocab_size": 151936},
+             "seq_len": 4096, "sequences": 16, "matmul_n": 8192},
+}
+# (name, micro-batch size in sequences, token bound in units of seq_len or None, baseline to compare with)
+BASELINES = [("megatron local+SDPA, CE, mb 2", 2), ("megatron local+SDPA, CE, mb 4", 4)]
+OURS = [("ours, micro-batch 2", 2, None, BASELINES[0][0]),
+        ("ours, micro-batch 4", 4, None, BASELINES[1][0]),
+        ("ours, <= 2 x seq tokens/mb", None, 2, BASELINES[0][0]),
+        ("ours, <= 4 x seq tokens/mb", None, 4, BASELINES[1][0])]
+
+
+def config_overrides(args, shape: dict, sequences: int, micro: Optional[int], max_tokens: Optional[int]) -> List[str]:
+    """The LitePPO configuration (examples/liteppo.yaml's algorithm keys) for this shape and batch."""
+    seq = args.seq_len
+    model = [f"model.{k}={v}" for k, v in shape.items()] + [
+        "model.family=qwen2", "model.tie_word_embeddings=true", f"model.max_position_embeddings={seq}",
+        f"model.dtype={args.dtype}", f"model.attention_backend={args.attention_backend}"]
+    algo = ["adv_estimator=reinforce", "reward_norm=group", "token_level_loss=true", "whiten_advantages=false",
+            "advantage_clip=null", "dual_clip_loss=false", "use_kl_loss=false", "entropy_coef=0.0",
+            "pg_clip=0.2", "ppo_epochs=1", "rollout.temperature=0.99"]
+    batch = [f"rollout_batch_size={sequences // GROUP}", f"num_return_sequences_in_group={GROUP}",
+             f"prompt_length={seq // 4}", f"response_length={seq - seq // 4}",
+             f"train.mini_batch_size={sequences}", f"train.micro_batch_size={micro or sequences}",
+             f"train.max_tokens_per_micro_batch={max_tokens if max_tokens else 'null'}"]
+    optim = ["train.optimizer=adamw", "train.lr=1e-6", "train.clip_grad=1.0",
+             f"parallel.backend={'nccl' if args.device == 'cuda' else 'gloo'}"]
+    return model + algo + batch + optim
+
+
+def rl_lengths(total: int, seq_len: int, seed: int) -> Tuple["torch.Tensor", "torch.Tensor"]:
+    """Prompt and response lengths of an RL batch with exactly `total` tokens, each sequence <= seq_len.
+
+    Groups of GROUP responses share a prompt (length in [seq/32, seq/4]); response lengths are spread
+    over [10%, 100%] of the room left, then scaled so that the batch holds `total` tokens."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    n = max(GROUP, round(total / (0.6 * seq_len) / GROUP) * GROUP)
+    prompts = torch.randint(seq_len // 32, seq_len // 4 + 1, (n // GROUP,), generator=g).repeat_interleave(GROUP)
+    room = seq_len - prompts
+    budget = total - int(prompts.sum())
+    if not n <= budget <= int(room.sum()):
+        raise ValueError(f"{total} tokens cannot be split into {n} sequences of at most {seq_len}")
+    raw = (torch.rand(n, generator=g) * 0.9 + 0.1) * room
+    responses = torch.minimum((raw * budget / raw.sum()).floor().long().clamp(min=1), room)
+    while int(responses.sum()) != budget:  # hand out the rounding remainder one token at a time
+        short = budget - int(responses.sum())
+        can = (responses < room) if short > 0 else (responses > 1)
+        idx = can.nonzero().flatten()[:abs(short)]
+        responses[idx] += 1 if short > 0 else -1
+    return prompts, responses
+
+
+def rl_batch(prompts, responses, vocab: int, seed: int):
+    """A TrainBatch of random tokens with one advantage per response (outcome reward, group-centred)."""
+    import torch
+    from liteppo_mcore.train import TrainBatch
+
+    g = torch.Generator().manual_seed(seed + 1)
+    n, width = prompts.numel(), int((prompts + responses).max())
+    tokens = torch.randint(0, vocab, (n, width), generator=g)
+    advantages = torch.randn(n, 1, generator=g).expand(n, int(responses.max())).contiguous()
+    return TrainBatch(tokens=tokens, prompt_lens=prompts, response_lens=responses, advantages=advantages)
+
+
+# ---------------------------------------------------------------- the stock megatron-core step
+def build_stock(cfg, groups, shape, dtype, padded_vocab: int):
+    """megatron's local GPT layer with SDPA core attention, DDP and optimizer as megatron sets them up."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from liteppo_mcore.models.gpt import transformer_config
+    from liteppo_mcore.models.layers import SDPACoreAttention
+
+    config = transformer_config(shape, cfg, dtype)
+    config.calculate_per_token_loss = False  # stock: mean loss per micro-batch, averaged over micro-batches
+    layer = get_gpt_layer_local_spec(qk_layernorm=shape.qk_norm, normalization="RMSNorm")
+    layer.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    model = GPTModel(config=config, transformer_layer_spec=layer, vocab_size=padded_vocab,
+                     max_sequence_length=shape.max_position_embeddings, parallel_output=True,
+                     share_embeddings_and_output_weights=shape.tie_word_embeddings,
+                     position_embedding_type="rope", rotary_base=int(shape.rope_theta))
+    ddp = DistributedDataParallel(config=config, module=model, ddp_config=DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False))
+    t = cfg.train
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=t.lr, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_eps, clip_grad=t.clip_grad, bf16=config.bf16, params_dtype=dtype), [ddp])
+    config.finalize_model_grads_func = finalize_model_grads
+    return ddp, optimizer
+
+
+def stock_step_fn(ddp, optimizer, micro_batches: List[Dict]) -> Callable[[], Dict[str, float]]:
+    """One step: forward + backward of every micro-batch with megatron's cross-entropy, optimizer step."""
+    import torch
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        per_token = model(mb["tokens"], None, attention_mask=None, labels=mb["labels"])  # [b, s] CE
+
+        def loss_func(output):
+            mask = mb["loss_mask"]
+            loss = (output.float() * mask).sum()
+            num_tokens = mask.sum().to(torch.int)
+            return loss, num_tokens, {"lm loss": torch.stack([loss.detach(), num_tokens.float()])}
+
+        return per_token, loss_func
+
+    def step() -> Dict[str, float]:
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        b, s = micro_batches[0]["tokens"].shape
+        store = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[ddp],
+            num_microbatches=len(micro_batches), seq_length=s, micro_batch_size=b, forward_only=False)
+        applied, grad_norm, _ = optimizer.step()
+        total = torch.stack([x["lm loss"] for x in store]).sum(0)
+        return {"loss": float(total[0] / total[1]), "grad_norm": float(grad_norm), "applied": bool(applied)}
+
+    return step
+
+
+def stock_micro_batches(sequences: int, micro: int, seq_len: int, vocab: int, device, seed: int) -> List[Dict]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (sequences, seq_len + 1), generator=g)
+    return [{"tokens": tokens[i:i + micro, :-1].to(device), "labels": tokens[i:i + micro, 1:].to(device),
+             "loss_mask": torch.ones(min(micro, sequences - i), seq_len, device=device)}
+            for i in range(0, sequences, micro)]
+
+
+# ---------------------------------------------------------------- timing
+def time_steps(step: Callable[[], Dict], device, warmup: int, repeats: int) -> Tuple[List[float], Dict]:
+    """Seconds of each of `repeats` steps after `warmup` untimed ones (CUDA events on GPU)."""
+    import torch
+
+    for _ in range(warmup):
+        info = step()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            info = step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            begin = time.perf_counter()
+            info = step()
+            times.append(time.perf_counter() - begin)
+    return times, info
+
+
+def matmul_tflops(device, dtype, n: int, repeats: int = 5) -> float:
+    """Median TFLOP/s of n x n x n matmuls: the ceiling MFU is measured against."""
+    import torch
+
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    inner = 20 if device.type == "cuda" else 3
+
+    def matmuls() -> Dict:
+        for _ in range(inner):
+            torch.mm(a, b)
+        return {}
+
+    times, _ = time_steps(matmuls, device, warmup=1, repeats=repeats)
+    return 2 * n ** 3 * inner / statistics.median(times) / 1e12
+
+
+def free_memory(device) -> None:
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def run_case(name: str, build: Callable[[], Callable[[], Dict]], device, args) -> dict:
+    """Build the case (weights, optimizer), time its step, free it. Peak memory spans build and steps."""
+    import torch
+
+    free_memory(device)
+    cuda = device.type == "cuda"
+    before = torch.cuda.memory_allocated() if cuda else None
+    step = build()
+    times, info = time_steps(step, device, args.warmup, args.repeats)
+    row = {"case": name, "median_s": statistics.median(times), "min_s": min(times), "times_s": times,
+           "last_step": info,
+           "allocated_before_bytes": before,
+           "static_bytes": torch.cuda.memory_allocated() if cuda else None,
+           "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None}
+    del step
+    free_memory(device)
+    print(f"  {name}: {row['median_s']:.4f} s/step", flush=True)
+    return row
+
+
+# ---------------------------------------------------------------- our update
+def ours_builder(args, groups, sequences: int, micro: Optional[int], max_tokens: Optional[int], batch) -> Callable:
+    """A builder of our case: the actor as build_models makes it, ModelUpdater around it, update()."""
+    def build() -> Callable[[], Dict]:
+        from liteppo_mcore.config import load_config
+        from liteppo_mcore.models.gpt import build_models
+        from liteppo_mcore.train import ModelUpdater
+
+        cfg = load_config(overrides=config_overrides(args, SIZES[args.size]["shape"], sequences, micro, max_tokens),
+                          world_size=1)
+        models = build_models(cfg, groups)
+        updater = ModelUpdater(models.actor, "actor", cfg, groups, vocab_size=models.shape.vocab_size)
+        counter = iter(range(1 << 30))
+
+        def step() -> Dict:
+            metrics = updater.update(batch, step=next(counter))
+            if metrics["actor/skipped_updates"]:
+                raise RuntimeError(f"the update was skipped: {metrics}")
+            return {"pg_loss": metrics["actor/pg_loss"], "grad_norm": metrics["actor/grad_norm"],
+                    "entropy": metrics["actor/entropy"]}
+
+        return step
+
+    return build
+
+
+def padded_tokens(seq_lens, micro: Optional[int], max_tokens: Optional[int]) -> int:
+    """Tokens the model computes, padding included, under the trainer's micro-batch plan."""
+    from liteppo_mcore.train import plan_micro_batches
+
+    plans = plan_micro_batches(seq_lens, micro_batch_size=micro or seq_lens.numel(), max_tokens=max_tokens,
+                               pipeline=False, multiple=1)
+    return sum(p.num_rows * p.seq_len for p in plans)
+
+
+# ---------------------------------------------------------------- the run
+def setup(args):
+    """Process group (one rank) and megatron's groups, as the trainer starts them."""
+    from liteppo_mcore.config import load_config
+    from liteppo_mcore.parallel.mcore import initialize_model_parallel
+    from liteppo_mcore.parallel.setup import init_distributed
+
+    cfg = load_config(overrides=config_overrides(args, SIZES[args.size]["shape"], args.sequences, 2, None),
+                      world_size=1)
+    init_distributed(cfg)
+    return cfg, initialize_model_parallel(1, 1, 1, seed=cfg.seed)
+
+
+def add_rates(row: dict, shape, seq_lens: List[int], peak_tflops: float, **extra) -> dict:
+    from liteppo_mcore.utils.flops import mfu, tflops_per_second, train_flops
+
+    flops, seconds = train_flops(shape, seq_lens), row["median_s"]
+    row.update({"tokens": sum(seq_lens), "sequences": len(seq_lens), "model_flops": flops,
+                "tokens_per_s": sum(seq_lens) / seconds, "tflops": tflops_per_second(flops, seconds),
+                "mfu": mfu(flops, seconds, peak_tflops)}, **extra)
+    return row
+
+
+def measure(args) -> dict:
+    import torch
+    from liteppo_mcore.models.gpt import resolve_dtype
+    from liteppo_mcore.models.shapes import shape_from_config
+
+    cfg, groups = setup(args)
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    dtype, shape, n = resolve_dtype(args.dtype), shape_from_config(cfg.model), SIZES[args.size]["matmul_n"]
+    padded_vocab = shape.padded_vocab_size(1, cfg.model.make_vocab_size_divisible_by)
+    peak = matmul_tflops(device, dtype, n)
+    print(f"{args.dtype} matmul {n}^3: {peak:.2f} TFLOP/s", flush=True)
+    total, rows = args.sequences * args.seq_len, []
+    for name, micro in BASELINES:
+        data = stock_micro_batches(args.sequences, micro, args.seq_len, shape.vocab_size, device, cfg.seed)
+        row = run_case(name, lambda: stock_step_fn(*build_stock(cfg, groups, shape, dtype, padded_vocab), data),
+                       device, args)
+        rows.append(add_rates(row, shape, [args.seq_len] * args.sequences, peak, kind="baseline",
+                              micro_batch=micro, max_tokens=None, padded_tokens=total))
+        del data
+    prompts, responses = rl_lengths(total, args.seq_len, cfg.seed)
+    batch, lens = rl_batch(prompts, responses, shape.vocab_size, cfg.seed), prompts + responses
+    for name, micro, bound, versus in OURS:
+        max_tokens = bound * args.seq_len if bound else None
+        row = run_case(name, ours_builder(args, groups, lens.numel(), micro, max_tokens, batch), device, args)
+        rows.append(add_rates(row, shape, lens.tolist(), peak, kind="ours", micro_batch=micro,
+                              max_tokens=max_tokens, versus=versus,
+                              padded_tokens=padded_tokens(lens, micro, max_tokens)))
+    add_ratios(rows)
+    return {"device": str(device), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+            "dtype": args.dtype, "size": args.size, "shape": SIZES[args.size]["shape"],
+            "attention_backend": args.attention_backend, "seq_len": args.seq_len, "tokens_per_step": total,
+            "warmup": args.warmup, "repeats": args.repeats,
+            "timed": "one optimizer step: forward+backward of all micro-batches + optimizer step",
+            "matmul": {"n": n, "dtype": args.dtype, "tflops": peak},
+            "prompt_lens": prompts.tolist(), "response_lens": responses.tolist(),
+            "torch": torch.__version__, "megatron_core": version("megatron-core"), "rows": rows}
+
+
+def add_ratios(rows: List[dict]) -> None:
+    """ours / its baseline: throughput (tokens/s), model TFLOP/s and peak memory."""
+    by_name = {r["case"]: r for r in rows}
+    for row in rows:
+        base = by_name.get(row.get("versus"))
+        if base is None:
+            continue
+        row["ratio_tokens_per_s"] = row["tokens_per_s"] / base["tokens_per_s"]
+        row["ratio_tflops"] = row["tflops"] / base["tflops"]
+        if row["peak_bytes"] is not None and base["peak_bytes"]:
+            row["ratio_peak_memory"] = row["peak_bytes"] / base["peak_bytes"]
+
+
+def print_table(result: dict) -> None:
+    cuda = result["device"].startswith("cuda")
+    print(f"\none actor update | {result['tokens_per_step']} tokens/step (seq {result['seq_len']}) | "
+          f"{result['dtype']} on {result['gpu'] or result['device']} | "
+          f"{result['matmul']['dtype']} matmul {result['matmul']['tflops']:.2f} TFLOP/s = 100% MFU")
+    print(f"{'case':<32} {'s/step':>8} {'min s':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'pad':>5} "
+          f"{'peak GiB':>9}  {'vs baseline: tok/s':>18} {'mem':>5}")
+    for r in result["rows"]:
+        pad = r["padded_tokens"] / r["tokens"] - 1
+        peak = f"{r['peak_bytes'] / GIB:.1f}" if cuda else "-"
+        ratio = f"{r['ratio_tokens_per_s']:.2f}x" if "ratio_tokens_per_s" in r else "-"
+        mem = f"{r['ratio_peak_memory']:.2f}x" if "ratio_peak_memory" in r else "-"
+        print(f"{r['case']:<32} {r['median_s']:>8.4f} {r['min_s']:>8.4f} {r['tokens_per_s']:>10.0f} {r['tflops']:>8.3f} "
+              f"{100 * r['mfu']:>5.1f}% {100 * pad:>4.0f}% {peak:>9}  {ratio:>18} {mem:>5}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    parser.add_argument("--size", choices=sorted(SIZES), default=None, help="default: full on cuda, small on cpu")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on cuda, fp32 on cpu")
+    parser.add_argument("--sequences", type=int, default=None, help="baseline sequences per step (x seq_len tokens)")
+    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--attention-backend", choices=["sdpa", "local", "te"], default="sdpa", help="ours")
+    parser.add_argument("--warmup", type=int, default=None, help="default: 2 on cuda, 1 on cpu")
+    parser.add_argument("--repeats", type=int, default=None, help="default: 5")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything asks torch about CUDA
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = args.device == "cuda"
+    args.size = args.size or ("full" if gpu else "small")
+    args.dtype = args.dtype or ("bf16" if gpu else "fp32")
+    args.sequences = args.sequences or SIZES[args.size]["sequences"]
+    args.seq_len = args.seq_len or SIZES[args.size]["seq_len"]
+    if args.sequences % GROUP:
+        parser.error(f"--sequences must be a multiple of {GROUP}")
+    args.warmup = args.warmup if args.warmup is not None else (2 if gpu else 1)
+    args.repeats = args.repeats if args.repeats is not None else 5
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    result = measure(args)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    print_table(result)
+
+
+if __name__ == "__main__":
+    main()
