@@ -141,7 +141,7 @@ class RolloutConfig:
     tp: int = 1
     """SGLang server tensor-parallel size (consecutive local ranks share one server)."""
     server_urls: List[str] = field(default_factory=list)
-    """Disaggregated mode: URLs of running SGLang servers."""
+    """Disaggregated mode: URLs of running SGLang servers (else the LITEPPO_SGLANG_URLS environment variable)."""
     mem_fraction_static: float = 0.5
     """SGLang's static memory fraction on colocated GPUs."""
     weight_sync_bucket_mb: int = 512

@@ -7,6 +7,8 @@ value.
 
 from __future__ import annotations
 
+import os
+
 from typing import Any, Iterable, List, Optional, Sequence
 
 from liteppo_mcore.config import schema as S
@@ -238,9 +240,12 @@ def _check_sections(c: _Checker, cfg: S.LitePPOConfig) -> None:
     for key in ("request_timeout_s", "server_start_timeout_s"):
         c.positive(f"rollout.{key}", getattr(r, key), integer=False)
     c.non_negative("rollout.max_retries", r.max_retries)
-    if r.mode == "disaggregated" and r.engine in ("sglang", "auto") and not r.server_urls:
+    # A SLURM script that starts the servers itself hands their URLs over in LITEPPO_SGLANG_URLS.
+    if (r.mode == "disaggregated" and r.engine in ("sglang", "auto") and not r.server_urls
+            and not os.environ.get("LITEPPO_SGLANG_URLS")):
         c.fail("rollout.server_urls", "[]", "rollout.mode=disaggregated needs the URLs of running SGLang servers",
-               "Set rollout.server_urls: [http://host:30000, ...], or rollout.mode: colocated.")
+               "Set rollout.server_urls: [http://host:30000, ...] (or the LITEPPO_SGLANG_URLS environment "
+               "variable), or rollout.mode: colocated.")
 
     c.choice("data.format", d.format, S.DATA_FORMATS)
     for key in ("prompt_key", "answer_key"):

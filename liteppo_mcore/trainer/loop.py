@@ -254,6 +254,8 @@ class Trainer:
     def sync_weights(self) -> None:
         """Push the actor's weights to the engine; it stays awake until the next rollout is done."""
         if self.exporter is not None:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # hand the training phase's cached blocks back before the engine wakes
             self.engine.wake()  # memory back first: loading into a sleeping engine would peak later
             self.engine.update_weights(self.exporter.buckets())
             if self.cfg.rollout.check_weight_sync:

@@ -52,9 +52,11 @@ def test_defaults_are_the_documented_ones_and_validate():
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=os.path.basename)
-@pytest.mark.parametrize("world_size", [1, 2])
-def test_examples_validate(path, world_size):
-    load_config(path, world_size=world_size)
+@pytest.mark.parametrize("replicas", [1, 2, 8])
+def test_examples_validate(path, replicas):
+    """Each recipe validates with 1, 2 and 8 data-parallel replicas of its own model-parallel layout."""
+    parallel = load_config(path, check=False).parallel
+    load_config(path, world_size=replicas * parallel.tp * parallel.pp * parallel.cp)
 
 
 def test_liteppo_example_is_paper_faithful():
