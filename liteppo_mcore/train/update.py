@@ -32,6 +32,7 @@ from liteppo_mcore.train.batch import (TrainBatch, micro_batches, minibatch_indi
                                        rank_share)
 from liteppo_mcore.train.loss import (ACTOR_SUMS, CRITIC_SUMS, Denominators, LossSettings, actor_loss,
                                       critic_loss)
+from liteppo_mcore.train.offload import move_optimizer_state, offload_enabled
 from liteppo_mcore.train.optim import OptimSettings, guarded_step, learning_rate, set_learning_rate, wrap_for_training
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class ModelUpdater:
         self.loss_settings = LossSettings.from_config(cfg)
         self.optim_settings = OptimSettings.from_config(cfg, kind)
         self.model, self.optimizer = wrap_for_training(model, self.optim_settings)
+        self.offload = offload_enabled(cfg.train.offload_between_phases)
         self.num_updates = 0  # applied optimizer steps: drives the LR schedule; checkpointed state
         self._sum_names = ACTOR_SUMS if kind == "actor" else CRITIC_SUMS
         self._dp_cp_sum = make_allreduce_sum(groups.dp_cp_group)
@@ -78,6 +80,8 @@ class ModelUpdater:
         """`ppo_epochs` passes over the step's whole batch (the same on every rank: see gather_over_dp)."""
         self._check_inputs(batch)
         cfg = self.cfg
+        if self.offload:
+            move_optimizer_state(self.optimizer, compute_device())
         totals = _StepTotals(sums=torch.zeros(len(self._sum_names), dtype=STAT_DTYPE),
                              has_rollout_logp=batch.rollout_logp is not None)
         self.model.train()
@@ -86,6 +90,8 @@ class ModelUpdater:
                                              epoch=epoch):
                 share = batch.select(rank_share(indices, self.groups.dp_rank, self.groups.dp_size))
                 self._train_minibatch(share, totals)
+        if self.offload:
+            move_optimizer_state(self.optimizer, torch.device("cpu"))
         return self._metrics(totals)
 
     def _check_inputs(self, batch: TrainBatch) -> None:

@@ -38,6 +38,7 @@ from liteppo_mcore.rollout.engine import SamplingParams
 from liteppo_mcore.rollout.exporter import WeightExporter
 from liteppo_mcore.rollout.metrics import check_weights_equal, logprob_abs_diff
 from liteppo_mcore.train import ModelUpdater, gather_over_dp
+from liteppo_mcore.train.offload import move_module, offload_enabled
 from liteppo_mcore.trainer import experience as X
 from liteppo_mcore.utils.flops import mfu, train_flops
 from liteppo_mcore.utils.console import is_main_rank, print0, progress, step_line
@@ -66,6 +67,8 @@ class Trainer:
         self.actor = ModelUpdater(self.models.actor, "actor", cfg, self.groups, vocab_size=self.vocab_size)
         self.critic = (ModelUpdater(self.models.critic, "critic", cfg, self.groups, vocab_size=self.vocab_size)
                        if self.models.critic is not None else None)
+        if self.models.reference is not None and offload_enabled(cfg.train.offload_between_phases):
+            move_module(self.models.reference, torch.device("cpu"))  # on the GPU only for its forward pass
         self.eos_ids = tuple(i for i in [self.tokenizer.eos_token_id] if i is not None)
         self.engine = build_engine(cfg, self.models, self.groups, self.eos_ids)
         self.exporter = (WeightExporter(self.models.actor, self.groups, self.models.shape,
@@ -225,8 +228,13 @@ class Trainer:
                   sequence_parallel=cfg.parallel.sequence_parallel)
         if self.models.reference is not None:
             with timer("ref"):
+                offload = offload_enabled(cfg.train.offload_between_phases)
+                if offload:
+                    move_module(self.models.reference, torch.device("cuda", torch.cuda.current_device()))
                 batch.ref_logp = forward_per_token(self.models.reference, seqs, self.groups, compute_entropy=False,
                                                    temperature=cfg.rollout.temperature, **kw)["logp"]
+                if offload:
+                    move_module(self.models.reference, torch.device("cpu"))
         updates = cfg.ppo_epochs * (cfg.num_responses_per_step // cfg.train.mini_batch_size)
         if updates > 1 or cfg.add_token_level_kl or self.models.reference is not None:
             with timer("old_logp"):

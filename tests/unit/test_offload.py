@@ -1,0 +1,54 @@
+"""Moving idle optimizer states and the reference off the GPU (train.offload_between_phases)."""
+
+import pytest
+import torch
+
+from liteppo_mcore.train.offload import move_module, move_optimizer_state, offload_enabled
+
+
+class _Wrapped:  # the shape of a megatron optimizer: the torch optimizer in `.optimizer`
+    def __init__(self, inner):
+        self.optimizer = inner
+
+
+def _adam_after_a_step():
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    opt = torch.optim.Adam([p], lr=0.1)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    return p, opt
+
+
+def test_every_moment_moves_and_the_step_count_stays():
+    p, opt = _adam_after_a_step()
+    chained = type("Chained", (), {"chained_optimizers": [_Wrapped(opt)]})()
+    moved = move_optimizer_state(chained, torch.device("meta"))
+    state = opt.state[p]
+    assert moved == 2 * p.numel() * 4
+    assert state["exp_avg"].device.type == "meta" and state["exp_avg_sq"].device.type == "meta"
+    assert state["step"].device.type == "cpu"
+    assert p.device.type == "cpu"  # parameters (and master weights) never move
+    assert move_optimizer_state(chained, torch.device("meta")) == 0  # already there
+
+
+def test_offload_is_off_without_cuda():
+    assert offload_enabled(True) == torch.cuda.is_available()
+    assert not offload_enabled(False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_states_round_trip_through_the_cpu():
+    p, opt = _adam_after_a_step()
+    p.data = p.data.cuda()
+    for key in ("exp_avg", "exp_avg_sq"):
+        opt.state[p][key] = opt.state[p][key].cuda()
+    before = {k: v.clone() for k, v in opt.state[p].items()}
+    wrapped = _Wrapped(opt)
+    move_optimizer_state(wrapped, torch.device("cpu"))
+    assert opt.state[p]["exp_avg"].is_pinned()
+    move_optimizer_state(wrapped, torch.device("cuda"))
+    assert all(torch.equal(opt.state[p][k].cpu(), v.cpu()) for k, v in before.items())
+    model = torch.nn.Linear(3, 3).cuda()
+    move_module(model, torch.device("cpu"))
+    assert model.weight.device.type == "cpu"
