@@ -50,7 +50,12 @@ def main(argv=None) -> int:
 
     from liteppo_mcore.parallel.setup import init_distributed, shutdown_distributed
 
-    layout = init_distributed(cfg)
+    try:
+        layout = init_distributed(cfg)
+    except ConfigError as e:  # e.g. parallel.backend=nccl without CUDA
+        if is_rank0():
+            print(f"liteppo: {e}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
     try:
         if layout.rank == 0:
             print(to_yaml(cfg), end="")

@@ -328,7 +328,7 @@ liteppo_torchrun_main() {
         return 0
     fi
     cd "$LITEPPO_ROOT"
-    liteppo_log "node $(hostname): rendezvous $MASTER_ADDR:$MASTER_PORT" \
+    liteppo_log "node ${SLURMD_NODENAME:-$(hostname)}: rendezvous $MASTER_ADDR:$MASTER_PORT" \
         "(address: $LITEPPO_MASTER_ADDR_FROM; port: $LITEPPO_MASTER_PORT_FROM), id $RDZV_ID," \
         "$LITEPPO_NNODES node(s) x $GPUS_PER_NODE process(es)"
     liteppo_log "exec: $(printf '%q ' "${LITEPPO_CMD[@]}")"

@@ -43,8 +43,10 @@ def resolve_backend(requested: str) -> str:
     if requested == "auto":
         return "nccl" if torch.cuda.is_available() else "gloo"
     if requested == "nccl" and not torch.cuda.is_available():
-        raise RuntimeError("parallel.backend=nccl needs CUDA, and none is available here. "
-                           "Set parallel.backend: auto (or gloo) to run on CPU.")
+        from liteppo_mcore.config.validate import ConfigError
+
+        raise ConfigError(["parallel.backend=nccl needs CUDA, and none is available here. "
+                           "Set parallel.backend: auto (or gloo) to run on CPU."])
     return requested
 
 

@@ -1,5 +1,7 @@
 """The entry point run with plain python: dry run, bad configurations, --print-config."""
 
+import pytest
+import torch
 import yaml
 
 from liteppo_mcore.config import load_config
@@ -43,3 +45,10 @@ def test_print_config_prints_the_resolved_yaml(tmp_path):
     path = tmp_path / "resolved.yaml"
     path.write_text(proc.stdout)
     assert load_config(str(path)) == load_config("examples/ppo_gae.yaml", ["train.lr=3e-6"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_nccl_without_cuda_is_a_clean_error():
+    proc = run_entry(["--config", "examples/liteppo.yaml", "parallel.backend=nccl", "--dry-run"])
+    assert proc.returncode == 2 and "parallel.backend=nccl needs CUDA" in proc.stderr
+    assert "Traceback" not in proc.stderr
