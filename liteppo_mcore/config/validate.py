@@ -81,6 +81,10 @@ def _check_algorithm(c: _Checker, cfg: S.LitePPOConfig) -> None:
     c.choice("adv_estimator", cfg.adv_estimator, S.ADV_ESTIMATORS)
     c.choice("loss_agg_mode", cfg.loss_agg_mode, S.LOSS_AGG_MODES)
     c.choice("kl_penalty", cfg.kl_penalty, S.KL_PENALTIES)
+    if cfg.kl_penalty == "full" and cfg.has_reference and cfg.parallel.pp > 1:
+        c.fail("kl_penalty", "full", f"needs parallel.pp=1 (got {cfg.parallel.pp}): the exact KL needs the policy's "
+               "and the reference's logits at the same positions at once",
+               "Set kl_penalty: k3 (or kl), or parallel.pp: 1.")
     c.choice("kl_loss_type", cfg.kl_loss_type, S.KL_TYPES)
     for key in ("rollout_batch_size", "prompt_length", "response_length", "num_return_sequences_in_group",
                 "ppo_epochs", "kl_horizon", "max_steps"):

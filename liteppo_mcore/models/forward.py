@@ -22,7 +22,7 @@ from torch import Tensor
 
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from liteppo_mcore.models.logprob import logprob_entropy_at
+from liteppo_mcore.models.logprob import logprob_entropy_at, vocab_parallel_full_kl
 from liteppo_mcore.parallel.mcore import ParallelGroups
 
 
@@ -175,3 +175,31 @@ def _from_last_stage(x: Tensor, groups: ParallelGroups) -> Tensor:
     src = dist.get_global_rank(groups.pp_group, groups.pp_size - 1)
     dist.broadcast(x, src=src, group=groups.pp_group)
     return x
+
+
+@torch.no_grad()
+def forward_full_kl(policy: torch.nn.Module, reference: torch.nn.Module, batch: SequenceBatch,
+                    groups: ParallelGroups, *, temperature: float, vocab_size: int, micro_batch_size: int,
+                    sequence_parallel: bool = False) -> Tensor:
+    """Exact per-token `KL(policy || reference)` over the whole vocabulary (`kl_penalty: full`), `[B, T]`
+    on every rank. Both models' logits of a micro-batch are needed at once, so this runs the two
+    forward passes directly (no pipeline schedule): pipeline parallelism is refused at validation."""
+    if groups.pp_size != 1:
+        raise ValueError("kl_penalty=full needs parallel.pp=1 (both models' logits at the same positions)")
+    seq_len = padded_seq_len(batch, groups, sequence_parallel)
+    tokens, _, mask = (cp_split(x, groups.cp_rank, groups.cp_size) for x in shifted_labels_and_mask(batch, seq_len))
+    parts = []
+    modes = [m.training for m in (policy, reference)]
+    policy.eval()
+    reference.eval()
+    for i in range(0, batch.size, micro_batch_size):
+        tok, msk = tokens[i:i + micro_batch_size], mask[i:i + micro_batch_size]
+        lp, lq = policy(tok, None, attention_mask=None), reference(tok, None, attention_mask=None)
+        kl = torch.zeros(msk.shape, dtype=torch.float32, device=lp.device)
+        kl[msk] = vocab_parallel_full_kl(lp[msk], lq[msk], tp_group=groups.tp_group, temperature=temperature,
+                                         vocab_start=groups.tp_rank * lp.shape[-1], vocab_size=vocab_size).float()
+        parts.append(kl.cpu())
+    policy.train(modes[0])
+    reference.train(modes[1])
+    full = cp_gather(torch.cat(parts), groups)
+    return to_response_coords(full, batch, batch.response_width())

@@ -28,6 +28,7 @@ class Rollout:
     finish_reasons: List[str]
     response_texts: List[str]
     answers: List[str]
+    full_kl: Optional[Tensor] = None  # [N, T] exact KL(old || reference) with kl_penalty: full
 
     @property
     def mask(self) -> Tensor:
@@ -94,14 +95,19 @@ def normalized_rewards(scores: Tensor, cfg: LitePPOConfig, reducer: Reducer,
 
 
 def advantages_and_returns(rollout: Rollout, normalized: Tensor, cfg: LitePPOConfig, reducer: Reducer, *,
-                           kl_coef: float, values: Optional[Tensor]) -> Dict[str, float]:
+                           kl_coef: float, values: Optional[Tensor], full_kl: Optional[Tensor] = None
+                           ) -> Dict[str, float]:
     """Token rewards (with the token-level KL when configured), then advantages and returns written
-    into `rollout.batch`; returns the `kl/*` and `adv/*` metrics."""
+    into `rollout.batch`; returns the `kl/*` and `adv/*` metrics. `full_kl` is the exact per-token KL
+    (`kl_penalty: full`, computed from both models' logits); otherwise the estimator of `kl_penalty`."""
     batch, mask = rollout.batch, rollout.mask
     metrics: Dict[str, float] = {}
     kl = None
-    if batch.ref_logp is not None and batch.old_logp is not None:
+    if full_kl is not None:
+        kl = torch.where(mask, full_kl, 0.0)
+    elif batch.ref_logp is not None and batch.old_logp is not None:
         kl = torch.where(mask, kl_estimate(batch.old_logp, batch.ref_logp, cfg.kl_penalty), 0.0)
+    if kl is not None:
         metrics["kl/mean"] = float(mean_of_sequence_means(kl, mask, allreduce_sum=reducer.dp_sum))
     token_rewards = token_level_rewards(normalized.float(), mask, kl=kl if cfg.add_token_level_kl else None,
                                         kl_coef=kl_coef)

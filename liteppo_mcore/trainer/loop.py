@@ -27,7 +27,7 @@ from liteppo_mcore.config.loader import to_yaml
 from liteppo_mcore.config.schema import LitePPOConfig
 from liteppo_mcore.convert.hf_files import hf_config_from_shape, read_config
 from liteppo_mcore.data import PromptSampler, build_datasets, shard_for_rank, tokenizer_from_config
-from liteppo_mcore.models.forward import forward_per_token
+from liteppo_mcore.models.forward import forward_full_kl, forward_per_token
 from liteppo_mcore.models.gpt import build_models
 from liteppo_mcore.models.shapes import HF_ARCHITECTURES
 from liteppo_mcore.parallel.mcore import destroy_model_parallel, initialize_model_parallel
@@ -180,8 +180,8 @@ class Trainer:
         normalized = X.normalized_rewards(scores, cfg, self.reducer, self.running)
         metrics["reward/normalized_mean"] = float(X.global_summary(normalized, self.reducer, "n")["n/mean"])
         values = self.log_probs_and_values(rollout, timer)
-        metrics.update(X.advantages_and_returns(rollout, normalized, cfg, self.reducer,
-                                                kl_coef=self.kl_ctl.value, values=values))
+        metrics.update(X.advantages_and_returns(rollout, normalized, cfg, self.reducer, kl_coef=self.kl_ctl.value,
+                                                values=values, full_kl=rollout.full_kl))
         metrics.update(X.rollout_metrics(rollout, cfg, self.reducer))
         with timer("train"):
             metrics.update(self.update(rollout))
@@ -233,6 +233,9 @@ class Trainer:
                     move_module(self.models.reference, torch.device("cuda", torch.cuda.current_device()))
                 batch.ref_logp = forward_per_token(self.models.reference, seqs, self.groups, compute_entropy=False,
                                                    temperature=cfg.rollout.temperature, **kw)["logp"]
+                if cfg.kl_penalty == "full":  # the exact KL needs both models' logits: while the reference is here
+                    rollout.full_kl = forward_full_kl(self.models.actor, self.models.reference, seqs, self.groups,
+                                                      temperature=cfg.rollout.temperature, **kw)
                 if offload:
                     move_module(self.models.reference, torch.device("cpu"))
         updates = cfg.ppo_epochs * (cfg.num_responses_per_step // cfg.train.mini_batch_size)
