@@ -61,7 +61,7 @@ class ExportItem:
         n = 1
         for d in self.shape:
             n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return n * self.dtype.itemsize
 
     @property
     def inflight_bytes(self) -> int:
