@@ -23,7 +23,7 @@ RECOMPUTE_METHODS = ("uniform", "block")
 BACKENDS = ("auto", "nccl", "gloo")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
-ROLLOUT_ENGINES = ("auto", "mcore", "hf", "sglang")
+ROLLOUT_ENGINES = ("auto", "mcore", "hf", "fast", "sglang")
 ROLLOUT_MODES = ("colocated", "disaggregated")
 DATA_FORMATS = ("auto", "jsonl", "parquet")
 
@@ -129,7 +129,7 @@ class TrainConfig:
 @dataclass
 class RolloutConfig:
     engine: str = "auto"
-    """Rollout engine: auto (sglang when importable and CUDA is present, else hf), mcore, hf or sglang."""
+    """Rollout engine: auto (sglang when importable and CUDA is present, else hf), mcore, hf, fast (static KV cache, CUDA graphs; fed like hf) or sglang."""
     temperature: float = 1.0
     """Sampling temperature; log-probs everywhere are of softmax(logits / temperature)."""
     top_p: float = 1.0

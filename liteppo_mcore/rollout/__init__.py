@@ -1,4 +1,4 @@
-"""Rollout: the engine protocol, the engines (mcore, hf, sglang), the weight exporter that feeds them.
+"""Rollout: the engine protocol, the engines (mcore, hf, fast, sglang), the weight exporter that feeds them.
 
 `build_engine(cfg, models, groups, eos)` picks the engine that `rollout.engine` names (auto: sglang
 when it is importable and CUDA is present, else hf); `sampling_params_from_config` turns the rollout
@@ -15,7 +15,7 @@ import torch
 
 from liteppo_mcore.rollout.engine import FINISH_REASONS, Generation, RolloutEngine, SamplingParams, WeightBucket
 
-ENGINES = ("mcore", "hf", "sglang")
+ENGINES = ("mcore", "hf", "fast", "sglang")
 
 
 class RolloutEngineError(RuntimeError):
@@ -66,6 +66,10 @@ def build_engine(cfg, models, groups, tokenizer_or_eos_ids: Union[Any, int, Sequ
 
         dtype = next(models.actor.parameters()).dtype
         return HFEngine(shape, groups, eos_token_ids=eos, dtype=dtype, device=device)
+    if kind == "fast":
+        from liteppo_mcore.rollout.fast_engine import FastEngine
+
+        return FastEngine(shape, groups, eos_token_ids=eos, dtype=next(models.actor.parameters()).dtype, device=device)
     try:
         from liteppo_mcore.rollout.sglang import build_sglang_engine
     except ModuleNotFoundError as err:

@@ -116,3 +116,10 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert 'liteppo_mcore/' not in out and 'pretrain_liteppo.py", line' not in out, out[-3000:]
     latest = open(os.path.join(run_dir, "checkpoints", "latest")).read().strip()
     assert latest == f"iter_{last:07d}"
+
+
+def test_fast_engine_trains_with_the_weight_sync(tmp_path):
+    _run(str(tmp_path), "max_steps=2", "rollout.engine=fast", "eval.enabled=false", "checkpoint.save_interval=0")
+    rows = [r for r in _metrics(str(tmp_path)) if r["step"] > 0]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["rollout/logprob_abs_diff"] < 1e-4 for r in rows)  # engine and trainer agree after a sync

@@ -92,7 +92,7 @@ def test_yaml_then_overrides_take_precedence(tmp_path):
     (["loss_agg_mode=mean"], r"loss_agg_mode=mean: must be one of token-mean, seq-mean-token-sum"),
     (["kl_penalty=js"], r"kl_penalty=js: must be one of kl, abs, mse, k3, full"),
     (["kl_loss_type=full"], r"kl_loss_type=full: must be one of kl, abs, mse, k3\b"),
-    (["rollout.engine=vllm"], r"rollout.engine=vllm: must be one of auto, mcore, hf, sglang"),
+    (["rollout.engine=vllm"], r"rollout.engine=vllm: must be one of auto, mcore, hf, fast, sglang"),
     (["model.family=gpt2"], r"model.family=gpt2: must be one of qwen2, qwen3, llama"),
     (["rollout_batch_size=0"], r"rollout_batch_size=0: must be a positive integer"),
     (["response_length=-1"], r"response_length=-1: must be a positive integer"),
