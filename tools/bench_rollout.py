@@ -26,16 +26,16 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
-import time
 from typing import Callable, Dict, List
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from liteppo_mcore.utils.bench import emit, time_calls  # noqa: E402
 
 from liteppo_mcore.models.shapes import ModelShape  # noqa: E402
 from liteppo_mcore.rollout.engine import SamplingParams  # noqa: E402
@@ -77,23 +77,7 @@ def random_weights(shape: ModelShape, dtype: torch.dtype, device: torch.device):
 
 def timed(fn: Callable[[], int], device: torch.device, warmup: int, repeats: int) -> List[float]:
     """Seconds of `repeats` calls after `warmup` untimed ones; each call returns its new-token count."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - begin)
-    return times
+    return time_calls(fn, device, warmup, repeats)[0]
 
 
 def check_count(counts: List[int], new_tokens: int, name: str) -> int:
@@ -324,11 +308,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    result = measure(args)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-    print_table(result)
+    emit(measure(args), args.out, print_table)
 
 
 if __name__ == "__main__":

@@ -25,15 +25,15 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
-import time
 from importlib.metadata import version
 from typing import Callable, Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from liteppo_mcore.utils.bench import emit, time_calls  # noqa: E402
 
 GIB = float(1 << 30)
 GROUP = 8  # responses per prompt
@@ -179,26 +179,9 @@ def stock_micro_batches(sequences: int, micro: int, seq_len: int, vocab: int, de
 
 # ---------------------------------------------------------------- timing
 def time_steps(step: Callable[[], Dict], device, warmup: int, repeats: int) -> Tuple[List[float], Dict]:
-    """Seconds of each of `repeats` steps after `warmup` untimed ones (CUDA events on GPU)."""
-    import torch
-
-    for _ in range(warmup):
-        info = step()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            info = step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            begin = time.perf_counter()
-            info = step()
-            times.append(time.perf_counter() - begin)
-    return times, info
+    """Seconds of each of `repeats` steps after `warmup` untimed ones (CUDA events on GPU), and the
+    last step's information."""
+    return time_calls(step, device, warmup, repeats)
 
 
 def matmul_tflops(device, dtype, n: int, repeats: int = 5) -> float:
@@ -403,11 +386,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    result = measure(args)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-    print_table(result)
+    emit(measure(args), args.out, print_table)
 
 
 if __name__ == "__main__":

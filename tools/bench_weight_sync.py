@@ -30,16 +30,17 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import statistics
 import subprocess
 import sys
-import time
 from typing import Callable, List, Optional
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from liteppo_mcore.utils.bench import emit  # noqa: E402
+from liteppo_mcore.utils.bench import time_calls as bench_time_calls  # noqa: E402
 
 MIB = 1 << 20
 GIB = float(1 << 30)
@@ -94,31 +95,9 @@ def setup(args):
 def time_calls(fn: Callable[[], None], device, warmup: int, repeats: int) -> List[float]:
     """Seconds of each of `repeats` calls after `warmup` untimed ones (CUDA events on GPU), the slowest
     rank's when several ranks take part (the stream is collective: the sync is done when all are)."""
-    import torch
     import torch.distributed as dist
 
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        dist.barrier()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - begin)
-    if dist.get_world_size() > 1:
-        box = torch.tensor(times, dtype=torch.float64)
-        dist.all_reduce(box, op=dist.ReduceOp.MAX)
-        times = box.tolist()
-    return times
+    return bench_time_calls(fn, device, warmup, repeats, before=dist.barrier)[0]
 
 
 def run_case(name: str, build: Callable[[], Callable[[], Optional[int]]], device, args, nbytes: int) -> dict:
@@ -353,10 +332,7 @@ def main(argv=None) -> None:
 
     result = measure(args)
     if dist.get_rank() == 0:
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=2)
-        print_table(result)
+        emit(result, args.out, print_table)
     dist.destroy_process_group()
 
 

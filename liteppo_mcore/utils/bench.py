@@ -1,0 +1,53 @@
+"""What the benchmarks in tools/ share: timing a call the same way on CPU and GPU, and writing results.
+
+Timing: `warmup` untimed calls, then `repeats` timed ones; CUDA events around each call on a GPU
+(synchronized before and after), `time.perf_counter` on a CPU. With several ranks the slowest rank's
+time counts (a collective step is done when every rank is).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Callable, List, Optional, Tuple
+
+
+def time_calls(fn: Callable[[], Any], device, warmup: int, repeats: int, *,
+               before: Optional[Callable[[], None]] = None) -> Tuple[List[float], Any]:
+    """(seconds of each timed call, the last call's return value). `before` runs untimed before each
+    timed call (e.g. a barrier)."""
+    import torch
+    import torch.distributed as dist
+
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    times: List[float] = []
+    for _ in range(repeats):
+        if before is not None:
+            before()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            begin = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - begin)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = torch.tensor(times, dtype=torch.float64)
+        dist.all_reduce(box, op=dist.ReduceOp.MAX)
+        times = box.tolist()
+    return times, out
+
+
+def emit(result: dict, out_path: Optional[str], print_table: Callable[[dict], None]) -> None:
+    """Write the JSON (when asked), then print the table last."""
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump(result, f, indent=2)
+    print_table(result)
