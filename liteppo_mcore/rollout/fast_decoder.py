@@ -33,6 +33,7 @@ from torch import Tensor
 
 from liteppo_mcore.convert.layout import TensorLayout
 from liteppo_mcore.convert.names import EMBEDDING, OUTPUT_LAYER, megatron_sources
+from liteppo_mcore.rollout.sampling import filtered_logits
 
 SUPPORTED_FAMILIES = ("qwen2", "qwen3", "llama")
 
@@ -230,18 +231,8 @@ def sample_next(logits: Tensor, temperature: float, top_k: int, top_p: float, gr
 
 
 def _filtered(z: Tensor, top_k: int, top_p: float) -> Tensor:
-    """Tempered logits with the tokens outside top-k and outside the top-p nucleus (the smallest set of
-    most likely tokens whose mass reaches top_p; the most likely always stays) set to -inf."""
-    if 0 < top_k < z.shape[-1]:
-        kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
-        z = z.masked_fill(z < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_z, order = torch.sort(z, dim=-1, descending=True)
-        probs = torch.softmax(sorted_z, dim=-1)
-        drop = (torch.cumsum(probs, dim=-1) - probs) >= top_p
-        drop[..., 0] = False
-        z = z.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return z
+    """Tempered logits `z` with the tokens outside top-k and the top-p nucleus set to -inf."""
+    return filtered_logits(z, 1.0, top_k, top_p)
 
 
 def pack_rows(rows: List[List[int]], pad_id: int, device: torch.device) -> Tuple[Tensor, Tensor]:

@@ -33,25 +33,7 @@ from liteppo_mcore.models.logprob import vocab_parallel_logprob_entropy
 from liteppo_mcore.parallel.mcore import ParallelGroups
 from liteppo_mcore.rollout.engine import Generation, RolloutEngine, SamplingParams, WeightBucket
 from liteppo_mcore.rollout.hf_engine import check_params, sampling_seed
-
-
-def filtered_logits(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
-    """`logits / temperature` with the tokens outside top-k and the top-p nucleus set to -inf.
-
-    The nucleus is the smallest set of most likely tokens whose probability reaches top_p (the most
-    likely token always stays). Shapes sampling only: log-probs are never taken from this."""
-    z = logits.float() / temperature
-    if 0 < top_k < z.shape[-1]:
-        kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
-        z = z.masked_fill(z < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_z, order = torch.sort(z, dim=-1, descending=True)
-        probs = torch.softmax(sorted_z, dim=-1)
-        before = torch.cumsum(probs, dim=-1) - probs  # mass of the strictly more likely tokens
-        drop = before >= top_p
-        drop[..., 0] = False
-        z = z.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return z
+from liteppo_mcore.rollout.sampling import filtered_logits
 
 
 def choose_tokens(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> Tensor:
