@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from liteppo_mcore.utils.bench import emit, time_calls  # noqa: E402
+from liteppo_mcore.utils.bench import add_common_args, emit, resolve_common_args, time_calls  # noqa: E402
 
 from liteppo_mcore.models.shapes import ModelShape  # noqa: E402
 from liteppo_mcore.rollout.engine import SamplingParams  # noqa: E402
@@ -280,11 +280,8 @@ def print_table(result: dict) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="full" if cuda else "small")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if cuda else "cpu")
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on cuda, fp32 on cpu")
+    add_common_args(parser, SIZES)
     parser.add_argument("--batches", type=int, nargs="+", default=None)
     parser.add_argument("--prompt-tokens", type=int, default=None)
     parser.add_argument("--new-tokens", type=int, default=None)
@@ -293,13 +290,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=-1)
     parser.add_argument("--no-graphs", dest="graphs", action="store_false", help="ours without CUDA graphs")
     parser.add_argument("--skip-megatron", action="store_true")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=None, help="default: 3 on cuda, 5 on cpu")
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    resolve_common_args(args, warmup=(1, 1), repeats=(3, 5))
     size = SIZES[args.size]
-    args.repeats = args.repeats or (3 if args.device == "cuda" else 5)
-    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     args.batches = args.batches or size["batches"]
     args.prompt_tokens = args.prompt_tokens or size["prompt_tokens"]
     args.new_tokens = args.new_tokens or size["new_tokens"]

@@ -33,7 +33,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from liteppo_mcore.utils.bench import emit, time_calls  # noqa: E402
+from liteppo_mcore.utils.bench import add_common_args, emit, resolve_common_args, time_calls  # noqa: E402
 
 GIB = float(1 << 30)
 GROUP = 8  # responses per prompt
@@ -356,31 +356,16 @@ def print_table(result: dict) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
-    parser.add_argument("--size", choices=sorted(SIZES), default=None, help="default: full on cuda, small on cpu")
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on cuda, fp32 on cpu")
+    add_common_args(parser, SIZES)
     parser.add_argument("--sequences", type=int, default=None, help="baseline sequences per step (x seq_len tokens)")
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--attention-backend", choices=["sdpa", "local", "te"], default="sdpa", help="ours")
-    parser.add_argument("--warmup", type=int, default=None, help="default: 2 on cuda, 1 on cpu")
-    parser.add_argument("--repeats", type=int, default=None, help="default: 5")
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
-    if args.device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything asks torch about CUDA
-    if args.device is None:
-        import torch
-
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    gpu = args.device == "cuda"
-    args.size = args.size or ("full" if gpu else "small")
-    args.dtype = args.dtype or ("bf16" if gpu else "fp32")
+    resolve_common_args(args, warmup=(2, 1), repeats=(5, 5))
     args.sequences = args.sequences or SIZES[args.size]["sequences"]
     args.seq_len = args.seq_len or SIZES[args.size]["seq_len"]
     if args.sequences % GROUP:
         parser.error(f"--sequences must be a multiple of {GROUP}")
-    args.warmup = args.warmup if args.warmup is not None else (2 if gpu else 1)
-    args.repeats = args.repeats if args.repeats is not None else 5
     return args
 
 

@@ -39,7 +39,7 @@ from typing import Callable, List, Optional
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from liteppo_mcore.utils.bench import emit  # noqa: E402
+from liteppo_mcore.utils.bench import add_common_args, emit, resolve_common_args  # noqa: E402
 from liteppo_mcore.utils.bench import time_calls as bench_time_calls  # noqa: E402
 
 MIB = 1 << 20
@@ -295,29 +295,14 @@ def print_table(result: dict) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
-    parser.add_argument("--size", choices=sorted(SIZES), default=None, help="default: full on cuda, small on cpu")
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on cuda, fp32 on cpu")
+    add_common_args(parser, SIZES)  # --out is written by rank 0
     parser.add_argument("--buckets-mib", type=float, nargs="+", default=None,
                         help="bucket sizes in MiB (default: 64 256 1024 at full size, 0.25 1 4 at small)")
     parser.add_argument("--tp", type=int, default=1, help="tensor parallel size (runs under torchrun when > 1)")
     parser.add_argument("--pp", type=int, default=1, help="pipeline parallel size (runs under torchrun when > 1)")
-    parser.add_argument("--warmup", type=int, default=None, help="default: 2 on cuda, 1 on cpu")
-    parser.add_argument("--repeats", type=int, default=None, help="default: 10 on cuda, 5 on cpu")
-    parser.add_argument("--out", default=None, help="write the results as JSON here (rank 0)")
     args = parser.parse_args(argv)
-    if args.device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything asks torch about CUDA
-    if args.device is None:
-        import torch
-
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    gpu = args.device == "cuda"
-    args.size = args.size or ("full" if gpu else "small")
-    args.dtype = args.dtype or ("bf16" if gpu else "fp32")
+    resolve_common_args(args, warmup=(2, 1), repeats=(10, 5))
     args.buckets_mib = args.buckets_mib or SIZES[args.size]["buckets_mib"]
-    args.warmup = args.warmup if args.warmup is not None else (2 if gpu else 1)
-    args.repeats = args.repeats if args.repeats is not None else (10 if gpu else 5)
     if args.tp < 1 or args.pp < 1 or any(not (m > 0 and math.isfinite(m)) for m in args.buckets_mib):
         parser.error("--tp, --pp and --buckets-mib must be positive")
     return args

@@ -51,3 +51,32 @@ def emit(result: dict, out_path: Optional[str], print_table: Callable[[dict], No
         with open(out_path, "w") as f:
             json.dump(result, f, indent=2)
     print_table(result)
+
+
+def add_common_args(parser, sizes) -> None:
+    """--device, --size, --dtype, --warmup, --repeats and --out, the options every benchmark takes."""
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    parser.add_argument("--size", choices=sorted(sizes), default=None, help="default: full on cuda, small on cpu")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on cuda, fp32 on cpu")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: per device)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls (default: per device)")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+
+
+def resolve_common_args(args, *, warmup: Tuple[int, int], repeats: Tuple[int, int]) -> bool:
+    """Fill the device-dependent defaults (`warmup`/`repeats` as (gpu, cpu)); returns whether on a GPU.
+    `--device cpu` hides the GPUs before anything asks torch about CUDA."""
+    import os
+
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = args.device == "cuda"
+    args.size = args.size or ("full" if gpu else "small")
+    args.dtype = args.dtype or ("bf16" if gpu else "fp32")
+    args.warmup = args.warmup if args.warmup is not None else warmup[0 if gpu else 1]
+    args.repeats = args.repeats if args.repeats is not None else repeats[0 if gpu else 1]
+    return gpu
