@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from torch import Tensor
 
@@ -74,3 +74,35 @@ class RolloutEngine(ABC):
 
     def shutdown(self) -> None:
         """Stop servers / free everything. Safe to call twice."""
+
+
+def copy_weight_stream(buckets: Iterable[WeightBucket], params: Optional[Dict[str, Tensor]], *, engine: str,
+                       family: str, skip: Optional[Callable[[str], bool]] = None) -> None:
+    """Copy a weight stream into `params` (HF name -> the engine's tensor, None on ranks that hold no
+    copy: they still iterate, since producing the buckets is collective). Every tensor must arrive, each
+    once, with its shape; `skip(name)` names streamed tensors the engine has no use for."""
+    seen: set = set()
+    for bucket in buckets:
+        if params is not None:
+            _copy_bucket(bucket, params, seen, engine, family, skip)
+        del bucket  # or the loop variable keeps this bucket alive while the next one is built
+    missing = sorted(set(params) - seen) if params is not None else []
+    if missing:
+        raise KeyError(f"{engine} engine: the weight stream lacked {len(missing)} tensors, e.g. {missing[:3]}; "
+                       "the engine would generate with stale weights.")
+
+
+def _copy_bucket(bucket: WeightBucket, params: Dict[str, Tensor], seen: set, engine: str, family: str,
+                 skip: Optional[Callable[[str], bool]]) -> None:
+    for name, tensor in bucket:
+        param = params.get(name)
+        if param is None:
+            if skip is not None and skip(name):
+                continue
+            raise KeyError(f"{engine} engine: the weight stream sent {name!r}, which the {family} model does not "
+                           "have. The exporter and the engine disagree on the shape.")
+        if tuple(param.shape) != tuple(tensor.shape):
+            raise ValueError(f"{engine} engine: {name} has shape {list(param.shape)}, the stream sent "
+                             f"{list(tensor.shape)}.")
+        param.copy_(tensor)
+        seen.add(name)

@@ -30,7 +30,8 @@ from torch import Tensor
 
 from liteppo_mcore.convert.names import ignored_hf_name
 from liteppo_mcore.parallel.mcore import ParallelGroups
-from liteppo_mcore.rollout.engine import Generation, RolloutEngine, SamplingParams, WeightBucket
+from liteppo_mcore.rollout.engine import (Generation, RolloutEngine, SamplingParams, WeightBucket,
+                                          copy_weight_stream)
 from liteppo_mcore.rollout.fast_decoder import CompactDecoder, pack_rows, sample_next
 from liteppo_mcore.rollout.hf_engine import (_default_device, check_params, finish, sampling_seed,
                                              share_within_replica)
@@ -101,28 +102,8 @@ class FastEngine(RolloutEngine):
     def update_weights(self, buckets: Iterable[WeightBucket]) -> None:
         """Copy every tensor of the stream into the decoder's views (generating rank); every rank
         iterates the buckets, since producing them is collective. Every tensor must arrive, each once."""
-        seen = set()
-        for bucket in buckets:
-            if self.decoder is None:
-                continue
-            params = self.decoder.params
-            for name, tensor in bucket:
-                param = params.get(name)
-                if param is None:
-                    if ignored_hf_name(name, self.decoder.layout):
-                        continue  # a tied lm_head or an old rotary cache: nothing to load
-                    raise KeyError(f"fast engine: the weight stream sent {name!r}, which the {self.shape.family} "
-                                   "model does not have. The exporter and the engine disagree on the shape.")
-                if tuple(param.shape) != tuple(tensor.shape):
-                    raise ValueError(f"fast engine: {name} has shape {list(param.shape)}, the stream sent "
-                                     f"{list(tensor.shape)}.")
-                param.copy_(tensor)
-                seen.add(name)
-        if self.decoder is not None:
-            missing = sorted(set(self.decoder.params) - seen)
-            if missing:
-                raise KeyError(f"fast engine: the weight stream lacked {len(missing)} tensors, e.g. {missing[:3]}; "
-                               "the engine would generate with stale weights.")
+        copy_weight_stream(buckets, self.decoder.params if self.decoder is not None else None, engine="fast",
+                           family=self.shape.family, skip=lambda name: ignored_hf_name(name, self.decoder.layout))
 
     def get_weight(self, name: str) -> Optional[Tensor]:
         """The engine's tensor `name` (HF naming) on the generating rank; None on the other ranks."""

@@ -25,7 +25,8 @@ from torch import Tensor
 
 from liteppo_mcore.convert.hf_files import hf_config_from_shape
 from liteppo_mcore.parallel.mcore import ParallelGroups
-from liteppo_mcore.rollout.engine import Generation, RolloutEngine, SamplingParams, WeightBucket
+from liteppo_mcore.rollout.engine import (Generation, RolloutEngine, SamplingParams, WeightBucket,
+                                          copy_weight_stream)
 
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
 
@@ -115,27 +116,8 @@ class HFEngine(RolloutEngine):
     def update_weights(self, buckets: Iterable[WeightBucket]) -> None:
         """Copy every tensor of the stream into the model (the generating rank); every rank iterates the
         buckets, since producing them is collective. Every model tensor must arrive, each once."""
-        seen: set = set()
-        for bucket in buckets:
-            if self.model is not None:
-                self._load_bucket(bucket, seen)
-            del bucket  # or the loop variable keeps this bucket alive while the next one is built
-        missing = sorted(set(self._params) - seen)
-        if missing:
-            raise KeyError(f"hf engine: the weight stream lacked {len(missing)} tensors, e.g. {missing[:3]}; "
-                           "the engine would generate with stale weights.")
-
-    def _load_bucket(self, bucket: WeightBucket, seen: set) -> None:
-        for name, tensor in bucket:
-            param = self._params.get(name)
-            if param is None:
-                raise KeyError(f"hf engine: the weight stream sent {name!r}, which the {self.shape.family} "
-                               "model does not have. The exporter and the engine disagree on the shape.")
-            if tuple(param.shape) != tuple(tensor.shape):
-                raise ValueError(f"hf engine: {name} has shape {list(param.shape)}, the stream sent "
-                                 f"{list(tensor.shape)}.")
-            param.copy_(tensor)
-            seen.add(name)
+        copy_weight_stream(buckets, self._params if self.model is not None else None, engine="hf",
+                           family=self.shape.family)
 
     def get_weight(self, name: str) -> Optional[Tensor]:
         """The engine's tensor `name` on the generating rank; None on the other ranks."""
