@@ -19,7 +19,6 @@ from functools import partial
 from typing import Dict, List
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -27,7 +26,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from liteppo_mcore.algo.stats import STAT_DTYPE
 from liteppo_mcore.config.schema import LitePPOConfig
 from liteppo_mcore.parallel.mcore import ParallelGroups
-from liteppo_mcore.parallel.reducer import make_allreduce_max, make_allreduce_sum
+from liteppo_mcore.parallel.reducer import Reducer, make_allreduce_max, make_allreduce_sum
 from liteppo_mcore.train.batch import (TrainBatch, micro_batches, minibatch_indices, plan_micro_batches,
                                        rank_share)
 from liteppo_mcore.train.loss import (ACTOR_SUMS, CRITIC_SUMS, Denominators, LossSettings, actor_loss,
@@ -69,11 +68,9 @@ class ModelUpdater:
         self.offload = offload_enabled(cfg.train.offload_between_phases)
         self.num_updates = 0  # applied optimizer steps: drives the LR schedule; checkpointed state
         self._sum_names = ACTOR_SUMS if kind == "actor" else CRITIC_SUMS
-        self._dp_cp_sum = make_allreduce_sum(groups.dp_cp_group)
-        self._dp_cp_max = make_allreduce_max(groups.dp_cp_group)
+        self.reducer = Reducer(groups.dp_group, groups.dp_cp_group)
         self._pp_sum = make_allreduce_sum(groups.pp_group)
         self._pp_max = make_allreduce_max(groups.pp_group)
-        self._dp_sum = make_allreduce_sum(groups.dp_group)
 
     # ------------------------------------------------------------------ the update
     def update(self, batch: TrainBatch, step: int) -> Dict[str, float]:
@@ -108,7 +105,7 @@ class ModelUpdater:
 
     def _denominators(self, share: TrainBatch) -> Denominators:
         local = torch.stack([share.response_lens.sum(), (share.response_lens > 0).sum()]).to(STAT_DTYPE)
-        num_tokens, num_seqs = self._dp_sum(local).unbind()
+        num_tokens, num_seqs = self.reducer.dp_sum(local).unbind()
         return Denominators(num_tokens=num_tokens, num_seqs=num_seqs)
 
     def _train_minibatch(self, share: TrainBatch, totals: _StepTotals) -> None:
@@ -167,8 +164,8 @@ class ModelUpdater:
                 sums += item["sums"].cpu()
                 ratio_max = torch.maximum(ratio_max, item["ratio_max"].cpu())
         # Non-last stages hold zeros: a sum over PP broadcasts the last stage's values.
-        sums = self._dp_cp_sum(self._pp_sum(sums))
-        ratio_max = self._dp_cp_max(self._pp_max(ratio_max))
+        sums = self.reducer.dp_cp_sum(self._pp_sum(sums))
+        ratio_max = self.reducer.dp_cp_max(self._pp_max(ratio_max))
         return sums, float(ratio_max)
 
     # ------------------------------------------------------------------ metrics

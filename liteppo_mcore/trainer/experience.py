@@ -67,16 +67,16 @@ def global_summary(x: Tensor, reducer: Reducer, prefix: str, mask: Optional[Tens
     m = global_moments(x, mask, allreduce_sum=reducer.dp_sum)
     values = x.detach().to(STAT_DTYPE)
     valid = torch.ones_like(values, dtype=torch.bool) if mask is None else mask.bool()
-    local = torch.stack([torch.where(valid, values, -torch.inf).max() if values.numel() else
-                         torch.tensor(-torch.inf, dtype=STAT_DTYPE),
-                         torch.where(valid, -values, -torch.inf).max() if values.numel() else
-                         torch.tensor(-torch.inf, dtype=STAT_DTYPE)])
+    # max of x and of -x in one collective; -inf (neutral) on a rank without valid entries
+    signed = torch.stack([torch.where(valid, values, -torch.inf), torch.where(valid, -values, -torch.inf)])
+    local = signed.flatten(1).amax(dim=1) if values.numel() else torch.full((2,), -torch.inf, dtype=STAT_DTYPE)
     hi, neg_lo = reducer.dp_max(local).tolist()
     return {f"{prefix}/mean": float(m.mean), f"{prefix}/std": float(m.var().sqrt()), f"{prefix}/max": hi,
             f"{prefix}/min": -neg_lo}
 
 
-def rollout_metrics(rollout: Rollout, cfg: LitePPOConfig, reducer: Reducer) -> Dict[str, float]:
+def rollout_metrics(rollout: Rollout, reducer: Reducer) -> Dict[str, float]:
+    """`response_length/{mean,max,clip_ratio}` over every DP rank."""
     lens = rollout.batch.response_lens.to(STAT_DTYPE)
     clipped = torch.tensor([r == "length" for r in rollout.finish_reasons], dtype=STAT_DTYPE)
     local = torch.stack([lens.sum(), torch.tensor(float(lens.numel()), dtype=STAT_DTYPE), clipped.sum()])

@@ -13,13 +13,13 @@ import math
 import os
 import signal
 import time
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from liteppo_mcore.algo import make_kl_controller
+from liteppo_mcore.algo import global_moments, make_kl_controller
 from liteppo_mcore.algo.normalization import RunningMoments
 from liteppo_mcore.checkpoint.paths import CheckpointError, checkpoints_dir, read_latest, resolve_iteration_dir
 from liteppo_mcore.checkpoint.trainer_state import checkpoint_common, load_trainer_checkpoint, save_trainer_checkpoint
@@ -81,6 +81,7 @@ class Trainer:
         self.sinks = MetricsWriter(self.run_dir, enabled=is_main_rank(), tensorboard=cfg.logging.tensorboard,
                                    wandb_project=cfg.logging.wandb_project)
         self.step = 0
+        self._step_work = (0.0, 0.0)  # (tokens, model FLOPs) of the last step, for perf/*
         if is_main_rank():
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
@@ -135,7 +136,7 @@ class Trainer:
         return tokens, flops
 
     def _perf(self, step_s: float) -> Dict[str, float]:
-        tokens, flops = getattr(self, "_step_work", (0.0, 0.0))
+        tokens, flops = self._step_work
         out = {"perf/step_s": step_s, "perf/tokens_per_s": tokens / step_s}
         peak = self.cfg.logging.peak_tflops
         if peak and torch.cuda.is_available():  # on CPU the figure would mean nothing: omitted
@@ -178,11 +179,11 @@ class Trainer:
         with timer("reward"):
             scores, metrics = self.score(rollout)
         normalized = X.normalized_rewards(scores, cfg, self.reducer, self.running)
-        metrics["reward/normalized_mean"] = float(X.global_summary(normalized, self.reducer, "n")["n/mean"])
+        metrics["reward/normalized_mean"] = float(global_moments(normalized, allreduce_sum=self.reducer.dp_sum).mean)
         values = self.log_probs_and_values(rollout, timer)
         metrics.update(X.advantages_and_returns(rollout, normalized, cfg, self.reducer, kl_coef=self.kl_ctl.value,
                                                 values=values, full_kl=rollout.full_kl))
-        metrics.update(X.rollout_metrics(rollout, cfg, self.reducer))
+        metrics.update(X.rollout_metrics(rollout, self.reducer))
         with timer("train"):
             metrics.update(self.update(rollout))
         with timer("sync"):
