@@ -104,7 +104,7 @@ def read_source(iter_dir: str) -> Optional[Dict[str, Any]]:
     return _read_json(path)
 
 
-def _check_against_checkpoint(sharded: Dict[str, Any], iter_dir: str, prefix: str) -> None:
+def check_against_checkpoint(sharded: Dict[str, Any], iter_dir: str, prefix: str) -> None:
     """Missing tensors and shape disagreements, named, before megatron's loader would fail deep inside."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
@@ -134,7 +134,7 @@ def load_model(model: torch.nn.Module, iter_dir: str, prefix: str = "actor") -> 
     from megatron.core import dist_checkpointing
 
     sharded = model.sharded_state_dict(prefix=f"{prefix}.")
-    _check_against_checkpoint(sharded, iter_dir, prefix)
+    check_against_checkpoint(sharded, iter_dir, prefix)
     loaded = dist_checkpointing.load(sharded, iter_dir)
     mine = {k[len(prefix) + 1:]: v for k, v in loaded.items() if k.startswith(prefix + ".")}
     model.load_state_dict(mine, strict=True)

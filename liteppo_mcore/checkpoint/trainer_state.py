@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from liteppo_mcore.checkpoint.paths import checkpoints_dir, iteration_dir, write_latest
-from liteppo_mcore.checkpoint.store import COMMON_KEY, FORMAT_VERSION, _check_against_checkpoint, write_hf_side
+from liteppo_mcore.checkpoint.store import COMMON_KEY, FORMAT_VERSION, check_against_checkpoint, write_hf_side
 
 # Megatron's distributed optimizer can be saved in a layout-independent form; other optimizers are
 # sharded like their parameters and reshard like them.
@@ -90,7 +90,7 @@ def load_trainer_checkpoint(iter_dir: str, *, models: Mapping[str, torch.nn.Modu
 
     state = _sharded_state(models, optimizers, is_loading=True)
     for name in models:
-        _check_against_checkpoint({k: v for k, v in state.items() if k.startswith(name + ".")}, iter_dir, name)
+        check_against_checkpoint({k: v for k, v in state.items() if k.startswith(name + ".")}, iter_dir, name)
     loaded = dist_checkpointing.load(state, iter_dir)
     for name, model in models.items():
         mine = {k[len(name) + 1:]: v for k, v in loaded.items() if k.startswith(name + ".")}
