@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -23,6 +23,8 @@ from torch import Tensor
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from liteppo_mcore.models.logprob import logprob_entropy_at, vocab_parallel_full_kl
+from liteppo_mcore.models.microbatch import MicroPlan, plan_micro_batches
+from liteppo_mcore.parallel.device import collective_device, compute_device
 from liteppo_mcore.parallel.mcore import ParallelGroups
 
 
@@ -97,10 +99,14 @@ def to_sequence_coords(resp: Tensor, batch: SequenceBatch, seq_len: int) -> Tens
     return out
 
 
-def padded_seq_len(batch: SequenceBatch, groups: ParallelGroups, sequence_parallel: bool) -> int:
+def seq_multiple(groups: ParallelGroups, sequence_parallel: bool) -> int:
+    """What every micro-batch's sequence length must be a multiple of: 2*cp chunks, times tp under SP."""
     multiple = 2 * groups.cp_size if groups.cp_size > 1 else 1
-    if sequence_parallel:
-        multiple *= groups.tp_size
+    return multiple * (groups.tp_size if sequence_parallel else 1)
+
+
+def padded_seq_len(batch: SequenceBatch, groups: ParallelGroups, sequence_parallel: bool) -> int:
+    multiple = seq_multiple(groups, sequence_parallel)
     s = batch.tokens.shape[1]
     return -(-s // multiple) * multiple
 
@@ -108,7 +114,7 @@ def padded_seq_len(batch: SequenceBatch, groups: ParallelGroups, sequence_parall
 def _head_outputs(output: Tensor, labels: Tensor, mask: Tensor, *, kind: str, groups: ParallelGroups,
                   temperature: float, vocab_size: int, compute_entropy: bool) -> Dict[str, Tensor]:
     if kind == "critic":
-        return {"values": torch.where(mask, output.squeeze(-1).float(), torch.zeros(()))}
+        return {"values": torch.where(mask, output.squeeze(-1).float(), 0.0)}
     v_local = output.shape[-1]
     logp, ent = logprob_entropy_at(output, labels, mask, tp_group=groups.tp_group, temperature=temperature,
                                    vocab_start=groups.tp_rank * v_local, vocab_size=vocab_size,
@@ -119,22 +125,66 @@ def _head_outputs(output: Tensor, labels: Tensor, mask: Tensor, *, kind: str, gr
     return out
 
 
+def _plans(batch: SequenceBatch, groups: ParallelGroups, micro_batch_size: int, max_tokens: Optional[int],
+           sequence_parallel: bool) -> List[MicroPlan]:
+    """The same length-sorted, token-bounded micro-batches as training (models/microbatch.py)."""
+    return plan_micro_batches(batch.prompt_lens + batch.response_lens, micro_batch_size=micro_batch_size,
+                              max_tokens=max_tokens, pipeline=groups.pp_size > 1,
+                              multiple=seq_multiple(groups, sequence_parallel))
+
+
+def _sub_batch(batch: SequenceBatch, plan: MicroPlan) -> SequenceBatch:
+    """The plan's rows, then empty rows (one prompt token, no response) up to `plan.num_rows`."""
+    rows = plan.rows.long()
+    extra = plan.num_rows - rows.numel()
+    width = min(batch.tokens.shape[1], plan.seq_len)
+    tokens = batch.tokens[rows, :width]
+    prompt_lens, response_lens = batch.prompt_lens[rows], batch.response_lens[rows]
+    if extra > 0:
+        tokens = torch.cat([tokens, tokens.new_zeros(extra, width)])
+        prompt_lens = torch.cat([prompt_lens, prompt_lens.new_ones(extra)])
+        response_lens = torch.cat([response_lens, response_lens.new_zeros(extra)])
+    return SequenceBatch(tokens, prompt_lens, response_lens)
+
+
+def _model_inputs(batch: SequenceBatch, plan: MicroPlan, groups: ParallelGroups,
+                  device: torch.device) -> Tuple[Tensor, Tensor, Tensor]:
+    """Tokens, labels and mask of one micro-batch: built on the host, this CP rank's part, on `device`."""
+    built = shifted_labels_and_mask(_sub_batch(batch, plan), plan.seq_len)
+    return tuple(cp_split(x, groups.cp_rank, groups.cp_size).to(device, non_blocking=True)  # type: ignore[return-value]
+                 for x in built)
+
+
+def _scatter_rows(out: Tensor, local: Tensor, batch: SequenceBatch, plan: MicroPlan, groups: ParallelGroups) -> None:
+    """Write a micro-batch's per-position scalars `[b, S_plan/cp]` (on the device) into the host
+    result `out [B, T]` at the plan's rows, in response coordinates."""
+    full = cp_gather(local.contiguous(), groups).float().cpu()
+    n = plan.rows.numel()
+    sub = _sub_batch(batch, MicroPlan(plan.rows, plan.seq_len, n))
+    out[plan.rows.long()] = to_response_coords(full[:n], sub, out.shape[1])
+
+
 @torch.no_grad()
 def forward_per_token(model: torch.nn.Module, batch: SequenceBatch, groups: ParallelGroups, *, kind: str = "actor",
                       temperature: float = 1.0, vocab_size: int, micro_batch_size: int,
-                      compute_entropy: bool = True, sequence_parallel: bool = False) -> Dict[str, Tensor]:
+                      max_tokens_per_micro_batch: Optional[int] = None, compute_entropy: bool = True,
+                      sequence_parallel: bool = False) -> Dict[str, Tensor]:
     """Per-token `logp` (and `entropy`) for the actor/reference, or `values` for the critic, as `[B, T]`
-    float32 tensors on every rank (T = longest response of the batch)."""
+    float32 host tensors on every rank (T = longest response of the batch).
+
+    The batch is built on the host; each micro-batch (longest first, at most `micro_batch_size` rows
+    and `max_tokens_per_micro_batch` padded tokens, as in training) goes to the model's device, and
+    only per-token scalars come back."""
     if kind not in ("actor", "critic"):
         raise ValueError(f"kind must be 'actor' or 'critic', got {kind!r}")
-    if groups.pp_size > 1 and batch.size % micro_batch_size:
-        raise ValueError(f"with pipeline parallelism the batch ({batch.size}) must split into whole "
-                         f"micro-batches of {micro_batch_size}")
-    seq_len = padded_seq_len(batch, groups, sequence_parallel)
-    tokens, labels, mask = shifted_labels_and_mask(batch, seq_len)
-    tokens, labels, mask = (cp_split(x, groups.cp_rank, groups.cp_size) for x in (tokens, labels, mask))
-    micro = [(tokens[i:i + micro_batch_size], labels[i:i + micro_batch_size], mask[i:i + micro_batch_size])
-             for i in range(0, batch.size, micro_batch_size)]
+    keys = ("values",) if kind == "critic" else (("logp", "entropy") if compute_entropy else ("logp",))
+    width = batch.response_width()
+    results = {key: torch.zeros(batch.size, width, dtype=torch.float32) for key in keys}
+    if batch.size == 0:
+        return results
+    device = compute_device()
+    plans = _plans(batch, groups, micro_batch_size, max_tokens_per_micro_batch, sequence_parallel)
+    micro = [_model_inputs(batch, plan, groups, device) for plan in plans]
     head = partial(_head_outputs, kind=kind, groups=groups, temperature=temperature, vocab_size=vocab_size,
                    compute_entropy=compute_entropy)
 
@@ -150,56 +200,56 @@ def forward_per_token(model: torch.nn.Module, batch: SequenceBatch, groups: Para
     was_training = model.training
     model.eval()
     try:
+        # With PP every plan has the same shape (plan_micro_batches); without, the shape is not used.
         store = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(micro), model=[model],
-            num_microbatches=len(micro), seq_length=seq_len, micro_batch_size=micro_batch_size,
+            num_microbatches=len(micro), seq_length=plans[0].seq_len, micro_batch_size=plans[0].num_rows,
             forward_only=True, collect_non_loss_data=True)
     finally:
         model.train(was_training)
-    keys = ("values",) if kind == "critic" else (("logp", "entropy") if compute_entropy else ("logp",))
-    width = batch.response_width()
-    results = {}
-    for key in keys:
-        if groups.is_last_stage:
-            local = torch.cat([s[key] for s in store], dim=0)
-            value = to_response_coords(cp_gather(local, groups), batch, width).float()
-        else:
-            value = torch.zeros(batch.size, width, dtype=torch.float32)
-        results[key] = _from_last_stage(value, groups)
-    return results
+    if groups.is_last_stage:
+        for plan, outputs in zip(plans, store):
+            for key in keys:
+                _scatter_rows(results[key], outputs[key], batch, plan, groups)
+    return {key: _from_last_stage(value, groups) for key, value in results.items()}
 
 
 def _from_last_stage(x: Tensor, groups: ParallelGroups) -> Tensor:
+    """The last pipeline stage's host tensor `x` on every stage (a host tensor again)."""
     if groups.pp_size == 1:
         return x
     src = dist.get_global_rank(groups.pp_group, groups.pp_size - 1)
-    dist.broadcast(x, src=src, group=groups.pp_group)
-    return x
+    buffer = x.to(collective_device(groups.pp_group))
+    dist.broadcast(buffer, src=src, group=groups.pp_group)
+    return buffer.cpu()
 
 
 @torch.no_grad()
 def forward_full_kl(policy: torch.nn.Module, reference: torch.nn.Module, batch: SequenceBatch,
                     groups: ParallelGroups, *, temperature: float, vocab_size: int, micro_batch_size: int,
-                    sequence_parallel: bool = False) -> Tensor:
+                    max_tokens_per_micro_batch: Optional[int] = None, sequence_parallel: bool = False) -> Tensor:
     """Exact per-token `KL(policy || reference)` over the whole vocabulary (`kl_penalty: full`), `[B, T]`
-    on every rank. Both models' logits of a micro-batch are needed at once, so this runs the two
-    forward passes directly (no pipeline schedule): pipeline parallelism is refused at validation."""
+    host tensor on every rank. Both models' logits of a micro-batch are needed at once, so this runs the
+    two forward passes directly (no pipeline schedule): pipeline parallelism is refused at validation."""
     if groups.pp_size != 1:
         raise ValueError("kl_penalty=full needs parallel.pp=1 (both models' logits at the same positions)")
-    seq_len = padded_seq_len(batch, groups, sequence_parallel)
-    tokens, _, mask = (cp_split(x, groups.cp_rank, groups.cp_size) for x in shifted_labels_and_mask(batch, seq_len))
-    parts = []
+    out = torch.zeros(batch.size, batch.response_width(), dtype=torch.float32)
+    if batch.size == 0:
+        return out
+    device = compute_device()
     modes = [m.training for m in (policy, reference)]
     policy.eval()
     reference.eval()
-    for i in range(0, batch.size, micro_batch_size):
-        tok, msk = tokens[i:i + micro_batch_size], mask[i:i + micro_batch_size]
-        lp, lq = policy(tok, None, attention_mask=None), reference(tok, None, attention_mask=None)
-        kl = torch.zeros(msk.shape, dtype=torch.float32, device=lp.device)
-        kl[msk] = vocab_parallel_full_kl(lp[msk], lq[msk], tp_group=groups.tp_group, temperature=temperature,
-                                         vocab_start=groups.tp_rank * lp.shape[-1], vocab_size=vocab_size).float()
-        parts.append(kl.cpu())
-    policy.train(modes[0])
-    reference.train(modes[1])
-    full = cp_gather(torch.cat(parts), groups)
-    return to_response_coords(full, batch, batch.response_width())
+    try:
+        for plan in _plans(batch, groups, micro_batch_size, max_tokens_per_micro_batch, sequence_parallel):
+            tok, _, msk = _model_inputs(batch, plan, groups, device)
+            lp, lq = policy(tok, None, attention_mask=None), reference(tok, None, attention_mask=None)
+            kl = torch.zeros(msk.shape, dtype=torch.float32, device=device)
+            kl[msk] = vocab_parallel_full_kl(lp[msk], lq[msk], tp_group=groups.tp_group, temperature=temperature,
+                                             vocab_start=groups.tp_rank * lp.shape[-1],
+                                             vocab_size=vocab_size).float()
+            _scatter_rows(out, kl, batch, plan, groups)
+    finally:
+        policy.train(modes[0])
+        reference.train(modes[1])
+    return out

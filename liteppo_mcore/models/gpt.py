@@ -22,6 +22,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from liteppo_mcore.config.schema import LitePPOConfig
 from liteppo_mcore.models.shapes import ModelShape
 from liteppo_mcore.models.spec import block_spec, choose_backend
+from liteppo_mcore.parallel.device import compute_device, on_gpu
 from liteppo_mcore.parallel.mcore import ParallelGroups
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -38,7 +39,6 @@ def transformer_config(shape: ModelShape, cfg: LitePPOConfig, dtype: torch.dtype
     """megatron's TransformerConfig for `shape` under the configured layout. Dropout is 0 everywhere:
     PPO ratios must be exactly 1 before the first update, and trainer and engine log-probs must agree."""
     m, p = cfg.model, cfg.parallel
-    on_gpu = torch.cuda.is_available()
     return TransformerConfig(
         num_layers=shape.num_layers, hidden_size=shape.hidden_size, ffn_hidden_size=shape.ffn_hidden_size,
         num_attention_heads=shape.num_attention_heads, num_query_groups=shape.num_query_groups,
@@ -50,7 +50,7 @@ def transformer_config(shape: ModelShape, cfg: LitePPOConfig, dtype: torch.dtype
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, init_method_std=m.init_std,
         # Always initialize, also before loading weights: with CPU initialization megatron sets the
         # tensor-parallel attributes (partition_dim, stride) only while drawing the random weights.
-        use_cpu_initialization=not on_gpu, perform_initialization=True,
+        use_cpu_initialization=not on_gpu(), perform_initialization=True,
         # Fusions: on CPU they would trigger torch.compile (slow start, nothing gained).
         bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
         bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
@@ -66,6 +66,9 @@ def transformer_config(shape: ModelShape, cfg: LitePPOConfig, dtype: torch.dtype
 class ValueHead(MegatronModule):
     """hidden -> one value per token, replacing the critic's output layer; starts at zero.
 
+    It is kept and computed in fp32 whatever the trunk's dtype: in bf16 the values (and the value loss
+    built on them) would be quantized to steps of 2^-8 of their magnitude.
+
     The weight is replicated on every TP rank: the input hidden states are complete on each of them
     (gathered first under sequence parallelism), so every rank computes the same values and the same
     gradients, and no reduction over TP is needed.
@@ -74,7 +77,8 @@ class ValueHead(MegatronModule):
     def __init__(self, config: TransformerConfig):
         super().__init__(config=config)
         self.sequence_parallel = config.sequence_parallel
-        self.linear = torch.nn.Linear(config.hidden_size, 1, bias=True, dtype=config.params_dtype)
+        self.linear = torch.nn.Linear(config.hidden_size, 1, bias=True, dtype=torch.float32,
+                                      device=module_device(config))
         torch.nn.init.zeros_(self.linear.weight)
         torch.nn.init.zeros_(self.linear.bias)
 
@@ -82,7 +86,13 @@ class ValueHead(MegatronModule):
         if self.sequence_parallel:
             hidden_states = tensor_parallel.gather_from_sequence_parallel_region(
                 hidden_states, tensor_parallel_output_grad=False)
-        return self.linear(hidden_states), None
+        return self.linear(hidden_states.float()), None
+
+
+def module_device(config: TransformerConfig) -> torch.device:
+    """Where megatron puts a model's parameters (and so where ours must be made): the CPU with
+    `use_cpu_initialization`, else this process's GPU."""
+    return torch.device("cpu") if config.use_cpu_initialization else compute_device()
 
 
 @dataclass
@@ -116,7 +126,8 @@ def build_gpt(shape: ModelShape, cfg: LitePPOConfig, groups: ParallelGroups, *, 
         _apply_llama3_rope_scaling(model, shape)
     if value_head and groups.is_last_stage:
         model.output_layer = ValueHead(config)
-    return model
+    # As megatron's own get_model: the whole module on this process's device, buffers included.
+    return model.to(compute_device())
 
 
 def _apply_llama3_rope_scaling(model: GPTModel, shape: ModelShape) -> None:

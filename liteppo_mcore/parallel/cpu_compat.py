@@ -6,7 +6,9 @@ names in the optimizer. On a machine without CUDA (CI, laptops, the embedded def
 redirect that to the CPU so the same model, schedule, optimizer and checkpoint code runs unchanged.
 They touch megatron internals, which is why megatron-core is pinned to one minor version.
 
-`install()` is idempotent and does nothing when `torch.cuda.is_available()`.
+`install()` is idempotent and does nothing when `torch.cuda.is_available()`. `install(strict=True)` (or
+`LITEPPO_STRICT_DEVICE=1` in the environment) adds the strict virtual-device mode of `strict_device`:
+tensors then carry the device they would have on a GPU, and host/device mixes fail as CUDA would.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any, Dict, Optional
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from liteppo_mcore.parallel import strict_device
 
 _INSTALLED = False
 _CPU = torch.device("cpu")
@@ -46,6 +50,8 @@ class _CudaToCpuMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if strict_device.is_active():  # turned on after this mode: the strict mode does the rewrites
+            return func(*args, **kwargs)
         if func is torch.Tensor.cuda:
             return args[0]
         if func is torch.Tensor.pin_memory:
@@ -150,19 +156,31 @@ def _manual_seed(seed: int, **kwargs: Any) -> None:
     tracker.add("expert-parallel-rng", seed + 1024)
 
 
-def install() -> bool:
-    """Apply the patches when CUDA is absent. Returns whether they are active."""
+def install(strict: Optional[bool] = None) -> bool:
+    """Apply the patches when CUDA is absent. Returns whether they are active.
+
+    `strict` (default: `LITEPPO_STRICT_DEVICE` from the environment) also enters the strict
+    virtual-device mode. It can be turned on after a plain install, never off again.
+    """
     global _INSTALLED
     if torch.cuda.is_available():
         return False
+    if strict is None:
+        strict = strict_device.requested()
     if _INSTALLED:
+        if strict and not strict_device.is_active():
+            strict_device.install()
         return True
-    # Why: megatron asks for "the current CUDA device" to place buffers (rotary cache, p2p buffers,
-    # grad buffers); the CPU is the only device here.
-    torch.cuda.current_device = lambda: _CPU  # type: ignore[assignment]
-    # Why: megatron synchronizes around timers and p2p; nothing is asynchronous on the CPU.
-    torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
-    _CudaToCpuMode().__enter__()
+    if strict:
+        # The strict mode does the placement rewrites itself, recording what each one would have been.
+        strict_device.install()
+    else:
+        # Why: megatron asks for "the current CUDA device" to place buffers (rotary cache, p2p buffers,
+        # grad buffers); the CPU is the only device here.
+        torch.cuda.current_device = lambda: _CPU  # type: ignore[assignment]
+        # Why: megatron synchronizes around timers and p2p; nothing is asynchronous on the CPU.
+        torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
+        _CudaToCpuMode().__enter__()
     _install_rng_tracker()
     from megatron.core import tensor_parallel
     from megatron.core.tensor_parallel import random as mrandom
@@ -175,3 +193,8 @@ def install() -> bool:
 
 def is_active() -> bool:
     return _INSTALLED
+
+
+def is_strict() -> bool:
+    """Whether the strict virtual-device mode is on (tensors carry their would-be GPU placement)."""
+    return strict_device.is_active()

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from liteppo_mcore.parallel.device import collective_device, is_host_group
+
 AllReduce = Callable[[Tensor], Tensor]
 
 
@@ -32,9 +34,9 @@ def group_world_size(group: Optional[dist.ProcessGroup]) -> int:
 
 
 def _comm_device(group: dist.ProcessGroup, tensor: Tensor) -> torch.device:
-    """NCCL reduces only CUDA tensors; statistics are often built on CPU, so move them there."""
-    if dist.get_backend(group) == "nccl" and tensor.device.type != "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
+    """NCCL reduces only CUDA tensors; statistics are often built on the host, so move them there."""
+    if not is_host_group(group) and tensor.device.type != "cuda":
+        return collective_device(group)
     return tensor.device
 
 

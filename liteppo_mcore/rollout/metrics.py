@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from liteppo_mcore.parallel.device import collective_device
 from liteppo_mcore.parallel.mcore import ParallelGroups
 
 AllReduce = Callable[[Tensor], Tensor]  # sums a tensor over the data-parallel ranks, returns the sum
@@ -27,7 +28,9 @@ def _dp_sum(x: Tensor, groups: Optional[ParallelGroups], allreduce: Optional[All
     if allreduce is not None:
         return allreduce(x)
     if groups is not None and groups.dp_size > 1:
-        dist.all_reduce(x, group=groups.dp_group)
+        buffer = x.to(collective_device(groups.dp_group))
+        dist.all_reduce(buffer, group=groups.dp_group)
+        return buffer.to(x.device)
     return x
 
 

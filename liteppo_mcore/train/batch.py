@@ -22,6 +22,7 @@ from torch import Tensor
 
 from liteppo_mcore.models.forward import (SequenceBatch, cp_split, shifted_labels_and_mask,
                                           to_sequence_coords)
+from liteppo_mcore.models.microbatch import MicroPlan, plan_micro_batches
 from liteppo_mcore.parallel.mcore import ParallelGroups
 from liteppo_mcore.parallel.reducer import all_gather_padded
 
@@ -125,43 +126,6 @@ def rank_share(indices: Tensor, dp_rank: int, dp_size: int) -> Tensor:
         raise ValueError(f"a mini-batch of {indices.numel()} responses does not split over dp={dp_size} ranks")
     per_rank = indices.numel() // dp_size
     return indices[dp_rank * per_rank:(dp_rank + 1) * per_rank]
-
-
-@dataclass(frozen=True)
-class MicroPlan:
-    rows: Tensor   # indices into the share
-    seq_len: int   # padded sequence length of this micro-batch (whole sequence, before the CP split)
-    num_rows: int  # rows of the micro-batch, padding rows (no valid token) included
-
-
-def _round_up(x: int, multiple: int) -> int:
-    return -(-x // multiple) * multiple
-
-
-def plan_micro_batches(seq_lens: Tensor, *, micro_batch_size: int, max_tokens: Optional[int],
-                       pipeline: bool, multiple: int) -> List[MicroPlan]:
-    """Cut a share (total lengths `seq_lens [n]`) into micro-batches, longest sequences first.
-
-    Each micro-batch holds at most `micro_batch_size` sequences and, with `max_tokens`, at most that
-    many padded tokens. Without pipeline parallelism each micro-batch is padded to its own longest
-    sequence. Pipeline stages exchange activations of one fixed shape, so with PP every micro-batch
-    has the same row count and length (the share's longest), the last one filled with empty rows.
-    """
-    order = torch.sort(seq_lens, descending=True, stable=True).indices
-    lens = seq_lens[order].tolist()
-    if pipeline:
-        seq_len = _round_up(int(lens[0]), multiple)
-        rows = micro_batch_size if max_tokens is None else max(1, min(micro_batch_size, max_tokens // seq_len))
-        return [MicroPlan(chunk, seq_len, rows) for chunk in order.split(rows)]
-    plans, start = [], 0
-    while start < len(lens):
-        seq_len = _round_up(int(lens[start]), multiple)
-        stop = min(start + micro_batch_size, len(lens))
-        if max_tokens is not None:
-            stop = min(stop, start + max(1, max_tokens // seq_len))
-        plans.append(MicroPlan(order[start:stop], seq_len, stop - start))
-        start = stop
-    return plans
 
 
 def _pad_rows(batch: TrainBatch, rows: int) -> TrainBatch:

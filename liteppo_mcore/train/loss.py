@@ -86,7 +86,7 @@ def actor_loss(output: Tensor, mb: Dict[str, Tensor], s: LossSettings, d: Denomi
     pg, m = policy_loss(logp, old_logp, mb["advantages"], mask, clip=s.pg_clip, dual_clip_ratio=s.dual_clip_ratio)
     pg_loss = _agg(pg, mb, s, d)
     loss = pg_loss
-    kl_loss = torch.zeros((), dtype=pg_loss.dtype)
+    kl_loss = pg_loss.new_zeros(())  # on the loss's device: it is stacked with the other sums
     if s.use_kl_loss:
         kl_loss = _agg(kl_estimate(logp, mb["ref_logp"], s.kl_loss_type), mb, s, d)
         loss = loss + s.kl_loss_coef * kl_loss
@@ -109,4 +109,4 @@ def critic_loss(output: Tensor, mb: Dict[str, Tensor], s: LossSettings, d: Denom
     e, m = value_loss(values, old_values, mb["returns"], mask, clip=s.value_clip)
     loss = _agg(e, mb, s, d)
     sums = _sums(CRITIC_SUMS, {"loss": loss, "value_loss": loss, **m})
-    return loss, {"sums": sums, "ratio_max": torch.zeros(1, dtype=STAT_DTYPE)}
+    return loss, {"sums": sums, "ratio_max": sums.new_zeros(1)}

@@ -5,7 +5,11 @@ the GPU without touching megatron's DDP buffers (whose parameters are views into
 the optimizer states (the Adam moments: 8 bytes per parameter, the largest part after the master
 weights) of the actor and the critic, and the whole frozen reference model. Master weights stay: in
 some layouts megatron makes them views of the model's own buffers. They go to pinned CPU memory and come back before use.
-On a machine without CUDA everything already lives on the CPU and these calls do nothing.
+
+Copies to the host go straight into pinned buffers (`torch.empty(..., pin_memory=True)` then a
+non-blocking `copy_`), never through pageable memory first; one synchronisation after the last copy
+makes them safe to use. On a machine without CUDA (and outside the strict virtual-device mode)
+everything already lives on the CPU and these calls do nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import torch
+
+from liteppo_mcore.parallel.device import on_gpu
 
 
 def _optimizer_states(optimizer: Any) -> Iterable[dict]:
@@ -23,6 +29,20 @@ def _optimizer_states(optimizer: Any) -> Iterable[dict]:
             yield from inner.state.values()
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`: to the host into a new pinned buffer, to a GPU without blocking."""
+    if device.type == "cpu":
+        target = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=on_gpu())
+        target.copy_(tensor, non_blocking=True)
+        return target
+    return tensor.to(device, non_blocking=True)
+
+
+def _synchronize() -> None:
+    if on_gpu():
+        torch.cuda.synchronize()  # the non-blocking copies are complete before anyone reads them
+
+
 def move_optimizer_state(optimizer: Any, device: torch.device) -> int:
     """Move every optimizer state tensor to `device`; returns the bytes moved."""
     moved = 0
@@ -30,16 +50,20 @@ def move_optimizer_state(optimizer: Any, device: torch.device) -> int:
         for key, value in state.items():
             if not isinstance(value, torch.Tensor) or value.device == device or value.dim() == 0:
                 continue  # 0-d tensors (Adam's step count) stay where the optimizer expects them
-            target = value.to(device)
-            state[key] = target.pin_memory() if device.type == "cpu" and torch.cuda.is_available() else target
+            state[key] = to_device(value, device)
             moved += value.numel() * value.element_size()
+    _synchronize()
     return moved
 
 
 def move_module(module: torch.nn.Module, device: torch.device) -> None:
-    """Move a module that no DDP wraps (the frozen reference) with its buffers."""
-    module.to(device)
+    """Move a module that no DDP wraps (the frozen reference), parameters and buffers, the same way."""
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if tensor.device != device:
+                tensor.data = to_device(tensor.data, device)
+    _synchronize()
 
 
 def offload_enabled(flag: bool) -> bool:
-    return flag and torch.cuda.is_available()
+    return flag and on_gpu()

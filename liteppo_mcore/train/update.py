@@ -25,6 +25,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from liteppo_mcore.algo.stats import STAT_DTYPE
 from liteppo_mcore.config.schema import LitePPOConfig
+from liteppo_mcore.parallel.device import compute_device
 from liteppo_mcore.parallel.mcore import ParallelGroups
 from liteppo_mcore.parallel.reducer import Reducer, make_allreduce_max, make_allreduce_sum
 from liteppo_mcore.train.batch import (TrainBatch, micro_batches, minibatch_indices, plan_micro_batches,
@@ -35,10 +36,6 @@ from liteppo_mcore.train.offload import move_optimizer_state, offload_enabled
 from liteppo_mcore.train.optim import OptimSettings, guarded_step, learning_rate, set_learning_rate, wrap_for_training
 
 log = logging.getLogger(__name__)
-
-
-def compute_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 @dataclass

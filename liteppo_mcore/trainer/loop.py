@@ -9,7 +9,6 @@ Every rank runs this same loop (SPMD); actor, critic and reference live on every
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import time
@@ -30,6 +29,7 @@ from liteppo_mcore.data import PromptSampler, build_datasets, shard_for_rank, to
 from liteppo_mcore.models.forward import forward_full_kl, forward_per_token
 from liteppo_mcore.models.gpt import build_models
 from liteppo_mcore.models.shapes import HF_ARCHITECTURES
+from liteppo_mcore.parallel.device import compute_device, on_gpu
 from liteppo_mcore.parallel.mcore import destroy_model_parallel, initialize_model_parallel
 from liteppo_mcore.parallel.reducer import Reducer, make_allreduce_max
 from liteppo_mcore.rewards import build_reward_runner
@@ -224,14 +224,15 @@ class Trainer:
         and the critic's values, all written into `rollout.batch`; returns the values (gae) or None."""
         batch, cfg = rollout.batch, self.cfg
         seqs = batch.sequences()
-        micro = math.gcd(batch.size, cfg.train.micro_batch_size)
-        kw = dict(vocab_size=self.vocab_size, micro_batch_size=micro,
+        # The training micro-batches' bounds (rows and padded tokens): what fits the update fits here.
+        kw = dict(vocab_size=self.vocab_size, micro_batch_size=cfg.train.micro_batch_size,
+                  max_tokens_per_micro_batch=cfg.train.max_tokens_per_micro_batch,
                   sequence_parallel=cfg.parallel.sequence_parallel)
         if self.models.reference is not None:
             with timer("ref"):
                 offload = offload_enabled(cfg.train.offload_between_phases)
                 if offload:
-                    move_module(self.models.reference, torch.device("cuda", torch.cuda.current_device()))
+                    move_module(self.models.reference, compute_device())
                 batch.ref_logp = forward_per_token(self.models.reference, seqs, self.groups, compute_entropy=False,
                                                    temperature=cfg.rollout.temperature, **kw)["logp"]
                 if cfg.kl_penalty == "full":  # the exact KL needs both models' logits: while the reference is here
@@ -266,7 +267,7 @@ class Trainer:
     def sync_weights(self) -> None:
         """Push the actor's weights to the engine; it stays awake until the next rollout is done."""
         if self.exporter is not None:
-            if torch.cuda.is_available():
+            if on_gpu():
                 torch.cuda.empty_cache()  # hand the training phase's cached blocks back before the engine wakes
             self.engine.wake()  # memory back first: loading into a sleeping engine would peak later
             self.engine.update_weights(self.exporter.buckets())
