@@ -148,6 +148,10 @@ class RolloutConfig:
     """Size of one weight-sync bucket, in MiB."""
     check_weight_sync: bool = False
     """After each sync, check that the engine's weights equal the trainer's."""
+    max_batch_size: Optional[int] = None
+    """Most rows (prompt x sample) the hf and fast engines decode at once; null: all of a rank's rows. Bounds the fast engine's KV cache (rows x (prompt_length + response_length)) and its largest CUDA graph."""
+    keep_cuda_graphs: Optional[bool] = None
+    """fast engine on a GPU: keep weights, KV cache and CUDA graphs on the GPU across sleep (true), free them (false), or keep them when they take at most a quarter of the GPU's memory (null)."""
     request_timeout_s: float = 600.0
     """Time limit of one request to a rollout server."""
     max_retries: int = 3

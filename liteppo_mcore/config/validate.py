@@ -240,6 +240,7 @@ def _check_sections(c: _Checker, cfg: S.LitePPOConfig) -> None:
         c.fail("rollout.top_k", r.top_k, "must be -1 (disabled) or a positive integer", "Set rollout.top_k: -1.")
     c.positive("rollout.tp", r.tp)
     c.positive("rollout.weight_sync_bucket_mb", r.weight_sync_bucket_mb)
+    c.positive("rollout.max_batch_size", r.max_batch_size, allow_none=True)
     c.unit_interval("rollout.mem_fraction_static", r.mem_fraction_static, open_low=True)
     for key in ("request_timeout_s", "server_start_timeout_s"):
         c.positive(f"rollout.{key}", getattr(r, key), integer=False)

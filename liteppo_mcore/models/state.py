@@ -92,8 +92,9 @@ def load_whole_state_dict(model: torch.nn.Module, whole: Dict[str, Tensor], grou
 
 @torch.no_grad()
 def whole_state_dict(model: torch.nn.Module, groups: ParallelGroups, vocab_size: int) -> Dict[str, Tensor]:
-    """This model as a whole state dict, assembled on every rank (TP all-gather, PP all-gather of
-    the stages' tensors). Meant for tests and small models; the rollout exporter streams instead."""
+    """This model as a whole state dict of host tensors, assembled on every rank (TP all-gather, PP
+    all-gather of the stages' tensors). Meant for tests and small models; the rollout exporter streams
+    instead."""
     import torch.distributed as dist
 
     names = _global_names(model)
@@ -110,7 +111,7 @@ def whole_state_dict(model: torch.nn.Module, groups: ParallelGroups, vocab_size:
             continue  # the last stage's copy of tied embeddings
         if key in _VOCAB_KEYS:
             full = full[:vocab_size].clone()
-        mine[key] = full
+        mine[key] = full.cpu()  # host tensors: for saving, comparing and sending as objects
     if groups.pp_size == 1:
         return mine
     stages: list = [None] * groups.pp_size

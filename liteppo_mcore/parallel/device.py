@@ -50,3 +50,10 @@ def is_host_group(group: Optional[dist.ProcessGroup]) -> bool:
 def collective_device(group: Optional[dist.ProcessGroup]) -> torch.device:
     """The device a tensor must be on to be sent over `group`."""
     return torch.device("cpu") if is_host_group(group) else compute_device()
+
+
+def make_generator(device: torch.device, seed: int) -> torch.Generator:
+    """A seeded generator for sampling on `device`. Under the strict mode the data of a "device" tensor
+    is on the CPU, so its generator is a CPU one (torch cannot make a CUDA generator without CUDA)."""
+    physical = device if torch.cuda.is_available() or device.type != "cuda" else torch.device("cpu")
+    return torch.Generator(device=physical).manual_seed(int(seed))

@@ -50,6 +50,23 @@ def resolve_backend(requested: str) -> str:
     return requested
 
 
+def local_rank() -> int:
+    """This process's index on its node, i.e. its GPU: LOCAL_RANK (torchrun), else SLURM_LOCALID (srun
+    without torchrun), else 0 for a lone process. Several processes with neither would all take GPU 0,
+    so that is refused with the fix."""
+    for name in ("LOCAL_RANK", "SLURM_LOCALID"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            if not value.isdigit():
+                raise RuntimeError(f"{name}={value!r} is not a GPU index (a non-negative integer)")
+            return int(value)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError("WORLD_SIZE is > 1 but neither LOCAL_RANK nor SLURM_LOCALID is set, so every process "
+                           "would use GPU 0. Launch with torchrun (it sets LOCAL_RANK), or under srun "
+                           "(SLURM_LOCALID), or export LOCAL_RANK per process.")
+    return 0
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -64,9 +81,9 @@ def init_distributed(cfg: LitePPOConfig) -> Layout:
     """
     backend = resolve_backend(cfg.parallel.backend)
     timeout = timedelta(minutes=cfg.parallel.timeout_minutes)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank_on_node = local_rank()
     if backend == "nccl":
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(rank_on_node)
     if not dist.is_initialized():
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
             dist.init_process_group(backend=backend, timeout=timeout)
@@ -74,7 +91,7 @@ def init_distributed(cfg: LitePPOConfig) -> Layout:
             dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}",
                                     rank=0, world_size=1, timeout=timeout)
     p = cfg.parallel
-    return Layout(world_size=dist.get_world_size(), rank=dist.get_rank(), local_rank=local_rank,
+    return Layout(world_size=dist.get_world_size(), rank=dist.get_rank(), local_rank=rank_on_node,
                   tp=p.tp, pp=p.pp, cp=p.cp, backend=backend)
 
 

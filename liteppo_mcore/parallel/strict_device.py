@@ -57,6 +57,7 @@ class Placement:
     kind: str             # HOST or DEVICE
     where: str
     pinned: bool = False
+    derived: bool = False  # computed by ops from a tensor placed at `where` (not placed there itself)
 
 
 _UNKNOWN_HOST = Placement(HOST, "made outside the tracked calls (e.g. torch.load, from_numpy)")
@@ -206,7 +207,22 @@ def _describe(tensor: torch.Tensor) -> str:
     if p is None:
         return f"{dtype}{shape} (unplaced)"
     where = f"on cuda:{local_device_index()}" if p.kind == DEVICE else "on cpu"
-    return f"{dtype}{shape} {where}, placed at {p.where}"
+    how = "computed from a tensor placed at" if p.derived else "placed at"
+    return f"{dtype}{shape} {where}, {how} {p.where}"
+
+
+_DERIVED: Dict[Tuple[str, str], Placement] = {}
+
+
+def _derived(p: Placement) -> Placement:
+    """The placement of op results computed from a tensor placed as `p` (one shared object per site)."""
+    if p.derived:
+        return p
+    key = (p.kind, p.where)
+    found = _DERIVED.get(key)
+    if found is None:
+        found = _DERIVED[key] = Placement(p.kind, p.where, derived=True)
+    return found
 
 
 _FACTORIES = {
@@ -365,7 +381,7 @@ def _is_pinned(args: tuple, kwargs: dict) -> bool:
 
 
 def _device_get(args: tuple, kwargs: dict) -> torch.device:
-    return virtual_device() if is_device(args[0]) else _CPU
+    return virtual_device() if is_device(args[0]) else args[0].device  # (the real one: meta stays meta)
 
 
 def _is_cuda_get(args: tuple, kwargs: dict) -> bool:
@@ -373,7 +389,7 @@ def _is_cuda_get(args: tuple, kwargs: dict) -> bool:
 
 
 def _is_cpu_get(args: tuple, kwargs: dict) -> bool:
-    return not is_device(args[0])
+    return not is_device(args[0]) and args[0].is_cpu
 
 
 def _get_device(args: tuple, kwargs: dict) -> int:
@@ -400,6 +416,8 @@ def _numpy(args: tuple, kwargs: dict) -> Any:
                         f"mode; tensor {_describe(args[0])})")
     return torch.Tensor.numpy(*args, **kwargs)
 
+
+_FUNCTION_MODE: List["StrictFunctionMode"] = []
 
 _SPECIAL = {
     torch.Tensor.to: _to,
@@ -525,9 +543,7 @@ class StrictDispatchMode(TorchDispatchMode):
         result = factory if factory is not None else origin
         if result is None or func is aten.detach.default or func is aten.alias.default:
             return out
-        if result.pinned and factory is None:
-            result = Placement(result.kind, result.where)
-        _place_outputs(out, result)
+        _place_outputs(out, result if factory is not None else _derived(result))
         return out
 
 
@@ -595,6 +611,23 @@ def _patch_cuda() -> None:
     torch.cuda.reset_peak_memory_stats = lambda *a, **k: None  # type: ignore[assignment]
 
 
+def _patch_custom_backward() -> None:
+    """Run the Python backward of custom autograd Functions with the function mode on: the autograd
+    engine runs them with an empty mode stack, so their factories and moves would go unplaced."""
+    from torch.autograd.function import BackwardCFunction
+
+    original = BackwardCFunction.apply
+
+    def apply(self, *args):
+        if torch._C._is_torch_function_mode_enabled():
+            return original(self, *args)
+        with _FUNCTION_MODE[0]:
+            return original(self, *args)
+
+    apply.__wrapped__ = original
+    BackwardCFunction.apply = apply
+
+
 def install() -> bool:
     """Enter both modes on this thread (once). The caller (cpu_compat) checks that CUDA is absent."""
     global _ACTIVE
@@ -602,7 +635,9 @@ def install() -> bool:
         return True
     _patch_cuda()
     _patch_distributed()
-    StrictFunctionMode().__enter__()
+    _patch_custom_backward()
+    _FUNCTION_MODE.append(StrictFunctionMode())
+    _FUNCTION_MODE[0].__enter__()
     StrictDispatchMode().__enter__()
     _ACTIVE = True
     return True

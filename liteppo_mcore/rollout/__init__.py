@@ -61,15 +61,21 @@ def build_engine(cfg, models, groups, tokenizer_or_eos_ids: Union[Any, int, Sequ
         return MCoreEngine(models.actor, groups, vocab_size=shape.vocab_size, eos_token_ids=eos,
                            max_sequence_length=shape.max_position_embeddings,
                            sequence_parallel=cfg.parallel.sequence_parallel)
+    # Most rows decoded at once by the in-process engines (null / absent: all of a rank's rows).
+    max_batch_size = cfg.rollout.max_batch_size
     if kind == "hf":
         from liteppo_mcore.rollout.hf_engine import HFEngine
 
         dtype = next(models.actor.parameters()).dtype
-        return HFEngine(shape, groups, eos_token_ids=eos, dtype=dtype, device=device)
+        return HFEngine(shape, groups, eos_token_ids=eos, dtype=dtype, device=device, max_batch_size=max_batch_size)
     if kind == "fast":
         from liteppo_mcore.rollout.fast_engine import FastEngine
 
-        return FastEngine(shape, groups, eos_token_ids=eos, dtype=next(models.actor.parameters()).dtype, device=device)
+        # The cache is sized once for the longest prompt plus response: B_max x L.
+        return FastEngine(shape, groups, eos_token_ids=eos, dtype=next(models.actor.parameters()).dtype, device=device,
+                          max_batch_size=max_batch_size, keep_graphs=cfg.rollout.keep_cuda_graphs,
+                          max_sequence_length=min(cfg.prompt_length + cfg.response_length,
+                                                  shape.max_position_embeddings))
     try:
         from liteppo_mcore.rollout.sglang import build_sglang_engine
     except ModuleNotFoundError as err:

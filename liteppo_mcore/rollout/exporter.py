@@ -36,6 +36,7 @@ from torch import Tensor
 from liteppo_mcore.convert.layout import ConversionError, TensorLayout
 from liteppo_mcore.convert.names import EMBEDDING, OUTPUT_LAYER, Source, canonical_name, megatron_sources, to_hf
 from liteppo_mcore.models.state import unshard
+from liteppo_mcore.parallel.device import compute_device
 from liteppo_mcore.parallel.mcore import ParallelGroups
 from liteppo_mcore.rollout.engine import WeightBucket
 
@@ -100,7 +101,7 @@ class WeightExporter:
         self.layout = TensorLayout.from_shape(shape)
         self._sources = megatron_sources(self.layout)
         self._params = dict(model.named_parameters())
-        self._device = next(iter(self._params.values())).device
+        self._device = compute_device()  # where the model lives (a parameter's device need not tell)
         self.items = self._plan(model, dtype)
         self.peak_bytes = 0  # most bytes held at once by the last full iteration of buckets()
 

@@ -114,7 +114,10 @@ class CompactDecoder:
                 s[p + "pre_mlp_layernorm.weight"], s[p + "mlp.linear_fc1.weight"], s[p + "mlp.linear_fc2.weight"])
 
     def to(self, device: torch.device) -> None:
-        """Move the weights (sleep / wake); views and tables are rebuilt, so captured graphs go stale."""
+        """Move the weights (sleep / wake); views and tables are rebuilt, so captured graphs go stale.
+        A move to the device they are on does nothing (and so keeps graphs valid)."""
+        if torch.device(device) == self.device:
+            return
         self.device = torch.device(device)
         self.store = {k: v.to(self.device) for k, v in self.store.items()}
         self._bind()

@@ -15,10 +15,33 @@ replica (`sampling_seed`). Rows that finished keep decoding padding until the ba
 outputs are cut at the stop token. Collective contract as `hf`: the first rank of each replica
 generates and shares the results within the replica; every rank drains the weight stream.
 
-Batches run as they come on the CPU (eager). On a GPU the rows are padded up to a power of two (a
-bucket) so that a few graphs cover every batch size; the cache is allocated for the largest bucket and
-length seen and reused (a larger request reallocates it and drops the graphs). `sleep` parks the
-weights on the CPU and frees the cache and graphs; `wake` brings the weights back.
+Placement: the decoder lives on `parallel.device.compute_device()` (the process's GPU, or its virtual
+stand-in under the strict virtual-device mode). CUDA graphs, streams and graph pools need a real GPU:
+they are used only when `torch.cuda.is_available()`, never under the strict mode; the CPU runs eager.
+
+Rows and cache: at most `max_batch_size` rows are decoded at once (all of a call's rows when unset).
+With graphs, a batch is padded up to a bucket, the next power of two capped at `max_batch_size` (so
+the graphs are those of 1, 2, 4, ... rows and of `max_batch_size` itself). The cache holds
+`rows x length` slots; rows never exceed `max_batch_size`, and `max_sequence_length` (prompt_length +
+response_length), when given, sizes the length up front, so the cache is allocated once at
+`B_max x L` and every later step reuses it. A request that needs more reallocates it and drops the
+graphs.
+
+Graphs across sleep / wake. A graph replays raw device addresses: the weights' fused storages (updated
+in place by `update_weights`, so a kept graph sees new weights), the rope tables, the KV cache, its
+static inputs and its memory pool. It stays valid only while all of them stay where they were, so the
+engine keeps the cache and the graphs together, or drops both:
+- keep: when graphs were captured and `keep_graphs` is True, or None (auto) and the engine's resident
+  bytes (weights + cache; a step's activations in the pool are small next to them) are at most
+  `KEEP_GRAPHS_FRACTION` of the GPU's memory (`keeps_graphs_across_sleep`). `sleep` then leaves the
+  weights, the cache and the graphs on the GPU, `wake` has nothing to do, and each step replays the
+  graphs captured at the first one.
+- drop: otherwise (and always on the eager path). `sleep` frees the cache, the graphs and their pool
+  and parks the weights on the CPU (on a CUDA device); `wake` brings the weights back, and the next
+  `generate` allocates the cache and captures anew.
+Capture uses `capture_error_mode="thread_local"`: reward worker threads and the NCCL watchdog make
+CUDA calls while the main thread captures, which the default (global) mode would turn into capture
+errors.
 """
 
 from __future__ import annotations
@@ -29,24 +52,45 @@ import torch
 from torch import Tensor
 
 from liteppo_mcore.convert.names import ignored_hf_name
+from liteppo_mcore.parallel.device import compute_device, make_generator
 from liteppo_mcore.parallel.mcore import ParallelGroups
 from liteppo_mcore.rollout.engine import (Generation, RolloutEngine, SamplingParams, WeightBucket,
                                           copy_weight_stream)
 from liteppo_mcore.rollout.fast_decoder import CompactDecoder, pack_rows, sample_next
-from liteppo_mcore.rollout.hf_engine import (_default_device, check_params, finish, sampling_seed,
-                                             share_within_replica)
+from liteppo_mcore.rollout.hf_engine import check_params, finish, sampling_seed, share_within_replica
 
 CHECK_EVERY = 8          # decode steps between host checks of "every row has stopped"
 LENGTH_MULTIPLE = 64     # cache lengths are rounded up to this, so that nearby widths share graphs
+KEEP_GRAPHS_FRACTION = 0.25  # auto keep_graphs: keep when weights + cache take at most this much of the GPU
+CAPTURE_ERROR_MODE = "thread_local"  # other threads (reward workers, NCCL watchdog) may call CUDA meanwhile
 
 StepFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
+def bucket_for(rows: int, max_batch_size: Optional[int] = None) -> int:
+    """The batch size a graph is captured for: the next power of two, capped at `max_batch_size`."""
+    size = 1 << max(0, (rows - 1).bit_length())
+    return min(size, max_batch_size) if max_batch_size else size
+
+
+def keeps_graphs_across_sleep(keep_graphs: Optional[bool], resident_bytes: int,
+                              device_bytes: Optional[int]) -> bool:
+    """Whether `sleep` keeps the weights, cache and graphs on the GPU (module doc): `keep_graphs` when
+    set; auto (None): when `resident_bytes` fit in `KEEP_GRAPHS_FRACTION` of `device_bytes` (known)."""
+    if keep_graphs is not None:
+        return bool(keep_graphs)
+    return device_bytes is not None and resident_bytes <= KEEP_GRAPHS_FRACTION * device_bytes
+
+
 class GraphedDecodeStep:
-    """The decoder's `decode_step` for one batch size, captured in a CUDA graph over static buffers."""
+    """The decoder's `decode_step` for one batch size, captured in a CUDA graph over static buffers.
+
+    It holds the cache it was captured on (the graph writes into it), so that cache lives as long as
+    the graph; the weights and rope tables are the decoder's, which must not move meanwhile."""
 
     def __init__(self, decoder: CompactDecoder, cache: Tensor, batch: int, pool) -> None:
         dev = decoder.device
+        self.batch, self.cache = batch, cache
         self.tokens = torch.zeros(batch, dtype=torch.long, device=dev)
         self.positions = torch.zeros(batch, dtype=torch.long, device=dev)
         self.starts = torch.zeros(batch, dtype=torch.long, device=dev)
@@ -57,7 +101,7 @@ class GraphedDecodeStep:
                 decoder.decode_step(self.tokens, self.positions, self.starts, cache)
         torch.cuda.current_stream(dev).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode=CAPTURE_ERROR_MODE):
             self.logits = decoder.decode_step(self.tokens, self.positions, self.starts, cache)
 
     def __call__(self, tokens: Tensor, positions: Tensor, starts: Tensor) -> Tensor:
@@ -69,39 +113,50 @@ class GraphedDecodeStep:
 
 
 class FastEngine(RolloutEngine):
-    """See the module docstring. `use_cuda_graphs` defaults to True on a CUDA device (never on the CPU)."""
+    """See the module docstring. `use_cuda_graphs` defaults to True on a GPU (never on the CPU, nor under
+    the strict virtual-device mode); `keep_graphs` (None: auto) decides whether graphs survive `sleep`;
+    `max_batch_size` bounds the rows decoded at once; `max_sequence_length` sizes the cache up front."""
 
     name = "fast"
     needs_weight_sync = True
 
     def __init__(self, shape, groups: ParallelGroups, *, eos_token_ids: Sequence[int], dtype: torch.dtype,
                  device: Optional[torch.device] = None, pad_token_id: Optional[int] = None,
-                 max_batch_size: Optional[int] = None, use_cuda_graphs: Optional[bool] = None):
+                 max_batch_size: Optional[int] = None, use_cuda_graphs: Optional[bool] = None,
+                 keep_graphs: Optional[bool] = None, max_sequence_length: Optional[int] = None):
         if not eos_token_ids:
             raise ValueError("the fast engine needs at least one EOS token id to stop generation")
+        if max_batch_size is not None and int(max_batch_size) < 1:
+            raise ValueError(f"fast engine: max_batch_size must be >= 1 (or unset), got {max_batch_size}")
         self.shape, self.groups = shape, groups
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
         self.pad_token_id = self.eos_token_ids[0] if pad_token_id is None else int(pad_token_id)
         if not 0 <= self.pad_token_id < shape.vocab_size:
             self.pad_token_id = 0  # an out-of-vocabulary EOS (never stop) cannot be embedded as padding
-        self.max_batch_size = max_batch_size
-        self.device = torch.device(device) if device is not None else _default_device()
-        graphs = self.device.type == "cuda" if use_cuda_graphs is None else bool(use_cuda_graphs)
-        if graphs and self.device.type != "cuda":
-            raise ValueError("fast engine: CUDA graphs need a CUDA device")
+        self.max_batch_size = int(max_batch_size) if max_batch_size is not None else None
+        self.max_sequence_length = int(max_sequence_length) if max_sequence_length else None
+        self.device = torch.device(device) if device is not None else compute_device()
+        gpu = self.device.type == "cuda" and torch.cuda.is_available()  # a real one: graphs need it
+        graphs = gpu if use_cuda_graphs is None else bool(use_cuda_graphs)
+        if graphs and not gpu:
+            raise ValueError("fast engine: CUDA graphs need a CUDA device (a real GPU; the CPU and the strict "
+                             "virtual-device mode run eager)")
         self.use_cuda_graphs = graphs
+        self.keep_graphs = keep_graphs
         self.is_generator = groups.tp_rank == 0 and groups.pp_rank == 0 and groups.cp_rank == 0
         self.decoder = CompactDecoder(shape, dtype, self.device) if self.is_generator else None
         self._cache: Optional[Tensor] = None
         self._graphs: Dict[int, GraphedDecodeStep] = {}
         self._pool = None
         self._asleep = False
+        self._parked = False  # the weights sit on the CPU (a dropping sleep on a CUDA device)
 
     # ------------------------------------------------------------------ weights
     @torch.no_grad()
     def update_weights(self, buckets: Iterable[WeightBucket]) -> None:
         """Copy every tensor of the stream into the decoder's views (generating rank); every rank
-        iterates the buckets, since producing them is collective. Every tensor must arrive, each once."""
+        iterates the buckets, since producing them is collective. Every tensor must arrive, each once.
+        The copies are in place, so kept graphs replay the new weights."""
         copy_weight_stream(buckets, self.decoder.params if self.decoder is not None else None, engine="fast",
                            family=self.shape.family, skip=lambda name: ignored_hf_name(name, self.decoder.layout))
 
@@ -138,7 +193,8 @@ class FastEngine(RolloutEngine):
             raise RuntimeError("fast engine: generate() while asleep; call wake() first")
         rows = [list(p) for p in prompts for _ in range(params.n)]
         step = self.max_batch_size or max(1, len(rows))
-        generator = torch.Generator(device=self.device).manual_seed(sampling_seed(params.seed, self.groups.dp_rank))
+        # The draws happen where the data is: the GPU's generator, the CPU's under the strict mode.
+        generator = make_generator(self.device, sampling_seed(params.seed, self.groups.dp_rank))
         out: List[Generation] = []
         for lo in range(0, len(rows), step):
             chunk = rows[lo: lo + step]
@@ -151,7 +207,7 @@ class FastEngine(RolloutEngine):
                         generator: torch.Generator) -> List[Generation]:
         stop_ids = list(params.stop_token_ids or self.eos_token_ids)
         real = len(rows)
-        batch = _bucket(real) if self.use_cuda_graphs else real
+        batch = bucket_for(real, self.max_batch_size) if self.use_cuda_graphs else real
         ids, starts = pack_rows(rows + [[self.pad_token_id]] * (batch - real), self.pad_token_id, self.device)
         width = ids.shape[1]
         cache = self._cache_for(batch, width + params.max_new_tokens - 1)
@@ -183,7 +239,10 @@ class FastEngine(RolloutEngine):
         return tokens[:real, :steps].tolist(), logps[:real, :steps].tolist()
 
     def _cache_for(self, batch: int, length: int) -> Tensor:
-        """The preallocated cache, grown (and the graphs dropped) only when this request needs more."""
+        """The preallocated cache, grown (and the graphs dropped) only when this request needs more. Its
+        length is at least `max_sequence_length - 1` (the last token is never written) when that is set."""
+        if self.max_sequence_length:
+            length = max(length, self.max_sequence_length - 1)
         length = -(-length // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
         c = self._cache
         if c is None or c.shape[2] < batch or c.shape[4] < length:
@@ -198,10 +257,13 @@ class FastEngine(RolloutEngine):
         if not self.use_cuda_graphs:
             return lambda tokens, positions, starts: decoder.decode_step(tokens, positions, starts, cache)
         if batch not in self._graphs:
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            self._graphs[batch] = GraphedDecodeStep(decoder, cache, batch, self._pool)
+            self._graphs[batch] = self._capture(batch, cache)
         return self._graphs[batch]
+
+    def _capture(self, batch: int, cache: Tensor) -> GraphedDecodeStep:
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return GraphedDecodeStep(self.decoder, cache, batch, self._pool)
 
     def _release_cache(self) -> None:
         self._graphs, self._pool, self._cache = {}, None, None
@@ -209,23 +271,40 @@ class FastEngine(RolloutEngine):
             torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ memory
+    def resident_bytes(self) -> int:
+        """Bytes the engine holds on its device: weights (unless parked) and cache."""
+        if self.decoder is None:
+            return 0
+        weights = 0 if self._parked else sum(t.numel() * t.element_size() for t in self.decoder.store.values())
+        cache = self._cache.numel() * self._cache.element_size() if self._cache is not None else 0
+        return weights + cache
+
+    def _device_bytes(self) -> Optional[int]:
+        if self.device.type != "cuda" or not torch.cuda.is_available():
+            return None
+        return torch.cuda.get_device_properties(self.device).total_memory
+
+    def keeps_graphs(self) -> bool:
+        """Whether a `sleep` now would keep the weights, the cache and the graphs (module doc)."""
+        return (self.decoder is not None and self.use_cuda_graphs and bool(self._graphs)
+                and keeps_graphs_across_sleep(self.keep_graphs, self.resident_bytes(), self._device_bytes()))
+
     def sleep(self) -> None:
-        """On a GPU, park the weights on the CPU and free the cache and graphs while the trainer trains."""
-        if self.decoder is not None and self.device.type == "cuda" and not self._asleep:
+        """Keep the weights, cache and graphs where they are (`keeps_graphs`), or free the cache and the
+        graphs and, on a CUDA device, park the weights on the CPU while the trainer trains."""
+        if self.decoder is not None and not self._asleep and not self.keeps_graphs():
             self._release_cache()
-            self.decoder.to(torch.device("cpu"))
-            torch.cuda.empty_cache()
+            if self.device.type == "cuda":
+                self.decoder.to(torch.device("cpu"))
+                self._parked = True
+                torch.cuda.empty_cache()
         self._asleep = True
 
     def wake(self) -> None:
-        if self.decoder is not None and self.device.type == "cuda" and self._asleep:
+        if self.decoder is not None and self._parked:
             self.decoder.to(self.device)
+            self._parked = False
         self._asleep = False
 
     def shutdown(self) -> None:
         self._graphs, self._pool, self._cache, self.decoder = {}, None, None, None
-
-
-def _bucket(rows: int) -> int:
-    """The batch size a graph is captured for: the next power of two."""
-    return 1 << max(0, (rows - 1).bit_length())

@@ -5,9 +5,18 @@ the same function as the megatron actor whatever the run started from; its weigh
 `update_weights` after every update. Generation is transformers' own `generate` (temperature, top-p,
 top-k, stop at EOS; `n` samples by repeating each prompt), on left-padded batches: the attention mask
 hides the padding and transformers derives position ids from it, so a padded prompt generates what it
-would alone. Log-probs are recomputed from the RAW logits of every step (`output_logits`), as
-`log_softmax(logits / temperature)` over the full vocabulary: the processed scores would be
-renormalized by top-p/top-k.
+would alone.
+
+Log-probs are those of the RAW logits of every step, `log_softmax(logits / temperature)` over the full
+vocabulary (the processed scores would be renormalized by top-p/top-k), kept for the sampled tokens
+only: a `SampledLogprobs` logits processor sees each step's raw float32 logits (transformers runs the
+processors passed to `generate` before its temperature / top-k / top-p warpers, which are left to
+it) and stores that step's `[B, V]` log-probs. The token drawn at step t is only known at the next
+call (the last column of `input_ids`), or after `generate` for the last step, so each call first
+gathers the previous step's stored row at it and then replaces the row. At most one `[B, V]` row is
+held at a time and `generate` keeps no logits (`output_logits` stays off): per-step memory is
+O(B * V), where stacking every step's logits would take B * T * V floats (about 300 GB at
+128 x 4096 x 151,936).
 
 Collective contract (see engine.py): only the first rank of each model replica (tp = pp = cp = 0)
 holds the transformers model and generates; it broadcasts the results over the replica's CP, PP and TP
@@ -24,6 +33,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from liteppo_mcore.convert.hf_files import hf_config_from_shape
+from liteppo_mcore.parallel.device import compute_device
 from liteppo_mcore.parallel.mcore import ParallelGroups
 from liteppo_mcore.rollout.engine import (Generation, RolloutEngine, SamplingParams, WeightBucket,
                                           copy_weight_stream)
@@ -90,6 +100,48 @@ def share_within_replica(value, groups: ParallelGroups):
     return value
 
 
+class SampledLogprobs:
+    """A transformers logits processor that keeps the log-probs of the sampled tokens only (module doc).
+
+    Called by `generate` once per step with `input_ids` `[B, width + t]` (prompt plus the t tokens
+    drawn so far) and the step's raw float32 logits `[B, V]`; returns the logits untouched. It must be
+    the first processor (transformers puts the processors passed to `generate` before its sampling
+    warpers), so that what it sees is the model's output, not the warped scores."""
+
+    def __init__(self, prompt_width: int, temperature: float):
+        self.width, self.temperature = int(prompt_width), float(temperature)
+        self.steps: List[Tensor] = []      # [B] log-probs of tokens 0, 1, ... (known tokens only)
+        self._row: Optional[Tensor] = None  # [B, V] log-probs of the step whose token is not drawn yet
+        self._row_step = -1
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        step = input_ids.shape[1] - self.width
+        if self._row is not None:
+            if self._row_step != step - 1:
+                raise RuntimeError(f"hf engine: logits processor called for step {step} after step "
+                                   f"{self._row_step}; transformers' decoding loop changed")
+            self._take(input_ids[:, -1])
+        self._row = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        self._row_step = step
+        return scores
+
+    def _take(self, tokens: Tensor) -> None:
+        self.steps.append(self._row.gather(-1, tokens.to(self._row.device)[:, None]).squeeze(-1))
+        self._row = None
+
+    def result(self, sequences: Tensor) -> Tensor:
+        """`[B, T]` log-probs of the `T = sequences.shape[1] - width` tokens `generate` returned. Steps it
+        ran but undid (transformers may decode one step past its stop check) are dropped."""
+        count = sequences.shape[1] - self.width
+        if len(self.steps) < count and self._row is not None and self._row_step == len(self.steps):
+            self._take(sequences[:, self.width + len(self.steps)])  # the last step: its token is in `sequences`
+        if len(self.steps) < count:
+            raise RuntimeError(f"hf engine: generate returned {count} new tokens but the logits processor "
+                               f"saw {len(self.steps)} decided steps")
+        self._row = None
+        return torch.stack(self.steps[:count], dim=1)
+
+
 class HFEngine(RolloutEngine):
     """See the module docstring. `eos_token_ids` stop generation when the sampling parameters name none."""
 
@@ -105,7 +157,7 @@ class HFEngine(RolloutEngine):
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
         self.pad_token_id = self.eos_token_ids[0] if pad_token_id is None else int(pad_token_id)
         self.max_batch_size = max_batch_size
-        self.device = torch.device(device) if device is not None else _default_device()
+        self.device = torch.device(device) if device is not None else compute_device()
         self.is_generator = groups.tp_rank == 0 and groups.pp_rank == 0 and groups.cp_rank == 0
         self.model = build_hf_model(shape, dtype, self.device, attn_implementation) if self.is_generator else None
         self._params: Dict[str, Tensor] = dict(self.model.named_parameters()) if self.model is not None else {}
@@ -164,20 +216,22 @@ class HFEngine(RolloutEngine):
         for i, r in enumerate(rows):  # left padding: every row's last prompt token is at the same column
             ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
             mask[i, width - len(r):] = 1
-        out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                  generation_config=self._generation_config(params, stop_ids))
-        new = out.sequences[:, width:].cpu()
-        raw = torch.stack(out.logits, dim=1).float()  # [B, T, V] before any processor
-        logp = torch.log_softmax(raw / params.temperature, dim=-1)
-        logp = logp.gather(-1, new.to(logp.device).unsqueeze(-1)).squeeze(-1).cpu()
+        from transformers import LogitsProcessorList
+
+        keep = SampledLogprobs(width, params.temperature)
+        sequences = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                        generation_config=self._generation_config(params, stop_ids),
+                                        logits_processor=LogitsProcessorList([keep]))
+        logp = keep.result(sequences).cpu()
+        new = sequences[:, width:].cpu()
         return [finish(new[i].tolist(), logp[i].tolist(), stop_ids) for i in range(len(rows))]
 
     def _generation_config(self, params: SamplingParams, stop_ids: List[int]):
         from transformers import GenerationConfig
 
         common = dict(max_new_tokens=params.max_new_tokens, min_new_tokens=0, eos_token_id=stop_ids,
-                      pad_token_id=self.pad_token_id, return_dict_in_generate=True, output_logits=True,
-                      use_cache=True, num_beams=1, repetition_penalty=1.0)
+                      pad_token_id=self.pad_token_id, return_dict_in_generate=False, output_logits=False,
+                      output_scores=False, use_cache=True, num_beams=1, repetition_penalty=1.0)
         if params.greedy:
             return GenerationConfig(do_sample=False, **common)
         # top_k=0 disables top-k: left unset, transformers would default it to 50.
@@ -201,9 +255,9 @@ class HFEngine(RolloutEngine):
         self.model, self._params = None, {}
 
 
-def _default_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
 def _rng_devices(device: torch.device) -> list:
-    return [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    """The CUDA devices whose generator `fork_rng` saves: the engine's, when it is a real GPU (under the
+    strict virtual-device mode the data, and so the draws, stay on the CPU generator)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]

@@ -30,6 +30,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from liteppo_mcore.models.forward import cp_split
 from liteppo_mcore.models.logprob import vocab_parallel_logprob_entropy
+from liteppo_mcore.parallel.device import compute_device, make_generator
 from liteppo_mcore.parallel.mcore import ParallelGroups
 from liteppo_mcore.rollout.engine import Generation, RolloutEngine, SamplingParams, WeightBucket
 from liteppo_mcore.rollout.hf_engine import check_params, sampling_seed
@@ -58,7 +59,7 @@ class MCoreEngine(RolloutEngine):
         self.vocab_size, self.max_sequence_length = int(vocab_size), int(max_sequence_length)
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
         self.sequence_parallel = sequence_parallel
-        self._device = next(model.parameters()).device
+        self._device = compute_device()  # (not a parameter's: on later pipeline stages the first may be a norm)
 
     def update_weights(self, buckets: Iterable[WeightBucket]) -> None:
         """Nothing to load (the engine IS the actor); the buckets are drained so that ranks that were
@@ -82,7 +83,7 @@ class MCoreEngine(RolloutEngine):
         new_tokens: List[List[int]] = [[] for _ in seqs]
         logprobs: List[List[float]] = [[] for _ in seqs]
         done = [False] * len(seqs)
-        generator = torch.Generator(device=self._device).manual_seed(sampling_seed(params.seed, self.groups.dp_rank))
+        generator = make_generator(self._device, sampling_seed(params.seed, self.groups.dp_rank))
         was_training = self.model.training
         self.model.eval()
         try:

@@ -35,9 +35,10 @@ def kl_worker(rank, ws, layouts, wholes=None):
                                micro_batch_size=4)
         plain = None
         if cfg.parallel.tp == 1 and cfg.parallel.cp == 1:
-            lp = torch.log_softmax(models.actor(batch.tokens, None, attention_mask=None)[..., :VOCAB] / T, -1)
-            lq = torch.log_softmax(models.reference(batch.tokens, None, attention_mask=None)[..., :VOCAB] / T, -1)
-            full = (lp.exp() * (lp - lq)).sum(-1)
+            tokens = batch.tokens.to(next(models.actor.parameters()).device)
+            lp = torch.log_softmax(models.actor(tokens, None, attention_mask=None)[..., :VOCAB] / T, -1)
+            lq = torch.log_softmax(models.reference(tokens, None, attention_mask=None)[..., :VOCAB] / T, -1)
+            full = (lp.exp() * (lp - lq)).sum(-1).cpu()
             from liteppo_mcore.models.forward import to_response_coords
             plain = to_response_coords(full.detach(), batch, batch.response_width())
         out[name] = {"kl": kl, "same": same, "plain": plain, "wholes": wholes}

@@ -20,6 +20,7 @@ def families_worker(rank, ws):
     from liteppo_mcore.models.forward import SequenceBatch, forward_per_token
     from liteppo_mcore.models.gpt import build_models
     from liteppo_mcore.parallel.mcore import destroy_model_parallel, initialize_model_parallel
+    from liteppo_mcore.parallel.device import compute_device
 
     out = {}
     for family, overrides in FAMILIES.items():
@@ -31,7 +32,7 @@ def families_worker(rank, ws):
         tokens = torch.randint(0, 77, (2, 12), generator=g)
         batch = SequenceBatch(tokens=tokens, prompt_lens=torch.tensor([4, 5]), response_lens=torch.tensor([8, 3]))
         actor = forward_per_token(models.actor, batch, groups, vocab_size=77, micro_batch_size=1)
-        values = models.critic(tokens, None, attention_mask=None)
+        values = models.critic(tokens.to(compute_device()), None, attention_mask=None)
         values.sum().backward()
         head = models.critic.output_layer.linear
         qk_norms = [n for n, _ in models.actor.named_parameters() if "q_layernorm" in n]

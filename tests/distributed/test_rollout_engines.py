@@ -29,12 +29,12 @@ def actor_logits(actor, groups, tokens):
     import torch.distributed as dist
 
     actor.eval()
-    shard = actor(tokens, None, attention_mask=None)
+    shard = actor(tokens.to(next(actor.parameters()).device), None, attention_mask=None)
     if groups.tp_size > 1:
         parts = [torch.empty_like(shard) for _ in range(groups.tp_size)]
         dist.all_gather(parts, shard.contiguous(), group=groups.tp_group)
         shard = torch.cat(parts, dim=-1)
-    return shard[..., :VOCAB].float()
+    return shard[..., :VOCAB].float().cpu()
 
 
 def reference_greedy(actor, groups, prompt, max_new, stop=None):

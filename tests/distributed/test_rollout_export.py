@@ -39,7 +39,7 @@ def perturb(model, groups, scale=0.05):
             full_shape[param.partition_dim] *= groups.tp_size
         g = torch.Generator().manual_seed(zlib.crc32(whole.encode()))
         noise = torch.randn(full_shape, generator=g) * scale
-        param.add_(shard_of(noise, param, groups.tp_rank, groups.tp_size))
+        param.add_(shard_of(noise, param, groups.tp_rank, groups.tp_size).to(param.device))
 
 
 def build_actor(ws, overrides):
@@ -76,7 +76,7 @@ def _export_and_convert(ws, name, overrides, root):
     destroy_model_parallel()
     convert_mcore_to_hf(run_dir, out_dir)  # at TP=1/PP=1 in the same two processes (dp=2)
     written = read_hf_tensors(out_dir)
-    differing = sorted(k for k in written if k not in stream or not torch.equal(stream[k], written[k]))
+    differing = sorted(k for k in written if k not in stream or not torch.equal(stream[k].cpu(), written[k]))
     return {"missing": sorted(set(written) - set(stream)), "extra": sorted(set(stream) - set(written)),
             "differing": differing, "count": len(written), "peak": exporter.peak_bytes,
             "max_tensor": exporter.max_tensor_bytes, "total": exporter.total_bytes, "bucket_bytes": bucket_bytes,

@@ -72,7 +72,7 @@ def _plain_agg(x, mask, mode, lens):
 def _response_view(full, prompt_lens, t):
     """[B, S, ...] at the positions predicting response tokens -> [B, t, ...] (index clamped)."""
     idx = (prompt_lens - 1)[:, None] + torch.arange(t)[None, :]
-    idx = idx.clamp(max=full.shape[1] - 1)
+    idx = idx.clamp(max=full.shape[1] - 1).to(full.device)
     if full.dim() == 3:
         return full.gather(1, idx[..., None].expand(-1, -1, full.shape[-1]))
     return full.gather(1, idx)
@@ -88,8 +88,10 @@ def plain_losses(actor, critic, data, cfg):
     for i in range(tokens.shape[0]):
         targets[i, :rl[i]] = tokens[i, pl[i]:pl[i] + rl[i]]
     # float64 from the logits on: the reference should be the more exact side of the comparison
-    logits = _response_view(actor(tokens, None, attention_mask=None)[..., :VOCAB], pl, t).double() / TEMPERATURE
-    logprobs = torch.log_softmax(logits, dim=-1)
+    # the plain computation runs where the model is (the data is built on the host, as in the trainer)
+    device = next(actor.parameters()).device
+    logits = _response_view(actor(tokens.to(device), None, attention_mask=None)[..., :VOCAB], pl, t)
+    logprobs = torch.log_softmax(logits.double() / TEMPERATURE, dim=-1).cpu()
     logp = logprobs.gather(-1, targets[..., None]).squeeze(-1)
     entropy = -(logprobs.exp() * logprobs).sum(-1)
     old = (logp.detach() + data["logp_noise"]).float().double()  # what the layouts receive, in fp32

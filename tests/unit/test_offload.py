@@ -3,6 +3,9 @@
 import pytest
 import torch
 
+from liteppo_mcore.parallel import cpu_compat
+from liteppo_mcore.parallel.device import on_gpu
+from liteppo_mcore.parallel.strict_device import is_device
 from liteppo_mcore.train.offload import move_module, move_optimizer_state, offload_enabled
 
 
@@ -31,9 +34,51 @@ def test_every_moment_moves_and_the_step_count_stays():
     assert move_optimizer_state(chained, torch.device("meta")) == 0  # already there
 
 
-def test_offload_is_off_without_cuda():
-    assert offload_enabled(True) == torch.cuda.is_available()
+def test_offload_follows_the_gpu_answer():
+    assert offload_enabled(True) == on_gpu()
     assert not offload_enabled(False)
+
+
+@pytest.fixture
+def strict():
+    if torch.cuda.is_available():
+        pytest.skip("the strict virtual-device mode exists only without CUDA")
+    cpu_compat.install(strict=True)
+
+
+def test_states_go_straight_into_pinned_host_memory_and_back(strict, monkeypatch):
+    """GPU path under the strict mode: host copies land in pinned buffers made for them (never a
+    pageable copy pinned afterwards), and come back as device tensors."""
+    assert offload_enabled(True)
+    p, opt = _adam_after_a_step()
+    p.data = p.data.cuda()
+    for key in ("exp_avg", "exp_avg_sq"):
+        opt.state[p][key] = opt.state[p][key].cuda()
+    before = {k: v.clone() for k, v in opt.state[p].items()}
+
+    def no_pageable_then_pinned(self, *a, **k):
+        raise AssertionError("Tensor.pin_memory() copies twice (pageable, then pinned)")
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", no_pageable_then_pinned)
+    wrapped = _Wrapped(opt)
+    move_optimizer_state(wrapped, torch.device("cpu"))
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert opt.state[p][key].is_pinned() and not is_device(opt.state[p][key])
+    move_optimizer_state(wrapped, torch.device("cuda", torch.cuda.current_device()))
+    assert all(is_device(opt.state[p][k]) for k in ("exp_avg", "exp_avg_sq"))
+    assert all(torch.equal(opt.state[p][k].cpu(), v.cpu()) for k, v in before.items())
+
+
+def test_the_reference_moves_the_same_way(strict, monkeypatch):
+    model = torch.nn.Linear(3, 3).cuda()
+    model.register_buffer("scale", torch.ones(3, device="cuda"))
+    weight = model.weight.detach().cpu().clone()
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: (_ for _ in ()).throw(AssertionError("pageable")))
+    move_module(model, torch.device("cpu"))
+    assert all(t.is_pinned() and not is_device(t) for t in (model.weight, model.bias, model.scale))
+    move_module(model, torch.device("cuda", 0))
+    assert all(is_device(t) for t in (model.weight, model.bias, model.scale))
+    assert torch.equal(model.weight.cpu(), weight)
 
 
 @pytest.mark.gpu

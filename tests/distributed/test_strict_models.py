@@ -1,0 +1,53 @@
+"""Megatron models under the strict virtual-device mode: every parameter where megatron puts its own
+(on the device), the value head in fp32, and a batch built on the host reaching the model only through
+the forward passes, which hand host results back. Bug (b) of the mode's own tests: a host batch fed
+straight to a device model fails."""
+
+import torch
+
+from tests.distributed.spawn import run_gloo
+
+VOCAB = 50
+BASE = ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=4", "model.num_query_groups=2",
+        "model.ffn_hidden_size=48", f"model.vocab_size={VOCAB}", "model.max_position_embeddings=64",
+        "rollout_batch_size=2", "num_return_sequences_in_group=2", "train.mini_batch_size=4",
+        "train.micro_batch_size=2", "adv_estimator=gae", "use_kl_loss=true", "model.family=qwen3"]
+
+
+def strict_worker(rank, world_size):
+    from liteppo_mcore.config import load_config
+    from liteppo_mcore.models.forward import SequenceBatch, forward_per_token
+    from liteppo_mcore.models.gpt import build_models
+    from liteppo_mcore.parallel.mcore import destroy_model_parallel, initialize_model_parallel
+    from liteppo_mcore.parallel.strict_device import StrictDeviceError, is_active, is_device
+
+    cfg = load_config(overrides=BASE, world_size=world_size)
+    groups = initialize_model_parallel(1, 1, 1, seed=cfg.seed)
+    models = build_models(cfg, groups)
+    out = {"strict": is_active()}
+    out["host_params"] = [f"{kind}.{name}" for kind in ("actor", "critic", "reference")
+                          for name, p in getattr(models, kind).named_parameters() if not is_device(p)]
+    out["host_buffers"] = [name for name, b in models.actor.named_buffers() if not is_device(b)]
+    out["value_head_dtype"] = str(models.critic.output_layer.linear.weight.dtype)
+    tokens = torch.randint(0, VOCAB, (2, 9))
+    batch = SequenceBatch(tokens, torch.tensor([3, 4]), torch.tensor([6, 2]))
+    try:
+        models.actor(tokens, None, attention_mask=None)  # the bug: host tokens into a device model
+        out["host_batch"] = "passed"
+    except StrictDeviceError as e:
+        out["host_batch"] = str(e).splitlines()[0]
+    res = forward_per_token(models.actor, batch, groups, vocab_size=VOCAB, micro_batch_size=2)
+    values = forward_per_token(models.critic, batch, groups, kind="critic", vocab_size=VOCAB, micro_batch_size=1)
+    out["results_on_host"] = [not is_device(v) for v in (*res.values(), *values.values())]
+    out["logp_finite"] = bool(torch.isfinite(res["logp"]).all())
+    destroy_model_parallel()
+    return out
+
+
+def test_models_are_placed_as_on_a_gpu_and_forward_passes_take_host_batches():
+    (r,) = run_gloo(strict_worker, 1, env={"LITEPPO_STRICT_DEVICE": "1"})
+    assert r["strict"]
+    assert r["host_params"] == [] and r["host_buffers"] == []
+    assert r["value_head_dtype"] == "torch.float32"
+    assert r["host_batch"].startswith("Expected all tensors to be on the same device")
+    assert r["results_on_host"] == [True, True, True] and r["logp_finite"]
