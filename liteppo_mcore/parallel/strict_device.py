@@ -255,18 +255,42 @@ def _factory(placement_: Optional[Placement]) -> Iterator[None]:
         _STATE.factory = previous
 
 
-def _moved(tensor: torch.Tensor, kind: str, dtype: Optional[torch.dtype], memory_format: Any,
-           where: str, pinned: bool = False) -> torch.Tensor:
-    """A new tensor with the data of `tensor` on `kind` (a move between device and host copies)."""
+def _copy_to(tensor: torch.Tensor, placement_: Placement, dtype: Optional[torch.dtype], memory_format: Any) -> torch.Tensor:
     kwargs: Dict[str, Any] = {"copy": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
     if memory_format is not None:
         kwargs["memory_format"] = memory_format
-    with _factory(Placement(kind, where, pinned)):
+    with _factory(placement_):
         out = tensor.to(**kwargs)
-    _TABLE.set(out, Placement(kind, where, pinned))
+    _TABLE.set(out, placement_)
     return out
+
+
+class _Move(torch.autograd.Function):
+    """A move between host and device that autograd sees as one: its backward moves the gradient back
+    to where the input was (the CPU copy underneath would leave it where the output is)."""
+
+    @staticmethod
+    def forward(ctx, tensor, placement_, dtype, memory_format):
+        source = _TABLE.get(tensor)
+        ctx.source = Placement(source.kind if source is not None else HOST, f"the backward of the move at "
+                               f"{placement_.where}")
+        ctx.dtype = tensor.dtype
+        return _copy_to(tensor, placement_, dtype, memory_format)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _copy_to(grad, ctx.source, ctx.dtype, None), None, None, None
+
+
+def _moved(tensor: torch.Tensor, kind: str, dtype: Optional[torch.dtype], memory_format: Any,
+           where: str, pinned: bool = False) -> torch.Tensor:
+    """A new tensor with the data of `tensor` on `kind` (a move between device and host copies)."""
+    placement_ = Placement(kind, where, pinned)
+    if tensor.requires_grad and torch.is_grad_enabled():
+        return _Move.apply(tensor, placement_, dtype, memory_format)
+    return _copy_to(tensor, placement_, dtype, memory_format)
 
 
 def _target_of_to(args: tuple, kwargs: dict) -> Tuple[Optional[str], Optional[torch.dtype], bool, Any, Any]:

@@ -108,7 +108,7 @@ def _layout_run(ws, layout, overrides):
         tokens = torch.tensor([PROMPTS[1] + [4, 8, 15, 16, 23, 42]])
         want = actor_logits(models.actor, groups, tokens)
         got = hf.logits(tokens)
-        res["logit_diff"] = None if got is None else (got - want).abs().max().item()
+        res["logit_diff"] = None if got is None else (got.cpu() - want).abs().max().item()
         free = reference_greedy(models.actor, groups, prompts[0], MAX_NEW)
         stop = next(t for i, t in enumerate(free) if i > 0 and t not in free[:i])  # a stop the decode meets
         res["stop"] = stop

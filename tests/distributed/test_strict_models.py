@@ -40,6 +40,35 @@ def strict_worker(rank, world_size):
     values = forward_per_token(models.critic, batch, groups, kind="critic", vocab_size=VOCAB, micro_batch_size=1)
     out["results_on_host"] = [not is_device(v) for v in (*res.values(), *values.values())]
     out["logp_finite"] = bool(torch.isfinite(res["logp"]).all())
+    # forward-only passes cut the batch like training: longest first, at most max_tokens padded tokens
+    shapes = []
+    hook = models.actor.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    lens = torch.tensor([3, 7, 2, 5])
+    long_batch = SequenceBatch(torch.randint(0, VOCAB, (4, 12)), lens, 12 - lens - torch.tensor([0, 1, 2, 3]))
+    bounded = forward_per_token(models.actor, long_batch, groups, vocab_size=VOCAB, micro_batch_size=4,
+                                max_tokens_per_micro_batch=24)
+    hook.remove()
+    whole = forward_per_token(models.actor, long_batch, groups, vocab_size=VOCAB, micro_batch_size=4)
+    out["micro_shapes"] = shapes
+    out["bounded_equals_whole"] = max((bounded[k] - whole[k]).abs().max().item() for k in bounded)
+    destroy_model_parallel()
+    return out
+
+
+def bf16_critic_worker(rank, world_size):
+    from liteppo_mcore.config import load_config
+    from liteppo_mcore.models.gpt import build_models
+    from liteppo_mcore.parallel.device import compute_device
+    from liteppo_mcore.parallel.mcore import destroy_model_parallel, initialize_model_parallel
+
+    cfg = load_config(overrides=BASE + ["model.dtype=bf16"], world_size=world_size)
+    groups = initialize_model_parallel(1, 1, 1, seed=cfg.seed)
+    models = build_models(cfg, groups)
+    head = models.critic.output_layer.linear
+    head.weight.data.normal_(0, 0.3)
+    values = models.critic(torch.randint(0, VOCAB, (2, 9)).to(compute_device()), None, attention_mask=None)
+    out = {"trunk": str(models.critic.decoder.layers[0].mlp.linear_fc1.weight.dtype),
+           "head": str(head.weight.dtype), "values": str(values.dtype)}
     destroy_model_parallel()
     return out
 
@@ -51,3 +80,12 @@ def test_models_are_placed_as_on_a_gpu_and_forward_passes_take_host_batches():
     assert r["value_head_dtype"] == "torch.float32"
     assert r["host_batch"].startswith("Expected all tensors to be on the same device")
     assert r["results_on_host"] == [True, True, True] and r["logp_finite"]
+    # sequence lengths 12, 11, 10, 9; at most 24 padded tokens -> [12, 11] padded to 12, [10, 9] to 10
+    assert r["micro_shapes"] == [(2, 12), (2, 10)]
+    assert r["bounded_equals_whole"] < 1e-5
+
+
+def test_value_head_is_fp32_in_a_bf16_critic():
+    """In bf16 the values (and the value loss) would be quantized to steps of 2^-8 of their magnitude."""
+    (r,) = run_gloo(bf16_critic_worker, 1, env={"LITEPPO_STRICT_DEVICE": "1"})
+    assert r == {"trunk": "torch.bfloat16", "head": "torch.float32", "values": "torch.float32"}

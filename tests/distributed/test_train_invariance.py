@@ -105,7 +105,7 @@ def plain_losses(actor, critic, data, cfg):
     k3 = torch.exp(-d) + d - 1
     actor_loss = (_plain_agg(pg, mask, mode, rl) + 0.3 * _plain_agg(k3, mask, mode, rl)
                   - 0.05 * _plain_agg(entropy, mask, mode, rl))
-    values = _response_view(critic(tokens, None, attention_mask=None), pl, t).squeeze(-1).double()
+    values = _response_view(critic(tokens.to(device), None, attention_mask=None), pl, t).squeeze(-1).double().cpu()
     ret, vold = data["returns"].double(), data["old_values"].double()
     vclip = vold + (values - vold).clamp(-0.05, 0.05)
     e = torch.maximum((values - ret) ** 2, (vclip - ret) ** 2)

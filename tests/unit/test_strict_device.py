@@ -68,6 +68,17 @@ def test_views_parameters_inplace_and_autograd_keep_the_device():
     assert not is_device(module.weight)
 
 
+def test_gradients_flow_back_across_moves():
+    w = torch.randn(3, device="cuda", requires_grad=True)
+    host = (w * 2).cpu()  # e.g. a loss computed partly on the host
+    index = torch.tensor([0, 2])
+    (host[index].sum() * torch.ones(())).backward()  # the backward of .cpu() must land on the device
+    assert is_device(w.grad) and w.grad.tolist() == [2.0, 0.0, 2.0]
+    h = torch.randn(2, requires_grad=True)
+    (h.cuda().double() ** 2).sum().backward()
+    assert not is_device(h.grad) and h.grad.dtype == torch.float32
+
+
 def test_pinned_host_memory():
     pinned = torch.empty(3, pin_memory=True)
     assert pinned.is_pinned() and not is_device(pinned)
@@ -202,6 +213,10 @@ def collectives_worker(rank, world_size):
     from liteppo_mcore.parallel.device import collective_device, is_host_group
 
     out["placement"] = (is_host_group(gloo), is_host_group(None), str(collective_device(None)))
+    from liteppo_mcore.parallel.reducer import make_allreduce_sum
+
+    summed = make_allreduce_sum(dist.group.WORLD)(torch.ones(2))  # a host statistic, reduced over "NCCL"
+    out["reducer"] = (summed.tolist(), is_device(summed))
     return out
 
 
@@ -213,6 +228,7 @@ def test_collectives_over_nccl_groups_refuse_host_tensors():
         assert r["host_gloo"] == [2.0, 2.0]
         assert r["objects"] == [{"rank": 0}, {"rank": 1}]
         assert r["placement"] == (True, False, f"cuda:{rank}")
+        assert r["reducer"] == ([2.0, 2.0], False)  # sent on the device, handed back on the host
 
 
 def test_the_environment_switch(monkeypatch):
