@@ -95,7 +95,7 @@ def _workspace(logits: Tensor, shard: _Shard, count: int) -> Tensor:
 
 def _scaled_minus(x: Tensor, shift: Tensor, inv_t: float, out: Tensor) -> Tensor:
     """``out = x / T - shift[:, None]`` in the compute dtype, ``x`` in its stored dtype."""
-    if x.dtype == out.dtype or x.is_cuda:
+    if x.dtype == out.dtype or (x.is_cuda and torch.cuda.is_available()):  # (a kernel choice: the real device)
         # one pass: upcast, 1/T and shift fuse in a single kernel
         return torch.add(-shift.unsqueeze(1), x, alpha=inv_t, out=out)
     # the CPU kernel for mixed dtypes is several times slower than an upcast copy and two in-place ops

@@ -88,6 +88,9 @@ def _submit(cluster: SlurmCluster, script: str, tmp_path, *, nodes: int, overrid
         "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
         "TMPDIR": str(job_tmp),
+        # the suite's strict virtual-device mode, as in the reference runs (it changes the GPU/CPU code
+        # paths, megatron's weight initialization among them)
+        "LITEPPO_STRICT_DEVICE": os.environ.get("LITEPPO_STRICT_DEVICE", "0"),
     }
     sbatch_args = [
         f"--job-name=liteppo-{name}",
