@@ -12,7 +12,6 @@ beyond the logits themselves. Also the largest difference from the naive results
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -24,6 +23,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from liteppo_mcore.models.logprob import vocab_parallel_logprob_entropy  # noqa: E402
+from liteppo_mcore.utils.bench import emit, print_args  # noqa: E402
 
 SIZES = {"small": (2048, 32768), "full": (16384, 151936)}
 GIB = float(1 << 30)
@@ -168,7 +168,8 @@ def measure(args) -> dict:
         row["time_ratio_vs_naive"] = row["median_ms"] / rows[0]["median_ms"]
     logits_bytes = pristine.numel() * pristine.element_size()
     floor_ms = 3 * logits_bytes / (args.bandwidth_tbs * 1e12) * 1e3 if device.type == "cuda" else None
-    return {"device": str(device), "dtype": args.dtype, "tokens": n, "vocab": v, "temperature": args.temperature,
+    return {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "dtype": args.dtype, "tokens": n, "vocab": v, "temperature": args.temperature,
             "chunk_size": args.chunk_size, "logits_bytes": logits_bytes, "memory_floor_ms": floor_ms,
             "torch": torch.__version__, "rows": rows}
 
@@ -207,6 +208,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="default: 10 on cuda, 3 on cpu")
     parser.add_argument("--bandwidth-tbs", type=float, default=4.3, help="GPU memory bandwidth for the floor")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--print-args", action="store_true",
+                        help="print the resolved arguments as JSON and exit: no device work")
     args = parser.parse_args(argv)
     gpu = args.device == "cuda"
     args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
@@ -216,11 +219,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    result = measure(args)
-    print_table(result)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    if print_args(args):
+        return
+    emit(measure(args), args.out, print_table)  # the JSON, then the table last
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ the ratio to transformers at the same batch size. JSON with every repeat; the ta
 
     python tools/bench_rollout.py --device cuda --size full --out bench_rollout.json
     python tools/bench_rollout.py --device cpu --size small          # tiny shape, fp32, under a minute
+    LITEPPO_STRICT_DEVICE=1 python tools/bench_rollout.py --device cuda --size small --dtype fp32 --skip-megatron
+        # the GPU code paths on a CPU machine (strict virtual-device mode, no CUDA graphs): CPU times
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from liteppo_mcore.utils.bench import add_common_args, emit, resolve_common_args, time_calls  # noqa: E402
+from liteppo_mcore.utils.bench import (add_common_args, bench_device, device_name, emit,  # noqa: E402
+                                       print_args, resolve_common_args, strict_virtual, time_calls)
 
 from liteppo_mcore.models.shapes import ModelShape  # noqa: E402
 from liteppo_mcore.rollout.engine import SamplingParams  # noqa: E402
@@ -64,13 +67,15 @@ def random_weights(shape: ModelShape, dtype: torch.dtype, device: torch.device):
     from liteppo_mcore.rollout.hf_engine import build_hf_model
 
     model = build_hf_model(shape, dtype, device)
-    gen = torch.Generator(device=device).manual_seed(0)
+    # drawn where the data really is: the GPU, or the CPU (also under the strict mode's virtual device)
+    draw = device if device.type == "cpu" or torch.cuda.is_available() else torch.device("cpu")
+    gen = torch.Generator(device=draw).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             else:
-                p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32) * 0.02)
+                p.copy_(torch.randn(p.shape, generator=gen, device=draw, dtype=torch.float32) * 0.02)
     stream = [(k, v) for k, v in model.state_dict().items() if k != "lm_head.weight"]
     return model, stream
 
@@ -137,7 +142,7 @@ def _megatron_overrides(shape: ModelShape, args) -> List[str]:
                                             "num_query_groups", "vocab_size", "max_position_embeddings")}
     return ([f"model.{k}={v}" for k, v in model.items()] +
             ["model.family=qwen2", "model.tie_word_embeddings=true", f"model.dtype={args.dtype}",
-             f"model.rope_theta={shape.rope_theta}", f"parallel.backend={'nccl' if args.device == 'cuda' else 'gloo'}",
+             f"model.rope_theta={shape.rope_theta}", "parallel.backend=auto",
              f"prompt_length={args.prompt_tokens}", f"response_length={args.new_tokens}"])
 
 
@@ -226,7 +231,8 @@ def measure(args) -> dict:
     from liteppo_mcore.rollout.fast_engine import FastEngine
     from liteppo_mcore.rollout.hf_engine import HFEngine
 
-    device = torch.device(args.device)
+    device = bench_device(args)
+    graphs = bool(args.graphs and device.type == "cuda" and torch.cuda.is_available())  # never on a virtual GPU
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     shape = make_shape(args.size, args.prompt_tokens + args.new_tokens)
     stop = shape.vocab_size  # outside the vocabulary: no row ever stops early
@@ -246,29 +252,32 @@ def measure(args) -> dict:
 
         def fast_build():
             engine = FastEngine(shape, single, eos_token_ids=[stop], dtype=dtype, device=device,
-                                use_cuda_graphs=None if args.graphs else False)
+                                use_cuda_graphs=graphs)
             engine.update_weights([stream])
             return engine_runner(engine, prompts, params, OURS)
 
-        megatron = megatron_cuda_runner if device.type == "cuda" else megatron_cpu_runner
+        real_gpu = device.type == "cuda" and torch.cuda.is_available()  # megatron's engines need a real one
+        megatron = megatron_cuda_runner if real_gpu else megatron_cpu_runner
         rows.append(run_row(BASELINE, batch, hf_build, args, device))
         if not args.skip_megatron:
-            rows.append(run_row(MEGATRON[device.type], batch, lambda: megatron(shape, args, prompts, params),
+            rows.append(run_row(MEGATRON["cuda" if real_gpu else "cpu"], batch,
+                                lambda: megatron(shape, args, prompts, params),
                                 args, device))
         rows.append(run_row(OURS, batch, fast_build, args, device))
     base = {r["batch"]: r.get("tokens_per_s") for r in rows if r["engine"] == BASELINE}
     for r in rows:
         if r.get("tokens_per_s") and base.get(r["batch"]):
             r["ratio_vs_transformers"] = r["tokens_per_s"] / base[r["batch"]]
-    return {"device": str(device), "dtype": args.dtype, "size": args.size, "shape": SIZES[args.size]["shape"],
+    return {"device": str(device), "gpu": device_name(device), "strict_device": strict_virtual(),
+            "dtype": args.dtype, "size": args.size, "shape": SIZES[args.size]["shape"],
             "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "temperature": args.temperature,
             "top_p": args.top_p, "top_k": args.top_k, "warmup": args.warmup, "repeats": args.repeats,
-            "cuda_graphs": bool(args.graphs and device.type == "cuda"), "torch": torch.__version__, "rows": rows}
+            "cuda_graphs": graphs, "torch": torch.__version__, "rows": rows}
 
 
 def print_table(result: dict) -> None:
     print(f"\nrollout decode | {result['prompt_tokens']}-token prompts, {result['new_tokens']} sampled new tokens | "
-          f"{result['dtype']} on {result['device']} | cuda graphs: {result['cuda_graphs']}")
+          f"{result['dtype']} on {result.get('gpu') or result['device']} | cuda graphs: {result['cuda_graphs']}")
     print(f"{'engine':<44} {'batch':>6} {'median s':>10} {'new tokens/s':>14} {'vs transformers':>16}")
     for r in result["rows"]:
         if "error" in r:
@@ -301,6 +310,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if print_args(args):
+        return
     emit(measure(args), args.out, print_table)
 
 

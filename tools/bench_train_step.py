@@ -11,6 +11,10 @@ weights (nothing is downloaded).
   (prompt lengths shared within a group, response lengths spread up to the sequence length), LitePPO
   settings: vocab-parallel log-prob and entropy, token-mean clipped policy loss over response masks,
   one guarded optimizer step; by sequences per micro-batch and by a token bound per micro-batch.
+  With `train.offload_between_phases` OFF: the baseline keeps its optimizer states on the device, so
+  the compared rows do too. The offload the trainer does by default (Adam moments to pinned host
+  memory after the update, back before the next) is timed as its own row ("+ optimizer offload"),
+  compared with the same case without it.
 
 Reported per case: median (and min) seconds of the step (CUDA events after warm-up), real tokens/s, model
 TFLOP/s and MFU (`liteppo_mcore.utils.flops`: Megatron's convention, padding not counted) against a
@@ -19,6 +23,8 @@ weights and optimizer states), and ours / baseline ratios. A table is printed la
 
     python tools/bench_train_step.py --device cuda --size full --out bench_train_step.json
     python tools/bench_train_step.py --device cpu --size small          # tiny shape, fp32, ~30 s
+    LITEPPO_STRICT_DEVICE=1 python tools/bench_train_step.py --device cuda --size small --dtype fp32
+        # the GPU code paths on a CPU machine (strict virtual-device mode): a functional check, CPU times
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from liteppo_mcore.utils.bench import add_common_args, emit, resolve_common_args, time_calls  # noqa: E402
+from liteppo_mcore.utils.bench import (add_common_args, bench_device, device_name, emit,  # noqa: E402
+                                       print_args, resolve_common_args, strict_virtual, time_calls)
 
 GIB = float(1 << 30)
 GROUP = 8  # responses per prompt
@@ -46,16 +53,34 @@ SIZES = {
                        "num_query_groups": 2, "vocab_size": 151936},
              "seq_len": 4096, "sequences": 16, "matmul_n": 8192},
 }
-# (name, micro-batch size in sequences, token bound in units of seq_len or None, baseline to compare with)
+# (name, micro-batch size in sequences, token bound in units of seq_len or None, baseline to compare with).
+# Every case of OURS runs with the optimizer-state offload off, like the baseline (no copies).
 BASELINES = [("megatron local+SDPA, CE, mb 2", 2), ("megatron local+SDPA, CE, mb 4", 4)]
 OURS = [("ours, micro-batch 2", 2, None, BASELINES[0][0]),
         ("ours, micro-batch 4", 4, None, BASELINES[1][0]),
         ("ours, <= 2 x seq tokens/mb", None, 2, BASELINES[0][0]),
         ("ours, <= 4 x seq tokens/mb", None, 4, BASELINES[1][0])]
+# The trainer's default, train.offload_between_phases=true, timed on its own: (name, micro-batch, the case
+# of OURS it is compared with). It does something only on a GPU (or under the strict mode).
+OFFLOAD = {2: ("ours, micro-batch 2 + optimizer offload", 2, OURS[0][0]),
+           4: ("ours, micro-batch 4 + optimizer offload", 4, OURS[1][0])}
 
 
-def config_overrides(args, shape: dict, sequences: int, micro: Optional[int], max_tokens: Optional[int]) -> List[str]:
-    """The LitePPO configuration (examples/liteppo.yaml's algorithm keys) for this shape and batch."""
+def selected_cases(micro_batches: List[int], offload_row: bool) -> Tuple[list, list]:
+    """(baselines, ours) for the chosen micro-batch sizes; ours as (name, micro, bound, versus, offload)."""
+    keep = set(micro_batches)
+    baselines = [b for b in BASELINES if b[1] in keep]
+    ours = [(*case, False) for case in OURS if (case[1] or case[2]) in keep]
+    if offload_row:
+        name, micro, versus = OFFLOAD[max(keep)]
+        ours.append((name, micro, None, versus, True))
+    return baselines, ours
+
+
+def config_overrides(args, shape: dict, sequences: int, micro: Optional[int], max_tokens: Optional[int],
+                     offload: bool = False) -> List[str]:
+    """The LitePPO configuration (examples/liteppo.yaml's algorithm keys) for this shape and batch;
+    the optimizer-state offload off unless asked for (the baseline makes no such copies)."""
     seq = args.seq_len
     model = [f"model.{k}={v}" for k, v in shape.items()] + [
         "model.family=qwen2", "model.tie_word_embeddings=true", f"model.max_position_embeddings={seq}",
@@ -68,7 +93,8 @@ def config_overrides(args, shape: dict, sequences: int, micro: Optional[int], ma
              f"train.mini_batch_size={sequences}", f"train.micro_batch_size={micro or sequences}",
              f"train.max_tokens_per_micro_batch={max_tokens if max_tokens else 'null'}"]
     optim = ["train.optimizer=adamw", "train.lr=1e-6", "train.clip_grad=1.0",
-             f"parallel.backend={'nccl' if args.device == 'cuda' else 'gloo'}"]
+             f"train.offload_between_phases={'true' if offload else 'false'}",
+             "parallel.backend=auto"]  # nccl with CUDA, gloo without (the strict mode's virtual GPU too)
     return model + algo + batch + optim
 
 
@@ -109,12 +135,15 @@ def rl_batch(prompts, responses, vocab: int, seed: int):
 
 
 # ---------------------------------------------------------------- the stock megatron-core step
-def build_stock(cfg, groups, shape, dtype, padded_vocab: int):
-    """megatron's local GPT layer with SDPA core attention, DDP and optimizer as megatron sets them up."""
+def build_stock(cfg, groups, shape, dtype, padded_vocab: int, device):
+    """megatron's local GPT layer with SDPA core attention, DDP and optimizer as megatron sets them up
+    (megatron's get_model: the whole module on the device, in a Float16Module under bf16/fp16, since the
+    local spec's torch norms are made on the CPU in fp32 whatever the configuration)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer.module import Float16Module
     from liteppo_mcore.models.gpt import transformer_config
     from liteppo_mcore.models.layers import SDPACoreAttention
 
@@ -125,7 +154,9 @@ def build_stock(cfg, groups, shape, dtype, padded_vocab: int):
     model = GPTModel(config=config, transformer_layer_spec=layer, vocab_size=padded_vocab,
                      max_sequence_length=shape.max_position_embeddings, parallel_output=True,
                      share_embeddings_and_output_weights=shape.tie_word_embeddings,
-                     position_embedding_type="rope", rotary_base=int(shape.rope_theta))
+                     position_embedding_type="rope", rotary_base=int(shape.rope_theta)).to(device)
+    if config.bf16 or config.fp16:
+        model = Float16Module(config, model)
     ddp = DistributedDataParallel(config=config, module=model, ddp_config=DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False))
     t = cfg.train
@@ -163,6 +194,8 @@ def stock_step_fn(ddp, optimizer, micro_batches: List[Dict]) -> Callable[[], Dic
         applied, grad_norm, _ = optimizer.step()
         total = torch.stack([x["lm loss"] for x in store]).sum(0)
         return {"loss": float(total[0] / total[1]), "grad_norm": float(grad_norm), "applied": bool(applied)}
+
+    step.info = {"offload_between_phases": False, "offload_active": False}  # the stock step makes no copies
 
     return step
 
@@ -210,11 +243,12 @@ def free_memory(device) -> None:
 
 
 def run_case(name: str, build: Callable[[], Callable[[], Dict]], device, args) -> dict:
-    """Build the case (weights, optimizer), time its step, free it. Peak memory spans build and steps."""
+    """Build the case (weights, optimizer), time its step, free it. Peak memory spans build and steps.
+    A step function's `info` attribute (how it was built) goes into the row."""
     import torch
 
     free_memory(device)
-    cuda = device.type == "cuda"
+    cuda = device.type == "cuda" and torch.cuda.is_available()
     before = torch.cuda.memory_allocated() if cuda else None
     step = build()
     times, info = time_steps(step, device, args.warmup, args.repeats)
@@ -222,7 +256,8 @@ def run_case(name: str, build: Callable[[], Callable[[], Dict]], device, args) -
            "last_step": info,
            "allocated_before_bytes": before,
            "static_bytes": torch.cuda.memory_allocated() if cuda else None,
-           "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None}
+           "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+           **getattr(step, "info", {})}
     del step
     free_memory(device)
     print(f"  {name}: {row['median_s']:.4f} s/step", flush=True)
@@ -230,15 +265,22 @@ def run_case(name: str, build: Callable[[], Callable[[], Dict]], device, args) -
 
 
 # ---------------------------------------------------------------- our update
-def ours_builder(args, groups, sequences: int, micro: Optional[int], max_tokens: Optional[int], batch) -> Callable:
+def ours_config(args, sequences: int, micro: Optional[int], max_tokens: Optional[int], offload: bool = False):
+    """The validated configuration one of our cases runs with."""
+    from liteppo_mcore.config import load_config
+
+    return load_config(overrides=config_overrides(args, SIZES[args.size]["shape"], sequences, micro, max_tokens,
+                                                  offload), world_size=1)
+
+
+def ours_builder(args, groups, sequences: int, micro: Optional[int], max_tokens: Optional[int], batch,
+                 offload: bool = False) -> Callable:
     """A builder of our case: the actor as build_models makes it, ModelUpdater around it, update()."""
     def build() -> Callable[[], Dict]:
-        from liteppo_mcore.config import load_config
         from liteppo_mcore.models.gpt import build_models
         from liteppo_mcore.train import ModelUpdater
 
-        cfg = load_config(overrides=config_overrides(args, SIZES[args.size]["shape"], sequences, micro, max_tokens),
-                          world_size=1)
+        cfg = ours_config(args, sequences, micro, max_tokens, offload)
         models = build_models(cfg, groups)
         updater = ModelUpdater(models.actor, "actor", cfg, groups, vocab_size=models.shape.vocab_size)
         counter = iter(range(1 << 30))
@@ -250,6 +292,8 @@ def ours_builder(args, groups, sequences: int, micro: Optional[int], max_tokens:
             return {"pg_loss": metrics["actor/pg_loss"], "grad_norm": metrics["actor/grad_norm"],
                     "entropy": metrics["actor/entropy"]}
 
+        step.info = {"offload_between_phases": bool(cfg.train.offload_between_phases),
+                     "offload_active": bool(updater.offload)}
         return step
 
     return build
@@ -293,33 +337,38 @@ def measure(args) -> dict:
     from liteppo_mcore.models.shapes import shape_from_config
 
     cfg, groups = setup(args)
-    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    device = bench_device(args)
     dtype, shape, n = resolve_dtype(args.dtype), shape_from_config(cfg.model), SIZES[args.size]["matmul_n"]
     padded_vocab = shape.padded_vocab_size(1, cfg.model.make_vocab_size_divisible_by)
     peak = matmul_tflops(device, dtype, n)
     print(f"{args.dtype} matmul {n}^3: {peak:.2f} TFLOP/s", flush=True)
     total, rows = args.sequences * args.seq_len, []
-    for name, micro in BASELINES:
+    baselines, ours = selected_cases(args.micro_batches, args.offload_row)
+    for name, micro in baselines:
         data = stock_micro_batches(args.sequences, micro, args.seq_len, shape.vocab_size, device, cfg.seed)
-        row = run_case(name, lambda: stock_step_fn(*build_stock(cfg, groups, shape, dtype, padded_vocab), data),
-                       device, args)
+        row = run_case(name, lambda: stock_step_fn(*build_stock(cfg, groups, shape, dtype, padded_vocab, device),
+                                                   data), device, args)
         rows.append(add_rates(row, shape, [args.seq_len] * args.sequences, peak, kind="baseline",
                               micro_batch=micro, max_tokens=None, padded_tokens=total))
         del data
     prompts, responses = rl_lengths(total, args.seq_len, cfg.seed)
     batch, lens = rl_batch(prompts, responses, shape.vocab_size, cfg.seed), prompts + responses
-    for name, micro, bound, versus in OURS:
+    for name, micro, bound, versus, offload in ours:
         max_tokens = bound * args.seq_len if bound else None
-        row = run_case(name, ours_builder(args, groups, lens.numel(), micro, max_tokens, batch), device, args)
-        rows.append(add_rates(row, shape, lens.tolist(), peak, kind="ours", micro_batch=micro,
+        row = run_case(name, ours_builder(args, groups, lens.numel(), micro, max_tokens, batch, offload), device,
+                       args)
+        rows.append(add_rates(row, shape, lens.tolist(), peak, kind="ours + offload" if offload else "ours",
+                              micro_batch=micro,
                               max_tokens=max_tokens, versus=versus,
                               padded_tokens=padded_tokens(lens, micro, max_tokens)))
     add_ratios(rows)
-    return {"device": str(device), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+    return {"device": str(device), "gpu": device_name(device), "strict_device": strict_virtual(),
             "dtype": args.dtype, "size": args.size, "shape": SIZES[args.size]["shape"],
             "attention_backend": args.attention_backend, "seq_len": args.seq_len, "tokens_per_step": total,
             "warmup": args.warmup, "repeats": args.repeats,
             "timed": "one optimizer step: forward+backward of all micro-batches + optimizer step",
+            "offload": "off in every compared case (as the baseline); the '+ optimizer offload' row times the "
+                       "trainer's default train.offload_between_phases=true against the same case without it",
             "matmul": {"n": n, "dtype": args.dtype, "tflops": peak},
             "prompt_lens": prompts.tolist(), "response_lens": responses.tolist(),
             "torch": torch.__version__, "megatron_core": version("megatron-core"), "rows": rows}
@@ -339,18 +388,18 @@ def add_ratios(rows: List[dict]) -> None:
 
 
 def print_table(result: dict) -> None:
-    cuda = result["device"].startswith("cuda")
+    cuda = result["device"].startswith("cuda") and not result.get("strict_device")
     print(f"\none actor update | {result['tokens_per_step']} tokens/step (seq {result['seq_len']}) | "
           f"{result['dtype']} on {result['gpu'] or result['device']} | "
           f"{result['matmul']['dtype']} matmul {result['matmul']['tflops']:.2f} TFLOP/s = 100% MFU")
-    print(f"{'case':<32} {'s/step':>8} {'min s':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'pad':>5} "
-          f"{'peak GiB':>9}  {'vs baseline: tok/s':>18} {'mem':>5}")
+    print(f"{'case':<40} {'s/step':>8} {'min s':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'pad':>5} "
+          f"{'peak GiB':>9}  {'vs ref: tok/s':>18} {'mem':>5}")
     for r in result["rows"]:
         pad = r["padded_tokens"] / r["tokens"] - 1
         peak = f"{r['peak_bytes'] / GIB:.1f}" if cuda else "-"
         ratio = f"{r['ratio_tokens_per_s']:.2f}x" if "ratio_tokens_per_s" in r else "-"
-        mem = f"{r['ratio_peak_memory']:.2f}x" if "ratio_peak_memory" in r else "-"
-        print(f"{r['case']:<32} {r['median_s']:>8.4f} {r['min_s']:>8.4f} {r['tokens_per_s']:>10.0f} {r['tflops']:>8.3f} "
+        mem = f"{r['ratio_peak_memory']:.2f}x" if r.get("ratio_peak_memory") is not None else "-"
+        print(f"{r['case']:<40} {r['median_s']:>8.4f} {r['min_s']:>8.4f} {r['tokens_per_s']:>10.0f} {r['tflops']:>8.3f} "
               f"{100 * r['mfu']:>5.1f}% {100 * pad:>4.0f}% {peak:>9}  {ratio:>18} {mem:>5}")
 
 
@@ -360,6 +409,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sequences", type=int, default=None, help="baseline sequences per step (x seq_len tokens)")
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--attention-backend", choices=["sdpa", "local", "te"], default="sdpa", help="ours")
+    parser.add_argument("--micro-batches", type=int, nargs="+", choices=[2, 4], default=[2, 4],
+                        help="the micro-batch sizes (and token bounds, in sequences) to run")
+    parser.add_argument("--no-offload-row", dest="offload_row", action="store_false",
+                        help="skip the row that times the optimizer-state offload")
     args = parser.parse_args(argv)
     resolve_common_args(args, warmup=(2, 1), repeats=(5, 5))
     args.sequences = args.sequences or SIZES[args.size]["sequences"]
@@ -371,6 +424,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if print_args(args):
+        return
     emit(measure(args), args.out, print_table)
 
 

@@ -24,6 +24,8 @@ own shards (so compare rates, GB/s, not times). A table is printed last.
     python tools/bench_weight_sync.py --device cuda --size full --out bench_weight_sync.json
     python tools/bench_weight_sync.py --device cpu --size small          # tiny shape, fp32, ~10 s
     python tools/bench_weight_sync.py --device cpu --size small --tp 2   # under torchrun, 2 processes
+    LITEPPO_STRICT_DEVICE=1 python tools/bench_weight_sync.py --device cuda --size small --dtype fp32 --pp 2
+        # the GPU code paths on a CPU machine (strict virtual-device mode): a functional check, CPU times
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ from typing import Callable, List, Optional
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from liteppo_mcore.utils.bench import add_common_args, emit, resolve_common_args  # noqa: E402
+from liteppo_mcore.utils.bench import add_common_args, device_name, emit, resolve_common_args  # noqa: E402
+from liteppo_mcore.utils.bench import print_args, strict_virtual  # noqa: E402
 from liteppo_mcore.utils.bench import time_calls as bench_time_calls  # noqa: E402
 
 MIB = 1 << 20
@@ -64,7 +67,7 @@ def config_overrides(args) -> List[str]:
         "model.family=qwen2", "model.tie_word_embeddings=true", "model.max_position_embeddings=4096",
         f"model.dtype={args.dtype}", "adv_estimator=reinforce", "use_kl_loss=false", "add_token_level_kl=false",
         f"parallel.tp={args.tp}", f"parallel.pp={args.pp}", "rollout.engine=hf",
-        f"parallel.backend={'nccl' if args.device == 'cuda' else 'gloo'}"]
+        "parallel.backend=auto"]  # nccl with CUDA, gloo without (the strict mode's virtual GPU too)
 
 
 def relaunch_under_torchrun(argv: List[str], nproc: int) -> int:
@@ -104,7 +107,7 @@ def run_case(name: str, build: Callable[[], Callable[[], Optional[int]]], device
     """Build the case (its buffers count as its extra memory), time it, free it; GB/s of `nbytes`."""
     import torch
 
-    cuda = device.type == "cuda"
+    cuda = device.type == "cuda" and torch.cuda.is_available()
     gc.collect()
     if cuda:
         torch.cuda.synchronize()
@@ -204,6 +207,7 @@ def model_bytes(model, groups, shape, padded_vocab: int) -> int:
     padding trimmed: what the stream must carry, counted from megatron's parameters alone."""
     import torch
     import torch.distributed as dist
+    from liteppo_mcore.parallel.device import collective_device
 
     tied = bool(getattr(model, "share_embeddings_and_output_weights", False))
     total, padding = 0, 0
@@ -214,9 +218,10 @@ def model_bytes(model, groups, shape, padded_vocab: int) -> int:
         total += p.numel() * p.element_size() * tp
         if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
             padding += (padded_vocab - shape.vocab_size) * p.shape[1] * p.element_size()
-    box = torch.tensor([total - padding], dtype=torch.float64)
-    if groups.pp_size > 1:
-        dist.all_reduce(box, group=groups.pp_group)
+    if groups.pp_size == 1:
+        return total - padding
+    box = torch.tensor([total - padding], dtype=torch.float64, device=collective_device(groups.pp_group))
+    dist.all_reduce(box, group=groups.pp_group)
     return int(box.item())
 
 
@@ -260,7 +265,7 @@ def measure(args) -> dict:
             rows.append(row)
     add_ratios(rows)
     hf_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters()) if engine.model else None
-    return {"device": str(device), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+    return {"device": str(device), "gpu": device_name(device), "strict_device": strict_virtual(),
             "dtype": str(dtype).replace("torch.", ""), "size": args.size, "shape": SIZES[args.size]["shape"],
             "tp": args.tp, "pp": args.pp, "world_size": dist.get_world_size(),
             "warmup": args.warmup, "repeats": args.repeats, "target_s": TARGET_S,
@@ -280,7 +285,7 @@ def add_ratios(rows: List[dict]) -> None:
 
 
 def print_table(result: dict) -> None:
-    cuda = result["device"].startswith("cuda")
+    cuda = result["device"].startswith("cuda") and not result.get("strict_device")
     print(f"\nweight sync | {result['exported_bytes'] / GIB:.4f} GiB exported ({result['dtype']}, "
           f"{result['shape']['num_layers']} layers) | tp {result['tp']} pp {result['pp']} | "
           f"{result['gpu'] or result['device']} | target {result['target_s']} s at full size")
@@ -311,6 +316,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if print_args(args):
+        return
     if args.tp * args.pp > 1 and "RANK" not in os.environ:
         sys.exit(relaunch_under_torchrun(argv, args.tp * args.pp))
     import torch.distributed as dist

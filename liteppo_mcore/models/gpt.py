@@ -77,16 +77,17 @@ class ValueHead(MegatronModule):
     def __init__(self, config: TransformerConfig):
         super().__init__(config=config)
         self.sequence_parallel = config.sequence_parallel
-        self.linear = torch.nn.Linear(config.hidden_size, 1, bias=True, dtype=torch.float32,
-                                      device=module_device(config))
-        torch.nn.init.zeros_(self.linear.weight)
-        torch.nn.init.zeros_(self.linear.bias)
+        # `weight` and `bias` directly (no inner Linear): megatron's checkpointing addresses the output
+        # layer as `output_layer.weight` / `output_layer.bias`.
+        device = module_device(config)
+        self.weight = torch.nn.Parameter(torch.zeros(1, config.hidden_size, dtype=torch.float32, device=device))
+        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=torch.float32, device=device))
 
     def forward(self, hidden_states, weight=None, runtime_gather_output=None):
         if self.sequence_parallel:
             hidden_states = tensor_parallel.gather_from_sequence_parallel_region(
                 hidden_states, tensor_parallel_output_grad=False)
-        return self.linear(hidden_states.float()), None
+        return F.linear(hidden_states.float(), self.weight, self.bias), None
 
 
 def module_device(config: TransformerConfig) -> torch.device:

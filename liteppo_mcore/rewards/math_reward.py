@@ -12,9 +12,8 @@ per-sample time limit applies instead.
 
 from __future__ import annotations
 
+import functools
 import logging
-
-from math_verify import parse, verify
 
 from .registry import RewardError
 
@@ -28,12 +27,20 @@ class _DropDisabledTimeoutWarning(logging.Filter):
         return not str(record.msg).startswith(_DISABLED_TIMEOUT_WARNING)
 
 
-for _name in ("math_verify.parser", "math_verify.grader"):
-    logging.getLogger(_name).addFilter(_DropDisabledTimeoutWarning())
+@functools.lru_cache(maxsize=None)
+def _math_verify():
+    """math-verify's (parse, verify), imported at first use: the trainer imports this module for every
+    run, also those (the built-in tasks) that never score with math-verify."""
+    from math_verify import parse, verify
+
+    for name in ("math_verify.parser", "math_verify.grader"):
+        logging.getLogger(name).addFilter(_DropDisabledTimeoutWarning())
+    return parse, verify
 
 
 def parse_reference(reference: str) -> list:
     """math-verify's parse of a reference answer; a bare reference is read as if it were boxed."""
+    parse, _ = _math_verify()
     text = reference.strip()
     # A bare "\{1,2\}" or "x^2" is not found by the unanchored extractors; inside \boxed{} it is.
     candidates = [text] if "\\boxed" in text else [f"\\boxed{{{text}}}", text]
@@ -52,6 +59,7 @@ def math_reward(response_text: str, reference_answer: str) -> float:
         )
     if not reference_answer.strip():
         raise RewardError("the reference answer is empty; fix the dataset's answer field")
+    parse, verify = _math_verify()
     gold = parse_reference(reference_answer)
     if not gold:
         raise RewardError(f"math-verify cannot read the reference answer {reference_answer!r}; fix the dataset")

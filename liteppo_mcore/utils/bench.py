@@ -3,6 +3,11 @@
 Timing: `warmup` untimed calls, then `repeats` timed ones; CUDA events around each call on a GPU
 (synchronized before and after), `time.perf_counter` on a CPU. With several ranks the slowest rank's
 time counts (a collective step is done when every rank is).
+
+Devices: `--device cuda` places everything as on a GPU (`bench_device`). On a machine without CUDA it is
+accepted only under the strict virtual-device mode (`LITEPPO_STRICT_DEVICE=1`): a functional run of the
+GPU code paths whose times are CPU times (the JSON says so: `strict_device`). `--device cpu` is a plain
+CPU run, with the strict mode turned off for the process.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ def time_calls(fn: Callable[[], Any], device, warmup: int, repeats: int, *,
     for _ in range(warmup):
         out = fn()
     times: List[float] = []
+    events = device.type == "cuda" and torch.cuda.is_available()  # not under the strict mode on a CPU
     for _ in range(repeats):
         if before is not None:
             before()
-        if device.type == "cuda":
+        if events:
             torch.cuda.synchronize()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -39,10 +45,73 @@ def time_calls(fn: Callable[[], Any], device, warmup: int, repeats: int, *,
             out = fn()
             times.append(time.perf_counter() - begin)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        box = torch.tensor(times, dtype=torch.float64)
-        dist.all_reduce(box, op=dist.ReduceOp.MAX)
-        times = box.tolist()
+        times = max_over_ranks(times)
     return times, out
+
+
+def max_over_ranks(values: List[float], group=None) -> List[float]:
+    """Element-wise maximum over the ranks of `group` (default: all), sent on the device the group's
+    collectives take (CUDA for NCCL, the CPU for gloo)."""
+    import torch
+    import torch.distributed as dist
+    from liteppo_mcore.parallel.device import collective_device
+
+    box = torch.tensor(values, dtype=torch.float64, device=collective_device(group))
+    dist.all_reduce(box, op=dist.ReduceOp.MAX, group=group)
+    return box.cpu().tolist()
+
+
+STRICT_ENV = "LITEPPO_STRICT_DEVICE"
+
+
+def check_cuda_or_strict() -> None:
+    """`--device cuda` needs a GPU, or the strict virtual-device mode for a functional run."""
+    import torch
+    from liteppo_mcore.parallel import strict_device
+
+    if not torch.cuda.is_available() and not strict_device.requested():
+        raise SystemExit(f"--device cuda: no CUDA device here. Run on a GPU machine, or set {STRICT_ENV}=1 "
+                         "for a functional run of the GPU code paths on the CPU (times are then CPU times).")
+
+
+def strict_virtual() -> bool:
+    """Whether 'cuda' is the strict mode's virtual device (no real GPU): times are CPU times."""
+    import torch
+    from liteppo_mcore.parallel import strict_device
+
+    return not torch.cuda.is_available() and strict_device.requested()
+
+
+def bench_device(args):
+    """The device a benchmark places its models and data on: this process's GPU (the strict mode's
+    virtual one without CUDA, entered here so that every tensor made from now on carries it) or the CPU."""
+    import torch
+
+    if args.device == "cuda":
+        from liteppo_mcore.parallel.device import compute_device
+
+        return compute_device()
+    return torch.device("cpu")
+
+
+def device_name(device) -> Optional[str]:
+    """The GPU's name, the strict mode's virtual device, or None on the CPU."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(device)
+    return "virtual cuda (strict device mode on the CPU: CPU times)"
+
+
+def print_args(args) -> bool:
+    """With --print-args: print the resolved arguments as one JSON line; returns whether it did (the
+    caller then exits)."""
+    if not getattr(args, "print_args", False):
+        return False
+    print(json.dumps({k: v for k, v in sorted(vars(args).items()) if k != "print_args"}, default=str))
+    return True
 
 
 def emit(result: dict, out_path: Optional[str], print_table: Callable[[dict], None]) -> None:
@@ -61,19 +130,26 @@ def add_common_args(parser, sizes) -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: per device)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls (default: per device)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--print-args", action="store_true",
+                        help="print the resolved arguments as JSON and exit: no device work (tools/gpu_check.sh "
+                             "--dry-run checks a GPU run's arguments with it on any machine)")
 
 
 def resolve_common_args(args, *, warmup: Tuple[int, int], repeats: Tuple[int, int]) -> bool:
     """Fill the device-dependent defaults (`warmup`/`repeats` as (gpu, cpu)); returns whether on a GPU.
-    `--device cpu` hides the GPUs before anything asks torch about CUDA."""
+    `--device cpu` hides the GPUs (and turns the strict virtual-device mode off) before anything asks
+    torch about CUDA; `--device cuda` without CUDA needs the strict mode (module doc)."""
     import os
 
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        os.environ[STRICT_ENV] = "0"  # a CPU run, not a virtual GPU (children inherit it too)
     if args.device is None:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not getattr(args, "print_args", False):
+        check_cuda_or_strict()
     gpu = args.device == "cuda"
     args.size = args.size or ("full" if gpu else "small")
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")

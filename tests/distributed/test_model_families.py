@@ -34,7 +34,7 @@ def families_worker(rank, ws):
         actor = forward_per_token(models.actor, batch, groups, vocab_size=77, micro_batch_size=1)
         values = models.critic(tokens.to(compute_device()), None, attention_mask=None)
         values.sum().backward()
-        head = models.critic.output_layer.linear
+        head = models.critic.output_layer
         qk_norms = [n for n, _ in models.actor.named_parameters() if "q_layernorm" in n]
         out[family] = {
             "finite": bool(torch.isfinite(actor["logp"]).all() and torch.isfinite(actor["entropy"]).all()),

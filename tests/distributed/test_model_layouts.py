@@ -46,7 +46,7 @@ def _run_layout(ws, overrides, wholes=None):
         load_whole_state_dict(models.critic, wholes["critic"], groups, VOCAB)
     elif groups.is_last_stage:
         # the value head starts at zero; give it weights so that values are a real check
-        head = models.critic.output_layer.linear.weight
+        head = models.critic.output_layer.weight
         head.data.copy_(torch.randn(head.shape, generator=torch.Generator().manual_seed(3)) * 0.1)
     # each DP rank takes its share of the batch (whole sequences)
     batch = make_batch()

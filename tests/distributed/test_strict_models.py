@@ -14,7 +14,7 @@ BASE = ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads
         "train.micro_batch_size=2", "adv_estimator=gae", "use_kl_loss=true", "model.family=qwen3"]
 
 
-def strict_worker(rank, world_size):
+def strict_worker(rank, world_size, run_dir):
     from liteppo_mcore.config import load_config
     from liteppo_mcore.models.forward import SequenceBatch, forward_per_token
     from liteppo_mcore.models.gpt import build_models
@@ -28,7 +28,7 @@ def strict_worker(rank, world_size):
     out["host_params"] = [f"{kind}.{name}" for kind in ("actor", "critic", "reference")
                           for name, p in getattr(models, kind).named_parameters() if not is_device(p)]
     out["host_buffers"] = [name for name, b in models.actor.named_buffers() if not is_device(b)]
-    out["value_head_dtype"] = str(models.critic.output_layer.linear.weight.dtype)
+    out["value_head_dtype"] = str(models.critic.output_layer.weight.dtype)
     tokens = torch.randint(0, VOCAB, (2, 9))
     batch = SequenceBatch(tokens, torch.tensor([3, 4]), torch.tensor([6, 2]))
     try:
@@ -51,6 +51,17 @@ def strict_worker(rank, world_size):
     whole = forward_per_token(models.actor, long_batch, groups, vocab_size=VOCAB, micro_batch_size=4)
     out["micro_shapes"] = shapes
     out["bounded_equals_whole"] = max((bounded[k] - whole[k]).abs().max().item() for k in bounded)
+    # the critic saves and loads (megatron addresses its output layer as output_layer.weight / .bias)
+    from liteppo_mcore.checkpoint.store import load_model, save_checkpoint, sharded_model_state
+
+    head = models.critic.output_layer
+    head.weight.data.normal_(0, 0.3)
+    saved = head.weight.detach().cpu().clone()
+    iter_dir = save_checkpoint(sharded_model_state({"critic": models.critic}), run_dir, 1,
+                               hf_config={"architectures": ["Qwen3ForCausalLM"]})
+    head.weight.data.zero_()
+    load_model(models.critic, iter_dir, prefix="critic")
+    out["critic_round_trip"] = torch.equal(head.weight.detach().cpu(), saved) and is_device(head.weight)
     destroy_model_parallel()
     return out
 
@@ -64,7 +75,7 @@ def bf16_critic_worker(rank, world_size):
     cfg = load_config(overrides=BASE + ["model.dtype=bf16"], world_size=world_size)
     groups = initialize_model_parallel(1, 1, 1, seed=cfg.seed)
     models = build_models(cfg, groups)
-    head = models.critic.output_layer.linear
+    head = models.critic.output_layer
     head.weight.data.normal_(0, 0.3)
     values = models.critic(torch.randint(0, VOCAB, (2, 9)).to(compute_device()), None, attention_mask=None)
     out = {"trunk": str(models.critic.decoder.layers[0].mlp.linear_fc1.weight.dtype),
@@ -73,8 +84,8 @@ def bf16_critic_worker(rank, world_size):
     return out
 
 
-def test_models_are_placed_as_on_a_gpu_and_forward_passes_take_host_batches():
-    (r,) = run_gloo(strict_worker, 1, env={"LITEPPO_STRICT_DEVICE": "1"})
+def test_models_are_placed_as_on_a_gpu_and_forward_passes_take_host_batches(tmp_path):
+    (r,) = run_gloo(strict_worker, 1, str(tmp_path / "run"), env={"LITEPPO_STRICT_DEVICE": "1"})
     assert r["strict"]
     assert r["host_params"] == [] and r["host_buffers"] == []
     assert r["value_head_dtype"] == "torch.float32"
@@ -83,6 +94,7 @@ def test_models_are_placed_as_on_a_gpu_and_forward_passes_take_host_batches():
     # sequence lengths 12, 11, 10, 9; at most 24 padded tokens -> [12, 11] padded to 12, [10, 9] to 10
     assert r["micro_shapes"] == [(2, 12), (2, 10)]
     assert r["bounded_equals_whole"] < 1e-5
+    assert r["critic_round_trip"]
 
 
 def test_value_head_is_fp32_in_a_bf16_critic():

@@ -126,7 +126,7 @@ def reference_worker(rank, ws, data):
             groups = initialize_model_parallel(1, 1, 1, seed=cfg.seed)
             models = build_models(cfg, groups)
             if "init" not in out:
-                head = models.critic.output_layer.linear.weight
+                head = models.critic.output_layer.weight
                 head.data.copy_(torch.randn(head.shape, generator=torch.Generator().manual_seed(3)) * 0.3)
                 out["init"] = {"actor": whole_state_dict(models.actor, groups, VOCAB),
                                "critic": whole_state_dict(models.critic, groups, VOCAB)}

@@ -16,6 +16,8 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 from bench_rollout import BASELINE, MEGATRON, OURS, SIZES  # noqa: E402
 
+from tests.gpu.check_report import SUMMARIES  # noqa: E402
+
 TIMEOUT_S = 180
 
 
@@ -42,3 +44,23 @@ def test_cpu_small_mode_writes_every_engine(tmp_path):
     # the table is printed last: its final line is ours at the largest batch
     last = proc.stdout.rstrip().splitlines()[-1]
     assert last.startswith(OURS) and f" {small['batches'][-1]} " in last
+    summary = SUMMARIES["bench_rollout"](result)  # tools/gpu_check.sh's summary reads this JSON
+    assert summary["problems"] == [] and summary["headline"].startswith(f"fast engine b{small['batches'][0]}: ")
+
+
+def test_gpu_code_paths_run_under_the_strict_mode(tmp_path):
+    """`--device cuda` on a CPU machine under LITEPPO_STRICT_DEVICE=1: every engine placed as on a GPU (no
+    CUDA graphs: there is no GPU to capture on), host/device mixes fail as CUDA would; CPU times."""
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="2", LITEPPO_STRICT_DEVICE="1")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_rollout.py"), "--device", "cuda",
+                           "--size", "small", "--dtype", "fp32", "--batches", "4", "--warmup", "0", "--repeats", "1",
+                           "--out", str(out)],
+                          capture_output=True, text=True, timeout=TIMEOUT_S, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert (result["device"], result["strict_device"], result["cuda_graphs"]) == ("cuda:0", True, False)
+    assert [r["engine"] for r in result["rows"]] == [BASELINE, MEGATRON["cpu"], OURS]
+    for row in result["rows"]:
+        assert "error" not in row, row
+        assert row["new_tokens"] == 4 * SIZES["small"]["new_tokens"]

@@ -1,9 +1,12 @@
-"""The train-step benchmark runs end to end in its CPU small mode and writes every case, with finite numbers.
+"""The train-step benchmark runs end to end in its CPU small mode and writes every case, with finite numbers;
+our compared cases run with the optimizer-state offload off (the baseline makes no copies), the offload is
+its own row; under the strict virtual-device mode both sides build and step on the (virtual) GPU.
 
-It runs in a subprocess (fresh process group, megatron state and CUDA hidden) under a hard time limit:
+Each run is a subprocess (fresh process group, megatron state and CUDA hidden) under a hard time limit:
 about 15 s on an idle 2-core machine, 60 s under load.
 """
 
+import argparse
 import json
 import math
 import os
@@ -13,7 +16,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
-from bench_train_step import BASELINES, OURS  # noqa: E402
+from bench_train_step import BASELINES, OFFLOAD, OURS, SIZES, config_overrides  # noqa: E402
+
+from tests.gpu.check_report import SUMMARIES  # noqa: E402
 
 TIMEOUT_S = 240
 
@@ -24,17 +29,36 @@ def _finite_positive(row, keys):
         assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (row["case"], key, value)
 
 
-def test_cpu_small_mode_writes_every_case(tmp_path):
+def _run(tmp_path, *args, strict=False):
     out = tmp_path / "bench.json"
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="2")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_train_step.py"), "--device", "cpu",
-                           "--size", "small", "--out", str(out)],
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="2", LITEPPO_STRICT_DEVICE="1" if strict else "0")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_train_step.py"), *args,
+                           "--out", str(out)],
                           capture_output=True, text=True, timeout=TIMEOUT_S, env=env, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(out.read_text())
+    return proc, json.loads(out.read_text())
+
+
+def test_our_compared_cases_run_with_the_offload_off():
+    """The trainer's default is offload on; the cases compared with the baseline must not pay for it."""
+    from liteppo_mcore.config import load_config
+
+    args = argparse.Namespace(seq_len=128, dtype="fp32", attention_backend="sdpa", device="cpu", size="small")
+    assert load_config(overrides=[], world_size=1).train.offload_between_phases is True  # the default
+    shape = SIZES["small"]["shape"]
+    for _, micro, bound, _ in OURS:
+        cfg = load_config(overrides=config_overrides(args, shape, 16, micro, bound and bound * 128), world_size=1)
+        assert cfg.train.offload_between_phases is False, (micro, bound)
+    cfg = load_config(overrides=config_overrides(args, shape, 16, 4, None, offload=True), world_size=1)
+    assert cfg.train.offload_between_phases is True
+
+
+def test_cpu_small_mode_writes_every_case(tmp_path):
+    proc, result = _run(tmp_path, "--device", "cpu", "--size", "small")
     rows = {row["case"]: row for row in result["rows"]}
-    assert list(rows) == [name for name, _ in BASELINES] + [case[0] for case in OURS]
-    assert result["matmul"]["tflops"] > 0 and result["dtype"] == "fp32"
+    offload_name, _, offload_versus = OFFLOAD[4]
+    assert list(rows) == [name for name, _ in BASELINES] + [case[0] for case in OURS] + [offload_name]
+    assert result["matmul"]["tflops"] > 0 and result["dtype"] == "fp32" and result["strict_device"] is False
     assert "one optimizer step" in result["timed"]
 
     for row in rows.values():
@@ -43,13 +67,40 @@ def test_cpu_small_mode_writes_every_case(tmp_path):
         # same real tokens on both sides; padding only adds computed tokens
         assert row["tokens"] == result["tokens_per_step"] <= row["padded_tokens"]
         assert all(math.isfinite(v) for v in row["last_step"].values() if isinstance(v, float))
+        assert row["offload_active"] is False  # nothing to offload on a CPU
     for name, _, _, versus in OURS:
         row = rows[name]
         assert row["versus"] == versus and row["kind"] == "ours"
+        assert row["offload_between_phases"] is False
         _finite_positive(row, ["ratio_tokens_per_s", "ratio_tflops"])
         assert row["last_step"]["grad_norm"] > 0
+    offload = rows[offload_name]
+    assert offload["kind"] == "ours + offload" and offload["versus"] == offload_versus
+    assert offload["offload_between_phases"] is True
     for name, _ in BASELINES:
         assert rows[name]["last_step"]["applied"] is True
         assert rows[name]["padded_tokens"] == rows[name]["tokens"]
+        assert rows[name]["offload_between_phases"] is False
     # the table is printed last
-    assert proc.stdout.rstrip().splitlines()[-1].startswith(OURS[-1][0])
+    assert proc.stdout.rstrip().splitlines()[-1].startswith(offload_name)
+    # tools/gpu_check.sh's summary reads this JSON
+    assert SUMMARIES["bench_train_step"](result)["headline"].startswith("ours/stock tokens/s: mb2 ")
+
+
+def test_both_sides_build_and_step_on_the_gpu_under_the_strict_mode(tmp_path):
+    """`--device cuda` on a CPU machine under LITEPPO_STRICT_DEVICE=1: every tensor is placed as on a GPU
+    and host/device mixes fail as CUDA would (e.g. a baseline whose norms megatron made on the CPU)."""
+    _, result = _run(tmp_path, "--device", "cuda", "--size", "small", "--dtype", "fp32", "--warmup", "0",
+                     "--repeats", "1", "--micro-batches", "2", strict=True)
+    assert result["strict_device"] is True and result["device"] == "cuda:0"
+    rows = {row["case"]: row for row in result["rows"]}
+    offload_name = OFFLOAD[2][0]
+    assert list(rows) == [BASELINES[0][0], OURS[0][0], OURS[2][0], offload_name]
+    assert rows[BASELINES[0][0]]["last_step"]["applied"] is True
+    for name in (OURS[0][0], OURS[2][0]):
+        assert (rows[name]["offload_between_phases"], rows[name]["offload_active"]) == (False, False)
+        assert rows[name]["last_step"]["grad_norm"] > 0
+    # on a (virtual) GPU the offload row really moves the optimizer states
+    assert (rows[offload_name]["offload_between_phases"], rows[offload_name]["offload_active"]) == (True, True)
+    for row in rows.values():
+        assert all(math.isfinite(v) for v in row["last_step"].values() if isinstance(v, float)), row["case"]

@@ -16,6 +16,8 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 from bench_weight_sync import SIZES  # noqa: E402
 
+from tests.gpu.check_report import SUMMARIES  # noqa: E402
+
 TIMEOUT_S = 240
 
 
@@ -71,3 +73,21 @@ def test_cpu_small_mode_writes_every_case(tmp_path):
     assert smallest["buckets"] > largest["buckets"]
     # the table is printed last
     assert proc.stdout.rstrip().splitlines()[-1].startswith(f"export + hf load, bucket {buckets[-1]:g} MiB")
+    assert SUMMARIES["bench_weight_sync"](result)["headline"].startswith("export + hf load best ")  # gpu_check
+
+
+def test_pipeline_run_under_the_strict_mode_sends_device_tensors(tmp_path):
+    """`--device cuda --pp 2` on a CPU machine under LITEPPO_STRICT_DEVICE=1 (two torchrun processes): the
+    slowest-rank timing and the byte count over PP go over groups that are NCCL on a GPU machine, so their
+    tensors must be on the device; the stream still carries exactly the model's bytes."""
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", LITEPPO_STRICT_DEVICE="1")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_weight_sync.py"), "--device", "cuda",
+                           "--size", "small", "--dtype", "fp32", "--pp", "2", "--warmup", "0", "--repeats", "1",
+                           "--buckets-mib", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=TIMEOUT_S, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["strict_device"] is True and result["world_size"] == 2 and result["pp"] == 2
+    assert result["exported_bytes"] == result["model_bytes"] == _expected_bytes(SIZES["small"]["shape"])
+    assert [row["case"] for row in result["rows"]][-1] == "export + hf load, bucket 1 MiB"

@@ -84,3 +84,15 @@ def test_algo_is_not_empty():
 def test_checker_flags_what_it_should(source, forbidden):
     names = imported_modules(source, ["liteppo_mcore", "algo", "example"])
     assert any(_is_forbidden(n) for n in names) is forbidden, names
+
+
+def test_math_verify_is_imported_at_first_use_only():
+    """The trainer imports the rewards for every run; math-verify is needed only by the `math` reward
+    (a GPU machine that runs a built-in task need not have it)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import liteppo_mcore.rewards as r; assert 'math_verify' not in sys.modules; "
+            "r.math_reward('\\\\boxed{1}', '1'); assert 'math_verify' in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
