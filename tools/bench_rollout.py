@@ -5,9 +5,8 @@ vocabulary, so EOS never ends a row early), from the same fixed-length random pr
 random weights (nothing is downloaded). Rows, per batch size:
 
 - transformers `generate`: the `hf` engine's model and generation config (left padding, static
-  sampling settings), called WITHOUT `output_logits`, i.e. without the per-step logits the engine
-  keeps for log-probs: this favours the baseline (at batch 256 x 512 tokens x 151,936 vocabulary those
-  logits alone would be 40 GiB in bf16);
+  sampling settings), called plainly: without `output_logits` and without the engine's log-prob
+  processor (one `[B, V]` row of log-probs per step), which favours the baseline slightly;
 - megatron: on CUDA, megatron-core's `StaticInferenceEngine` (its dynamic engine underneath, CUDA
   graphs on) over a stock megatron `GPTModel` of the same shape, asked for log-probs; on the CPU our
   `mcore` engine over the megatron actor (full recompute per token, no KV cache: megatron-core's
@@ -94,7 +93,7 @@ def check_count(counts: List[int], new_tokens: int, name: str) -> int:
 
 # ---------------------------------------------------------------- engines
 def hf_runner(engine, prompts: List[List[int]], params: SamplingParams, stop: int) -> Callable[[], int]:
-    """transformers `generate` with the hf engine's model and config, minus the per-step logits."""
+    """transformers `generate` with the hf engine's model and config, minus the engine's log-prob processor."""
     from liteppo_mcore.rollout.hf_engine import _rng_devices
 
     width = len(prompts[0])
