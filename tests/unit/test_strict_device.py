@@ -217,6 +217,12 @@ def collectives_worker(rank, world_size):
 
     summed = make_allreduce_sum(dist.group.WORLD)(torch.ones(2))  # a host statistic, reduced over "NCCL"
     out["reducer"] = (summed.tolist(), is_device(summed))
+    from liteppo_mcore.parallel.mcore import ParallelGroups
+    from liteppo_mcore.rollout.metrics import logprob_abs_diff
+
+    groups = ParallelGroups(None, None, None, dist.group.WORLD, dist.group.WORLD, 0, 1, 0, 1, 0, 1, rank, 2)
+    mask = torch.tensor([[True, rank == 0]])
+    out["abs_diff"] = logprob_abs_diff(torch.zeros(1, 2), torch.full((1, 2), 0.5), mask, groups=groups)
     return out
 
 
@@ -229,6 +235,7 @@ def test_collectives_over_nccl_groups_refuse_host_tensors():
         assert r["objects"] == [{"rank": 0}, {"rank": 1}]
         assert r["placement"] == (True, False, f"cuda:{rank}")
         assert r["reducer"] == ([2.0, 2.0], False)  # sent on the device, handed back on the host
+        assert r["abs_diff"] == 0.5  # rollout/metrics.py's own DP reduction of host statistics
 
 
 def test_the_environment_switch(monkeypatch):
