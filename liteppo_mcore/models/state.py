@@ -37,6 +37,12 @@ def _local_tensors(model: torch.nn.Module) -> Iterator[Tuple[str, Tensor]]:
             yield name, buf
 
 
+def _is_vocab_tensor(key: str, tensor: Tensor) -> bool:
+    """The embedding or output layer over the (padded, vocab-parallel) vocabulary; not the critic's
+    value head, which megatron also addresses as output_layer.weight."""
+    return key in _VOCAB_KEYS and bool(getattr(tensor, "tensor_model_parallel", False))
+
+
 def shard_of(full: Tensor, param: Tensor, tp_rank: int, tp_size: int) -> Tensor:
     """This TP rank's piece of `full`, as megatron splits it for `param`."""
     if tp_size == 1 or not getattr(param, "tensor_model_parallel", False):
@@ -79,7 +85,7 @@ def load_whole_state_dict(model: torch.nn.Module, whole: Dict[str, Tensor], grou
             missing.append(key)
             continue
         full = whole[key]
-        if key in _VOCAB_KEYS:
+        if _is_vocab_tensor(key, tensor):
             full = _fit_vocab(full, tensor.shape[0] * groups.tp_size, vocab_size)
         shard = shard_of(full, tensor, groups.tp_rank, groups.tp_size)
         if shard.shape != tensor.shape:
@@ -109,7 +115,7 @@ def whole_state_dict(model: torch.nn.Module, groups: ParallelGroups, vocab_size:
         key = names[name]
         if key == "output_layer.weight" and getattr(model, "share_embeddings_and_output_weights", False):
             continue  # the last stage's copy of tied embeddings
-        if key in _VOCAB_KEYS:
+        if _is_vocab_tensor(key, tensor):
             full = full[:vocab_size].clone()
         mine[key] = full.cpu()  # host tensors: for saving, comparing and sending as objects
     if groups.pp_size == 1:
