@@ -1,7 +1,8 @@
 """Fixtures of the GPU tests (tests/gpu/helpers.py says when they run and skip).
 
 Every test runs in this one pytest process: one process group (world size 1: NCCL on a GPU, gloo in
-the CPU rehearsal) for the whole session, megatron's model-parallel groups built and destroyed per
+the CPU rehearsal) for the tests of this package (destroyed after them: the rest of the suite runs
+in the same process and expects none), megatron's model-parallel groups built and destroyed per
 test (the trainer does its own), so imports and CUDA start-up are paid once.
 """
 
@@ -26,7 +27,7 @@ def _gpu_requirements(request):
         torch.cuda.empty_cache()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def process_group(tmp_path_factory):
     """The default process group of a lone process, as the trainer's launch starts it."""
     import torch.distributed as dist
