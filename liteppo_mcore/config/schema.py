@@ -158,6 +158,8 @@ class RolloutConfig:
     """Retries of a failed request before the error is raised."""
     server_start_timeout_s: float = 600.0
     """How long to wait for a launched server to report healthy."""
+    server_command: Optional[List[str]] = None
+    """Colocated SGLang: the program that starts a server, e.g. [/opt/sglang/bin/python, -m, sglang.launch_server] (SGLang pins its own torch, so it may live in another environment); null: this Python's -m sglang.launch_server."""
 
 
 @dataclass

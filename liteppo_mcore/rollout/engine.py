@@ -63,8 +63,9 @@ class RolloutEngine(ABC):
         """For each prompt (token ids), `params.n` generations."""
 
     @abstractmethod
-    def update_weights(self, buckets: Iterable[WeightBucket]) -> None:
-        """Load the trainer's current weights, streamed bucket by bucket (consume each before the next)."""
+    def update_weights(self, buckets: Iterable[WeightBucket], weight_version: Optional[str] = None) -> None:
+        """Load the trainer's current weights, streamed bucket by bucket (consume each before the next).
+        `weight_version` (the trainer's step) names them; engines that serve from elsewhere check it."""
 
     def sleep(self) -> None:
         """Release accelerator memory (weights / KV cache) while the trainer trains. No-op by default."""

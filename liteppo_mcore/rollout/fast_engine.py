@@ -153,7 +153,7 @@ class FastEngine(RolloutEngine):
 
     # ------------------------------------------------------------------ weights
     @torch.no_grad()
-    def update_weights(self, buckets: Iterable[WeightBucket]) -> None:
+    def update_weights(self, buckets: Iterable[WeightBucket], weight_version: Optional[str] = None) -> None:
         """Copy every tensor of the stream into the decoder's views (generating rank); every rank
         iterates the buckets, since producing them is collective. Every tensor must arrive, each once.
         The copies are in place, so kept graphs replay the new weights."""

@@ -165,7 +165,7 @@ class HFEngine(RolloutEngine):
 
     # ------------------------------------------------------------------ weights
     @torch.no_grad()
-    def update_weights(self, buckets: Iterable[WeightBucket]) -> None:
+    def update_weights(self, buckets: Iterable[WeightBucket], weight_version: Optional[str] = None) -> None:
         """Copy every tensor of the stream into the model (the generating rank); every rank iterates the
         buckets, since producing them is collective. Every model tensor must arrive, each once."""
         copy_weight_stream(buckets, self._params if self.model is not None else None, engine="hf",

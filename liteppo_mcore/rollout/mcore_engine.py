@@ -61,7 +61,7 @@ class MCoreEngine(RolloutEngine):
         self.sequence_parallel = sequence_parallel
         self._device = compute_device()  # (not a parameter's: on later pipeline stages the first may be a norm)
 
-    def update_weights(self, buckets: Iterable[WeightBucket]) -> None:
+    def update_weights(self, buckets: Iterable[WeightBucket], weight_version: Optional[str] = None) -> None:
         """Nothing to load (the engine IS the actor); the buckets are drained so that ranks that were
         handed a stream still take part in its collectives."""
         for _ in buckets:

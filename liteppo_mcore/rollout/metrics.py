@@ -95,3 +95,34 @@ def _raise_everywhere(problem: Optional[str], engine_name: str) -> None:
         raise WeightSyncError(f"the {engine_name} engine's weights differ from the trainer's after the sync: "
                               f"{found[0]}. The weight sync is broken (names or layouts of the exporter and the "
                               "engine disagree); rollouts would not come from the trained policy.")
+
+
+# A weight-sync check for engines that cannot show their weights (SGLang: its Qwen2/Qwen3 models have no
+# get_weights_by_name): the log-probs the engine reports for greedy answers to a fixed probe must match
+# the trainer's recomputation of the same tokens. A wrong name, layout or stale push moves them by far
+# more than the rounding of two implementations.
+PROBE_PROMPTS = 4
+PROBE_TOKENS = 8
+
+
+def probe_tolerance(dtype: torch.dtype) -> float:
+    """Largest |engine - trainer| log-prob of a probe token allowed: fp32 kernels differ by ~1e-5; in
+    bf16/fp16 each op rounds to 2^-8 relative, which the vocabulary-wide softmax amplifies."""
+    return 1e-3 if dtype == torch.float32 else 0.25
+
+
+def check_probe_logprobs(engine_logp: Tensor, trainer_logp: Tensor, mask: Tensor, *, engine: str,
+                         atol: float) -> float:
+    """Raise `WeightSyncError` unless the two `[B, T]` log-prob tensors agree within `atol` on every
+    valid token; returns the largest difference. Every rank holds the same probe (no collective)."""
+    m = mask.bool()
+    if not bool(m.any()):
+        raise WeightSyncError(f"the {engine} engine answered the weight-check probe with no tokens")
+    diff = (engine_logp.double() - trainer_logp.double()).abs()
+    worst = float(torch.where(m, diff.nan_to_num(float("inf")), torch.zeros((), dtype=diff.dtype)).max())
+    if not worst <= atol:
+        raise WeightSyncError(
+            f"the {engine} engine's log-probs of the weight-check probe differ from the trainer's by up to "
+            f"{worst:.3e} (allowed {atol:g}): the weight sync is broken (names, layouts or a push that did not "
+            "arrive); rollouts would not come from the trained policy.")
+    return worst

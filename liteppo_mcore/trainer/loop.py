@@ -36,7 +36,8 @@ from liteppo_mcore.rewards import build_reward_runner
 from liteppo_mcore.rollout import build_engine, sampling_params_from_config
 from liteppo_mcore.rollout.engine import SamplingParams
 from liteppo_mcore.rollout.exporter import WeightExporter
-from liteppo_mcore.rollout.metrics import check_weights_equal, logprob_abs_diff
+from liteppo_mcore.rollout.metrics import (PROBE_PROMPTS, PROBE_TOKENS, check_probe_logprobs, check_weights_equal,
+                                          logprob_abs_diff, probe_tolerance)
 from liteppo_mcore.train import ModelUpdater, gather_over_dp
 from liteppo_mcore.train.offload import move_module, offload_enabled
 from liteppo_mcore.trainer import experience as X
@@ -270,9 +271,28 @@ class Trainer:
             if on_gpu():
                 torch.cuda.empty_cache()  # hand the training phase's cached blocks back before the engine wakes
             self.engine.wake()  # memory back first: loading into a sleeping engine would peak later
-            self.engine.update_weights(self.exporter.buckets())
+            self.engine.update_weights(self.exporter.buckets(), weight_version=str(self.step))
             if self.cfg.rollout.check_weight_sync:
-                check_weights_equal(self.engine, self.exporter)
+                if getattr(self.engine, "get_weight", None) is not None:
+                    check_weights_equal(self.engine, self.exporter)  # exact: the engine shows its copy
+                else:
+                    self._check_probe_logprobs()  # servers that cannot show their weights (SGLang)
+
+    def _check_probe_logprobs(self) -> None:
+        """`rollout.check_weight_sync` for engines that cannot report their weights: greedy answers to a
+        fixed probe (the first prompts of the training set) at temperature 1, whose log-probs under the
+        engine must match the trainer's recomputation (rollout/metrics.py check_probe_logprobs)."""
+        count = min(PROBE_PROMPTS, len(self.train_set))
+        prompts = [s.prompt_ids for s in self.train_set.select(range(count))]
+        params = SamplingParams(temperature=1.0, max_new_tokens=min(PROBE_TOKENS, self.cfg.response_length),
+                                greedy=True, stop_token_ids=self.eos_ids)
+        generations = self.engine.generate(prompts, params)
+        probe = X.build_rollout(prompts, ["" for _ in prompts], generations, self.tokenizer)
+        trainer = forward_per_token(self.models.actor, probe.batch.sequences(), self.groups, compute_entropy=False,
+                                    temperature=1.0, vocab_size=self.vocab_size,
+                                    micro_batch_size=self.cfg.train.micro_batch_size)["logp"]
+        check_probe_logprobs(probe.rollout_logp, trainer, probe.mask, engine=self.engine.name,
+                             atol=probe_tolerance(next(self.models.actor.parameters()).dtype))
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpointed(self):
@@ -359,7 +379,8 @@ class Trainer:
             solved = torch.tensor(scores, dtype=torch.float64).reshape(-1, k) >= 1.0 - 1e-9
             hits = self.reducer.dp_sum(torch.tensor([float(solved.any(dim=1).sum()), float(len(prompts))]))
             metrics["eval/accuracy" if k == 1 else f"eval/pass@{k}"] = float(hits[0] / hits[1].clamp(min=1))
-        self.engine.sleep()
+        # No sleep here: a rollout (or the end of the run) follows, and releasing the weights would
+        # need a push before the next generation; the rollout's own sleep frees memory for training.
         return metrics
 
     def _sampling(self, *, n: int, seed: int, greedy: bool = False) -> SamplingParams:

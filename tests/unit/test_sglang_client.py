@@ -9,6 +9,7 @@ import time
 import pytest
 
 from liteppo_mcore.rollout.sglang.client import ServerClient, SGLangServerError
+from liteppo_mcore.rollout.sglang.version import SGLangVersionError
 from tests.sglang_standin import StandIn
 
 
@@ -52,7 +53,7 @@ def test_wait_healthy_on_nothing_listening_times_out():
 def test_transient_failures_are_retried_then_succeed(standin_factory):
     standin, url = standin_factory(fail={"/pause_generation": (503, 2)})
     client = ServerClient(url, max_retries=3, retry_delay_s=0.01)
-    assert client.request("/pause_generation", {"mode": "retract"})["success"] is True
+    assert client.request("/pause_generation", {"mode": "retract"})["status"] == "ok"  # SGLang's own answer
     assert standin.paths().count("/pause_generation") == 3
 
 
@@ -93,6 +94,21 @@ def test_server_dying_mid_request_gives_a_clear_error_not_a_hang(standin_factory
     assert time.monotonic() - start < 5.0
 
 
-def test_server_info_is_empty_when_missing(standin_factory):
-    _, url = standin_factory(fail={"/get_server_info": (404, 100)})
+def test_server_info_prefers_the_current_endpoint_and_falls_back_to_the_alias(standin_factory):
+    standin, url = standin_factory()
+    assert ServerClient(url).server_info()["version"] == standin.version
+    assert "/server_info" in standin.paths() and "/get_server_info" not in standin.paths()
+    _, url = standin_factory(fail={"/server_info": (404, 100)})
+    assert ServerClient(url).server_info()["version"]  # the deprecated alias still answers
+    _, url = standin_factory(fail={"/server_info": (404, 100), "/get_server_info": (404, 100)})
     assert ServerClient(url).server_info() == {}
+
+
+def test_the_protocol_follows_the_servers_version_and_refuses_unsupported_ones(standin_factory):
+    _, url = standin_factory(version="0.5.20")
+    assert not ServerClient(url).protocol.weight_update_session
+    _, url = standin_factory(version="0.5.23")
+    assert ServerClient(url).protocol.weight_update_session
+    _, url = standin_factory(version="0.4.9")
+    with pytest.raises(SGLangVersionError, match=r"0\.4\.9 is outside the range .*>=0\.5\.20,<0\.6"):
+        ServerClient(url).protocol

@@ -12,6 +12,7 @@ import torch
 from liteppo_mcore.rollout.engine import SamplingParams
 from liteppo_mcore.rollout.sglang.build import TorchGroupOps, gather_replica_fn
 from liteppo_mcore.rollout.sglang.client import ServerClient, SGLangServerError
+from liteppo_mcore.rollout.sglang.cpu_wire import deserialize_cpu_bucket, serialize_cpu_bucket
 from liteppo_mcore.rollout.sglang.engine import SGLangEngine
 from liteppo_mcore.rollout.sglang.weight_sync import TensorSyncer
 from tests.distributed.spawn import run_gloo
@@ -19,7 +20,7 @@ from tests.sglang_standin import StandIn
 
 
 def _describe(bucket):
-    return {"names": [n for n, _ in bucket], "sum": float(sum(t.float().sum() for _, t in bucket))}, bucket
+    return serialize_cpu_bucket(bucket)  # the CPU wire format (cpu_wire.py), which the stand-in decodes
 
 
 def _two_ranks(rank, world_size, good_url, bad_url):
@@ -58,9 +59,11 @@ def test_two_rank_sync_errors_and_replica_gather():
         good.stop()
         bad.stop()
     [update] = good.payloads("/update_weights_from_tensor")
-    assert [entry["sum"] for entry in update["serialized_named_tensors"]] == [4.0, 8.0]  # rank order
-    assert good.paths()[:4] == ["/pause_generation", "/flush_cache", "/update_weights_from_tensor",
-                                "/continue_generation"]
+    sums = [float(sum(t.sum() for _, t in deserialize_cpu_bucket(e))) for e in update["serialized_named_tensors"]]
+    assert sums == [4.0, 8.0]  # rank order
+    sync = [p for p in good.paths() if p not in ("/server_info", "/get_server_info")][:6]
+    assert sync == ["/pause_generation", "/flush_cache", "/begin_weight_update", "/update_weights_from_tensor",
+                    "/end_weight_update", "/continue_generation"]  # the stand-in is 0.5.23 by default
     assert "boom" in rank0["bad"] and "boom" in rank1["bad"]
     assert rank0["generated"] == rank1["generated"] and len(rank0["generated"]) == 3
     inputs = sorted(map(tuple, sum((p["input_ids"] for p in good.payloads("/generate")), [])))

@@ -113,3 +113,63 @@ def test_missing_sglang_error_says_how_to_fix(monkeypatch):
     with pytest.raises(SGLangVersionError, match="not installed.*rollout.engine=hf"):
         check_sglang_version()
     assert parse_version("v0.5") == (0, 5, 0)
+
+
+# ---- versions, weight versions, the CPU wire format, the probe check ------------------------------
+
+def test_each_version_gets_its_protocol_and_others_are_refused():
+    from liteppo_mcore.rollout.sglang.version import SGLangVersionError, protocol_for
+
+    # the weight-update session is enforced from 0.5.21 on (read in the 0.5.20-0.5.23 wheels)
+    assert [protocol_for(v).weight_update_session for v in ("0.5.20", "0.5.21", "0.5.23.post1")] == [False, True, True]
+    assert protocol_for("0.5.20").server_info_path == "/server_info"
+    for bad in ("0.4.10", "0.6.0", "1.0"):
+        with pytest.raises(SGLangVersionError, match=r">=0\.5\.20,<0\.6"):
+            protocol_for(bad)
+
+
+def test_generations_must_report_the_version_last_pushed():
+    from liteppo_mcore.rollout.sglang.protocol import check_weight_versions
+
+    answer = [{"meta_info": {"weight_version": "5"}}, {"meta_info": {"weight_version": "5"}}]
+    check_weight_versions(answer, "5", "server A")
+    check_weight_versions(answer, None, "server A")  # before the first push: nothing to compare
+    with pytest.raises(SGLangServerError, match="server A generated with weight_version '5', but the trainer "
+                                                "last pushed '6'"):
+        check_weight_versions(answer, "6", "server A")
+    with pytest.raises(SGLangServerError, match="weight_version None"):
+        check_weight_versions([{"meta_info": {}}], "6", "server A")
+
+
+def test_cpu_wire_format_round_trips_every_dtype_in_one_bucket():
+    import torch
+
+    from liteppo_mcore.rollout.sglang.cpu_wire import deserialize_cpu_bucket, serialize_cpu_bucket
+
+    bucket = [("a", torch.randn(3, 2)), ("b", torch.arange(5, dtype=torch.int64)),
+              ("c", torch.randn(4).to(torch.bfloat16))]
+    wire, keep = serialize_cpu_bucket(bucket)
+    assert isinstance(wire, str) and keep is None
+    back = deserialize_cpu_bucket(wire)
+    assert [n for n, _ in back] == ["a", "b", "c"]
+    assert all(t.dtype == s.dtype and torch.equal(t, s) for (_, t), (_, s) in zip(back, bucket))
+
+
+def test_the_probe_check_passes_rounding_and_catches_a_broken_sync():
+    import torch
+
+    from liteppo_mcore.rollout.metrics import WeightSyncError, check_probe_logprobs, probe_tolerance
+
+    trainer = torch.tensor([[-0.5, -1.0, -2.0], [-0.1, -3.0, 0.0]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    engine = trainer + 1e-5
+    engine[1, 2] = float("nan")  # past the response: ignored
+    assert check_probe_logprobs(engine, trainer, mask, engine="sglang", atol=probe_tolerance(torch.float32)) < 1e-4
+    broken = trainer.clone()
+    broken[0, 1] -= 0.7
+    with pytest.raises(WeightSyncError, match="differ from the trainer's by up to 7.000e-01"):
+        check_probe_logprobs(broken, trainer, mask, engine="sglang", atol=1e-3)
+    engine[0, 0] = float("nan")  # a NaN on a valid token is a failure, not a pass
+    with pytest.raises(WeightSyncError):
+        check_probe_logprobs(engine, trainer, mask, engine="sglang", atol=1e-3)
+    assert probe_tolerance(torch.bfloat16) > probe_tolerance(torch.float32)

@@ -1,9 +1,12 @@
-"""Weight sync and the engine's collective behaviour against stand-in SGLang servers.
+"""Weight sync and the engine's collective behaviour against the stand-in SGLang server (a model of the
+real server's state machine per version, tests/sglang_standin.py).
 
-These tests check OUR side of the protocol: the order pause -> flush -> update -> continue, the payloads
-of update_weights_from_tensor / init_weights_update_group / update_weights_from_distributed, the weight
-check, memory release, and generation through `SGLangEngine`. They do not run SGLang: collectives are
-replaced by single-process stand-ins and tensors are "serialized" as plain descriptions.
+These tests check OUR side of the protocol: pause -> flush -> [begin_weight_update] -> one update per
+bucket (every dtype in it, with the weight_version) -> [end_weight_update] -> continue, the payloads of
+update_weights_from_tensor / init_weights_update_group / update_weights_from_distributed, memory
+release and resume in the order weights -> push -> KV cache, the refusal to generate on released
+weights, the weight-version check, and generation through `SGLangEngine`. Collectives are replaced by
+single-process stand-ins; buckets travel in the CPU wire format (cpu_wire.py), which the stand-in decodes.
 """
 
 import pytest
@@ -11,10 +14,23 @@ import torch
 
 from liteppo_mcore.rollout.engine import SamplingParams
 from liteppo_mcore.rollout.sglang.client import ServerClient, SGLangServerError
+from liteppo_mcore.rollout.sglang.cpu_wire import deserialize_cpu_bucket, serialize_cpu_bucket
 from liteppo_mcore.rollout.sglang.engine import SGLangEngine
-from liteppo_mcore.rollout.sglang.weight_sync import (DistributedSyncer, TensorSyncer, WeightChecker,
-                                                      init_weights_update_group, split_by_dtype)
+from liteppo_mcore.rollout.sglang.weight_sync import DistributedSyncer, TensorSyncer, init_weights_update_group
 from tests.sglang_standin import StandIn
+
+VERSIONS = ("0.5.20", "0.5.23")
+SESSION = {"0.5.20": [], "0.5.23": ["/begin_weight_update", "/end_weight_update"]}
+
+
+def _updates(version, path, count):
+    begin, end = (SESSION[version] + [None, None])[:2]
+    return [p for p in ["/pause_generation", "/flush_cache", begin, *[path] * count, end, "/continue_generation"] if p]
+
+
+def posted(standin):
+    """The POSTs the server received (reading /server_info at connect is not part of a sync)."""
+    return [p for p in standin.paths() if p not in ("/server_info", "/get_server_info", "/health")]
 
 
 class FakeOps:
@@ -33,7 +49,13 @@ class FakeOps:
 
 
 def describe(bucket):
-    return {"names": [n for n, _ in bucket], "dtype": str(bucket[0][1].dtype)}, bucket
+    """The serializer the engine uses without CUDA (cpu_wire.py): what the stand-in decodes."""
+    return serialize_cpu_bucket(bucket)
+
+
+def names_of(update):
+    """The tensor names of each TP rank's entry of one update_weights_from_tensor payload."""
+    return [[n for n, _ in deserialize_cpu_bucket(entry)] for entry in update["serialized_named_tensors"]]
 
 
 @pytest.fixture
@@ -59,27 +81,21 @@ def _buckets():
             [("lm_head.weight", torch.zeros(4, 3, dtype=torch.bfloat16))]], norm
 
 
-def test_split_by_dtype_keeps_first_seen_order():
-    bucket, _ = _buckets()
-    groups = split_by_dtype(bucket[0] + bucket[1])
-    assert [[n for n, _ in g] for g in groups] == [["model.norm.weight"], ["model.embed_tokens.weight", "lm_head.weight"]]
-
-
-def test_colocated_sync_order_and_payloads(servers):
-    buckets, norm = _buckets()
-    [(standin, client)] = servers(1, weights={"model.norm.weight": norm.tolist()})
+@pytest.mark.parametrize("version", VERSIONS)
+def test_colocated_sync_order_and_payloads(servers, version):
+    buckets, _ = _buckets()
+    [(standin, client)] = servers(1, version=version)
     ops = FakeOps(group_size=2)
-    TensorSyncer(client, ops, describe, WeightChecker(True)).sync(iter(buckets))
-    assert standin.paths() == ["/pause_generation", "/flush_cache", "/update_weights_from_tensor",
-                               "/update_weights_from_tensor", "/update_weights_from_tensor",
-                               "/get_weights_by_name", "/continue_generation"]
+    TensorSyncer(client, ops, describe).sync(iter(buckets), weight_version="7")
+    assert posted(standin) == _updates(version, "/update_weights_from_tensor", 2)
     assert standin.payloads("/pause_generation") == [{"mode": "retract"}]
     updates = standin.payloads("/update_weights_from_tensor")
     assert all(u["load_format"] == "flattened_bucket" and u["flush_cache"] is False for u in updates)
+    assert all(u["weight_version"] == "7" for u in updates)
     assert all(len(u["serialized_named_tensors"]) == 2 for u in updates)  # one entry per server TP rank
-    assert [u["serialized_named_tensors"][0]["names"] for u in updates] == [
-        ["model.norm.weight"], ["model.embed_tokens.weight"], ["lm_head.weight"]]
-    assert standin.payloads("/get_weights_by_name")[0]["name"] == "model.norm.weight"
+    # one call per bucket, every dtype in it (FlattenedTensorBucket.supports_multi_dtypes)
+    assert [names_of(u) for u in updates] == [[["model.norm.weight", "model.embed_tokens.weight"]] * 2,
+                                             [["lm_head.weight"]] * 2]
     assert all(error is None for error in ops.agreed)
 
 
@@ -87,23 +103,27 @@ def test_non_leader_sends_nothing_but_joins_every_collective(servers):
     buckets, _ = _buckets()
     ops = FakeOps()
     TensorSyncer(None, ops, describe).sync(buckets)
-    assert ops.agreed == [None] * 6  # pause+flush, three dtype buckets, check, continue
+    assert ops.agreed == [None] * 5  # pause+flush+begin, two buckets, end, continue
 
 
-def test_a_failed_update_is_agreed_and_raised_without_continuing(servers):
-    [(standin, client)] = servers(1, answers={"/update_weights_from_tensor": {"success": False, "message": "no such weight"}})
+def test_an_update_outside_the_session_is_what_the_server_refuses(servers):
+    """The stand-in refuses updates outside a session on 0.5.21+, as the real scheduler does: our
+    sync goes through only because it opens one."""
+    [(standin, client)] = servers(1, version="0.5.23")
+    with pytest.raises(SGLangServerError, match="HTTP 400.*must run between"):
+        client.request("/update_weights_from_tensor", {"serialized_named_tensors": [], "flush_cache": False},
+                       retries=0)
+
+
+def test_a_failed_update_closes_the_session_and_stays_paused(servers):
+    [(standin, client)] = servers(1, version="0.5.23",
+                                  answers={"/update_weights_from_tensor": {"success": False, "message": "no such weight"}})
     ops = FakeOps()
     with pytest.raises(SGLangServerError, match="no such weight"):
         TensorSyncer(client, ops, describe).sync(_buckets()[0])
+    assert posted(standin)[-2:] == ["/update_weights_from_tensor", "/end_weight_update"]
     assert "/continue_generation" not in standin.paths()
     assert "no such weight" in ops.agreed[-1]
-
-
-def test_weight_check_catches_a_mismatch(servers):
-    buckets, norm = _buckets()
-    [(_, client)] = servers(1, weights={"model.norm.weight": (norm + 1).tolist()})
-    with pytest.raises(SGLangServerError, match="weight check failed.*model.norm.weight"):
-        TensorSyncer(client, FakeOps(), describe, WeightChecker(True)).sync(buckets)
 
 
 def test_init_weights_update_group_payloads(servers):
@@ -118,25 +138,28 @@ def test_init_weights_update_group_payloads(servers):
     assert b.payloads("/init_weights_update_group")[0]["rank_offset"] == 3
 
 
-def test_disaggregated_sync_order_payloads_and_broadcasts(servers):
+@pytest.mark.parametrize("version", VERSIONS)
+def test_disaggregated_sync_order_payloads_and_broadcasts(servers, version):
     buckets, _ = _buckets()
-    pairs = servers(2)
+    pairs = servers(2, version=version)
+    clients = [c for _, c in pairs]
+    init_weights_update_group(clients, [1, 1], master_address="127.0.0.1", master_port=29600, group_name="g",
+                              join=lambda *args: "group")
     sent = []
-    DistributedSyncer([c for _, c in pairs], FakeOps(), sent.append, "g").sync(buckets)
+    DistributedSyncer(clients, FakeOps(), sent.append, "g").sync(buckets, weight_version="3")
     for standin, _ in pairs:
-        assert standin.paths() == ["/pause_generation", "/flush_cache", "/update_weights_from_distributed",
-                                   "/update_weights_from_distributed", "/continue_generation"]
+        assert posted(standin)[1:] == _updates(version, "/update_weights_from_distributed", 2)
         first = standin.payloads("/update_weights_from_distributed")[0]
         assert first == {"names": ["model.norm.weight", "model.embed_tokens.weight"],
                          "dtypes": ["float32", "bfloat16"], "shapes": [[8], [4, 3]], "group_name": "g",
-                         "flush_cache": False}
+                         "flush_cache": False, "weight_version": "3"}
     assert [t.shape for t in sent] == [torch.Size([8]), torch.Size([4, 3]), torch.Size([4, 3])]
 
 
 def test_disaggregated_non_source_ranks_only_agree():
     ops = FakeOps()
     DistributedSyncer([], ops, None, "g").sync(_buckets()[0])
-    assert ops.agreed == [None] * 5
+    assert ops.agreed == [None] * 5  # start, two buckets, end, continue
 
 
 def _engine(client, ops=None, **kwargs):
@@ -181,16 +204,44 @@ def test_engine_generation_error_is_agreed_by_all_ranks(servers):
     assert "HTTP 400" in ops.agreed[-1]
 
 
-def test_engine_sleep_wake_and_update_while_asleep(servers):
-    [(standin, client)] = servers(1)
+def test_memory_comes_back_as_weights_then_push_then_kv_cache(servers):
+    [(standin, client)] = servers(1, version="0.5.23")
     engine = _engine(client)
+    engine.update_weights(_buckets()[0], weight_version="0")
     engine.sleep()
     engine.sleep()  # idempotent
-    engine.update_weights(_buckets()[0])  # wakes first: the weights' memory must be back
-    assert standin.paths()[:3] == ["/release_memory_occupation", "/resume_memory_occupation", "/pause_generation"]
-    assert standin.payloads("/release_memory_occupation") == [{"tags": None}]
+    assert standin.payloads("/release_memory_occupation") == [{"tags": ["kv_cache", "weights"]}]
+    engine.wake()  # the trainer wakes before pushing: only the weights come back
+    engine.update_weights(_buckets()[0], weight_version="1")
+    memory = [p for p in posted(standin) if "memory" in p or p in ("/begin_weight_update", "/end_weight_update")]
+    assert memory[-5:] == ["/release_memory_occupation", "/resume_memory_occupation", "/begin_weight_update",
+                           "/end_weight_update", "/resume_memory_occupation"]
+    assert standin.payloads("/resume_memory_occupation") == [{"tags": ["weights"]}, {"tags": ["kv_cache"]}]
+    assert not engine.asleep
     engine.shutdown()
     engine.shutdown()
+
+
+def test_generating_on_released_weights_is_impossible(servers):
+    [(standin, client)] = servers(1, version="0.5.23")
+    engine = _engine(client)
+    engine.update_weights(_buckets()[0], weight_version="0")
+    engine.sleep()
+    for attempt in (lambda: engine.generate([[1]], SamplingParams()), lambda: (engine.wake(), engine.generate([[1]], SamplingParams()))):
+        with pytest.raises(SGLangServerError, match="weights were released and not pushed again"):
+            attempt()
+    assert "/generate" not in standin.paths()
+    engine.update_weights(_buckets()[0], weight_version="1")
+    assert engine.generate([[1]], SamplingParams(max_new_tokens=2))[0][0].token_ids
+
+
+def test_a_generation_on_other_weights_is_an_error_naming_both_versions(servers):
+    [(standin, client)] = servers(1, version="0.5.23")
+    engine = _engine(client)
+    engine.update_weights(_buckets()[0], weight_version="4")
+    client.request("/update_weight_version", {"new_version": "3"})  # e.g. another trainer's push
+    with pytest.raises(SGLangServerError, match="weight_version '3', but the trainer last pushed '4'"):
+        engine.generate([[1]], SamplingParams(max_new_tokens=2))
 
 
 def test_disaggregated_engine_never_releases_memory(servers):

@@ -15,8 +15,8 @@ from .client import ServerClient, SGLangServerError
 from .engine import SGLangEngine
 from .launcher import build_server_command, extra_args_from_env, free_port, launch_server
 from .placement import (colocated_server_groups, colocated_slot, disaggregated_url, replica_member)
-from .version import check_sglang_version
-from .weight_sync import DistributedSyncer, TensorSyncer, WeightChecker, init_weights_update_group
+from .version import SUPPORTED_RANGE, check_sglang_version
+from .weight_sync import DistributedSyncer, TensorSyncer, init_weights_update_group
 
 URLS_ENV = "LITEPPO_SGLANG_URLS"            # comma-separated URLs, e.g. exported by a SLURM script
 MASTER_ADDR_ENV = "LITEPPO_SGLANG_MASTER_ADDR"  # address the servers reach the source rank on
@@ -66,8 +66,29 @@ def gather_replica_fn(groups: Any) -> Callable[[Any], List[Any]]:
     return gather
 
 
+def weight_serializer() -> Callable[[List[Tuple[str, Any]]], Tuple[Any, Any]]:
+    """How buckets travel to a colocated server: SGLang's own serializer (CUDA IPC handles) on a GPU;
+    without CUDA, the CPU wire format of `cpu_wire.py` (no CUDA IPC exists there)."""
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available():
+        if importlib.util.find_spec("sglang") is None:
+            raise SGLangServerError(
+                "colocated SGLang pushes the weights as CUDA IPC handles made by SGLang's own serializer, so "
+                "the sglang package must be importable in the trainer's environment too (also when "
+                "rollout.server_command runs the servers from another one): pip install --no-deps "
+                f"'sglang{SUPPORTED_RANGE}' there.")
+        return sglang_serialize
+    from .cpu_wire import serialize_cpu_bucket
+
+    return serialize_cpu_bucket
+
+
 def sglang_serialize(named_tensors: List[Tuple[str, Any]]) -> Tuple[str, Any]:
-    """One dtype bucket -> SGLang's flattened-bucket payload, serialized (CUDA IPC handles on GPU)."""
+    """One bucket (any mix of dtypes) -> SGLang's flattened-bucket payload, serialized (CUDA IPC handles
+    on GPU)."""
     from sglang.srt.utils import MultiprocessingSerializer
     from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
 
@@ -115,7 +136,8 @@ def build_sglang_engine(cfg: Any, models: Any, groups: Any, eos_token_ids: Seque
     come through update_weights); groups: ParallelGroups; eos_token_ids: stop tokens by default."""
     import torch.distributed as dist
 
-    check_sglang_version()
+    if cfg.rollout.mode == "colocated" and not cfg.rollout.server_command:
+        check_sglang_version()  # launched with this Python, which also serializes the weights
     if not dist.is_initialized():
         raise RuntimeError("build_sglang_engine needs the default process group (liteppo_mcore.parallel.setup)")
     member = replica_member(groups.tp_rank, groups.tp_size, groups.pp_rank, groups.cp_rank, groups.cp_size)
@@ -165,8 +187,7 @@ def _build_colocated(cfg: Any, rank: int, world: int, common: dict) -> SGLangEng
         client = ServerClient(shared[slot.leader_rank][0], timeout_s=r.request_timeout_s,
                               max_retries=r.max_retries)
     ops = TorchGroupOps(server_group, slot.leader_rank, slot.is_leader)
-    syncer = TensorSyncer(client if slot.is_leader else None, ops, sglang_serialize,
-                          WeightChecker(r.check_weight_sync))
+    syncer = TensorSyncer(client if slot.is_leader else None, ops, weight_serializer())
     owned = [client.process] if slot.is_leader else []
     return SGLangEngine(client=client, syncer=syncer, ops=ops, admin_clients=[client] if slot.is_leader else [],
                         manages_memory=True, owned=owned, **common)
@@ -183,7 +204,7 @@ def _launch_colocated(cfg: Any, slot: Any) -> Tuple[Optional[ServerClient], Opti
     os.makedirs(log_dir, exist_ok=True)
     command = build_server_command(cfg.model.hf_path, port=port, tp=r.tp, base_gpu_id=slot.base_gpu_id,
                                    mem_fraction_static=r.mem_fraction_static, seed=cfg.seed,
-                                   extra_args=extra_args_from_env())
+                                   extra_args=extra_args_from_env(), launcher=r.server_command or None)
     try:
         client = launch_server(command, url, start_timeout_s=r.server_start_timeout_s,
                                request_timeout_s=r.request_timeout_s, max_retries=r.max_retries,
@@ -195,9 +216,9 @@ def _launch_colocated(cfg: Any, slot: Any) -> Tuple[Optional[ServerClient], Opti
 
 
 def _check_server(client: ServerClient) -> dict:
+    """The server's /server_info; its version is read (and refused when unsupported) here, at connect."""
     info = client.server_info()
-    if info.get("version"):
-        check_sglang_version(str(info["version"]), where=f"the server at {client.url} runs")
+    client.protocol  # noqa: B018 - reads and checks the version, raising when unsupported
     return info
 
 
@@ -220,7 +241,7 @@ def _build_disaggregated(cfg: Any, groups: Any, rank: int, common: dict) -> SGLa
     error = ops.agree(error)
     if error:
         raise SGLangServerError(f"connecting to the SGLang servers failed: {error}")
-    syncer = DistributedSyncer(admin, ops, broadcast, WEIGHT_GROUP, WeightChecker(r.check_weight_sync))
+    syncer = DistributedSyncer(admin, ops, broadcast, WEIGHT_GROUP)
 
     def destroy_group() -> None:
         for server in admin:
@@ -240,7 +261,7 @@ def _connect_servers(clients: List[ServerClient], r: Any):
             raise SGLangServerError(f"{client.url} runs with dp_size/pp_size > 1; start one server per "
                                     "replica (list each URL in rollout.server_urls) with only --tp-size")
         if "tp_size" not in info:
-            raise SGLangServerError(f"{client.url}/get_server_info reports no tp_size; cannot size the "
+            raise SGLangServerError(f"{client.url}/server_info reports no tp_size; cannot size the "
                                     "weights-update group")
         tp_sizes.append(int(info["tp_size"]))
     address = os.environ.get(MASTER_ADDR_ENV) or socket.gethostbyname(socket.gethostname())

@@ -44,6 +44,7 @@ class ServerClient:
         self.max_retries = int(max_retries)
         self.retry_delay_s = float(retry_delay_s)
         self.process = process
+        self._protocol = None
 
     def __repr__(self) -> str:
         return f"ServerClient({self.url!r})"
@@ -129,9 +130,27 @@ class ServerClient:
             sleep(poll_s)
 
     def server_info(self) -> Dict[str, Any]:
-        """/get_server_info (the server's arguments and `version`); {} when the endpoint is missing."""
-        try:
-            info = self.get("/get_server_info", retries=0, timeout_s=min(self.timeout_s, 30.0))
-        except SGLangServerError:
-            return {}
-        return info if isinstance(info, dict) else {}
+        """/server_info (the server's arguments and `version`), else its deprecated alias
+        /get_server_info; {} when neither answers."""
+        for path in ("/server_info", "/get_server_info"):
+            try:
+                info = self.get(path, retries=0, timeout_s=min(self.timeout_s, 30.0))
+            except SGLangServerError:
+                continue
+            if isinstance(info, dict):
+                return info
+        return {}
+
+    @property
+    def protocol(self):
+        """The `ServerProtocol` of this server's SGLang version, read once from /server_info. An
+        unsupported version, or a server that does not say its version, is refused."""
+        if self._protocol is None:
+            from .version import protocol_for
+
+            version = self.server_info().get("version")
+            if not version:
+                raise SGLangServerError(f"{self.describe()} does not report its version in /server_info, so "
+                                        "its protocol is unknown; is it an SGLang server?")
+            self._protocol = protocol_for(str(version), where=f"the server at {self.url} runs")
+        return self._protocol

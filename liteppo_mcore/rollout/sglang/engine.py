@@ -4,6 +4,17 @@ Every rank calls every method (the collective contract of `liteppo_mcore.rollout
 `generate`, each member of a model replica sends its contiguous share of the replica's prompts to its
 own server; errors are agreed on by all ranks (so none waits forever), then the shares are gathered
 over the replica so that its ranks return identical results.
+
+Memory, colocated (the servers share the training GPUs): `sleep` releases what training needs, the
+KV cache and the weights. The weights come back first, are re-pushed (released weight memory holds
+garbage unless the server runs with --enable-weights-cpu-backup), and only then do the KV cache
+(and CUDA graphs) come back: weights -> push -> KV cache, so the KV pool is never allocated while the
+trainer's state is still resident. Generating on weights that were released and not pushed again is
+refused: the engine tracks it, so a rollout on stale weights cannot happen.
+
+Weight versions: every push carries the trainer's `weight_version` (its step), and every /generate
+answer's `meta_info.weight_version` must be the version last pushed; a mismatch is an error naming both:
+the end-to-end guard that the rollout used the weights just trained.
 """
 
 from __future__ import annotations
@@ -14,7 +25,8 @@ from typing import Any, Callable, Iterable, List, Optional, Sequence
 from ..engine import Generation, RolloutEngine, SamplingParams, WeightBucket
 from .client import ServerClient, SGLangServerError
 from .placement import share_bounds
-from .protocol import generate_payload, parse_generate_response
+from .protocol import check_weight_versions, generate_payload, parse_generate_response
+from .version import TAG_CUDA_GRAPH, TAG_KV_CACHE, TAG_WEIGHTS
 
 ReplicaGather = Callable[[Any], List[Any]]  # one object per replica member, in member order
 
@@ -40,11 +52,21 @@ class SGLangEngine(RolloutEngine):
         self.manages_memory = manages_memory      # colocated: release memory while training
         self.owned = list(owned)                  # server processes this rank launched
         self.on_shutdown = on_shutdown
-        self.asleep = False
+        self.released: set = set()                # memory tags released on the servers
+        self.weights_pushed = True                # False from a weights release until the next push
+        self.weight_version: Optional[str] = None  # of the last push; every answer must report it
         self._closed = False
+
+    @property
+    def asleep(self) -> bool:
+        return bool(self.released)
 
     # -- generation -----------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> List[List[Generation]]:
+        if not self.weights_pushed:
+            raise SGLangServerError("generate on SGLang servers whose weights were released and not pushed "
+                                    "again: released weight memory holds garbage. Call update_weights after "
+                                    "sleep (the trainer does, every step).")
         if self.asleep:
             self.wake()
         if not params.stop_token_ids and self.eos_token_ids:
@@ -57,6 +79,7 @@ class SGLangEngine(RolloutEngine):
                 payload = generate_payload(prompts[start:end], params, stream=self.stream,
                                            first_prompt_index=start)
                 answer = self.client.request("/generate", payload)
+                check_weight_versions(answer, self.weight_version, self.client.describe())
                 mine = parse_generate_response(answer, end - start, params)
             except Exception as exc:  # noqa: BLE001 - shared with every rank below
                 error = f"{type(exc).__name__}: {exc}"
@@ -71,10 +94,13 @@ class SGLangEngine(RolloutEngine):
         return results
 
     # -- weights and memory ----------------------------------------------------------------------
-    def update_weights(self, buckets: Iterable[WeightBucket]) -> None:
-        if self.asleep:
-            self.wake()  # updating released weight memory would fault; call wake() first to plan memory
-        self.syncer.sync(buckets)
+    def update_weights(self, buckets: Iterable[WeightBucket], weight_version: Optional[str] = None) -> None:
+        """Weights back (if released), push, then the KV cache and CUDA graphs back (module doc)."""
+        self._resume([TAG_WEIGHTS])
+        self.syncer.sync(buckets, weight_version)
+        self.weights_pushed = True
+        self.weight_version = weight_version
+        self._resume([TAG_KV_CACHE, TAG_CUDA_GRAPH])
 
     def _admin(self, path: str, payload: Any) -> None:
         error = None
@@ -88,15 +114,29 @@ class SGLangEngine(RolloutEngine):
             raise SGLangServerError(f"SGLang {path} failed: {error}")
 
     def sleep(self) -> None:
-        """Colocated: release the servers' weights and KV cache (needs --enable-memory-saver)."""
-        if self.manages_memory and not self.asleep:
-            self._admin("/release_memory_occupation", {"tags": None})
-            self.asleep = True
+        """Colocated: release what training needs, the KV cache and the weights (needs
+        --enable-memory-saver). CUDA graphs stay; their memory is small next to those two."""
+        if not self.manages_memory:
+            return
+        tags = [tag for tag in (TAG_KV_CACHE, TAG_WEIGHTS) if tag not in self.released]
+        if tags:
+            self._admin("/release_memory_occupation", {"tags": tags})
+            self.released.update(tags)
+            if TAG_WEIGHTS in tags:
+                self.weights_pushed = False
 
     def wake(self) -> None:
-        if self.manages_memory and self.asleep:
-            self._admin("/resume_memory_occupation", {"tags": None})
-            self.asleep = False
+        """Take memory back in the safe order: released weights first (they still need a push, see
+        update_weights); the KV cache only once the weights are pushed."""
+        self._resume([TAG_WEIGHTS])
+        if self.weights_pushed:
+            self._resume([TAG_KV_CACHE, TAG_CUDA_GRAPH])
+
+    def _resume(self, tags: Sequence[str]) -> None:
+        wanted = [tag for tag in tags if tag in self.released]
+        if wanted:
+            self._admin("/resume_memory_occupation", {"tags": wanted})
+            self.released.difference_update(wanted)
 
     def shutdown(self) -> None:
         """Stop the servers this rank launched (local, best effort; safe to call twice)."""

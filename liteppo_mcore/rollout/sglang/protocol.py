@@ -73,6 +73,11 @@ def _finish_type(meta: Dict[str, Any]) -> str:
         kind = str(reason.get("type", ""))
         if kind == "abort":
             raise SGLangServerError(f"the SGLang server aborted a request: {reason.get('message', reason)}")
+        if reason.get("matched") == "NaN happened":
+            # SGLang ends a row whose logits are NaN as a "stop" on an EOS id (schedule_batch.py): garbage
+            # weights, e.g. released memory resumed without a push; the tokens mean nothing.
+            raise SGLangServerError("the SGLang server's logits were NaN ('NaN happened'): its weights are "
+                                    "garbage (released and not pushed again, or a broken push)")
         return kind
     return str(reason or "")
 
@@ -114,3 +119,19 @@ def parse_generate_response(response: Any, num_prompts: int, params: SamplingPar
         raise SGLangServerError(f"the SGLang server answered {got} generations for {expected} requests")
     flat = [parse_generation(item, params) for item in response]
     return [flat[i * params.n:(i + 1) * params.n] for i in range(num_prompts)]
+
+
+def check_weight_versions(response: Any, expected: Any, server: str) -> None:
+    """Every answer's `meta_info.weight_version` (SGLang reports the version of the weights it served,
+    sglang/srt/managers/tokenizer_manager.py) must be the one last pushed; no check before the first
+    push (`expected` None)."""
+    if expected is None:
+        return
+    items = [response] if isinstance(response, dict) else (response if isinstance(response, list) else [])
+    for item in items:
+        got = (item.get("meta_info") or {}).get("weight_version") if isinstance(item, dict) else None
+        if str(got) != str(expected):
+            raise SGLangServerError(
+                f"{server} generated with weight_version {got!r}, but the trainer last pushed {expected!r}: "
+                "the rollout did not use the weights just trained (a push that failed or went to another "
+                "server, or a server restarted since).")

@@ -7,6 +7,7 @@ with a message rather than late with a confusing payload error.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 MIN_VERSION = (0, 5, 20)
@@ -55,3 +56,42 @@ def check_sglang_version(version: Optional[str] = None, *, where: str = "install
             f"({SUPPORTED_RANGE}); its HTTP and weight-sync APIs may differ. Install "
             f"'sglang{SUPPORTED_RANGE}' or choose rollout.engine=hf or mcore.")
     return version
+
+
+# ------------------------------------------------------------------------------------------------------
+# What each supported server version offers, read from its wheel (docs/sglang.md has the table, with
+# the file of the wheel each fact was read from):
+# - The weight-update session: from 0.5.21 on, the scheduler refuses update_weights_from_tensor and
+#   update_weights_from_distributed outside POST /begin_weight_update ... POST /end_weight_update
+#   (sglang/srt/managers/scheduler_components/weight_updater.py); 0.5.20 has neither endpoint
+#   (sglang/srt/entrypoints/http_server.py). Read in 0.5.20, 0.5.21, 0.5.22 and 0.5.23.
+# - /server_info in every supported version; /get_server_info is its deprecated alias.
+# - FlattenedTensorBucket.supports_multi_dtypes is True in every supported version
+#   (sglang/srt/weight_sync/tensor_bucket.py): one update call per bucket, every dtype in it.
+# - weight_version: a field of UpdateWeightsFrom{Tensor,Distributed}ReqInput
+#   (sglang/srt/managers/io_struct.py), reported back in each /generate answer's meta_info.
+# - Memory tags (sglang/srt/constants.py): "weights", "kv_cache", "cuda_graph".
+
+SESSION_SINCE = (0, 5, 21)
+TAG_WEIGHTS, TAG_KV_CACHE, TAG_CUDA_GRAPH = "weights", "kv_cache", "cuda_graph"
+
+
+@dataclass(frozen=True)
+class ServerProtocol:
+    """The endpoints and request shapes of one server version."""
+
+    version: str
+    weight_update_session: bool          # update calls must sit between begin/end_weight_update
+    server_info_path: str = "/server_info"
+    multi_dtype_buckets: bool = True     # one flattened bucket may hold several dtypes
+
+    @property
+    def training_release(self) -> Tuple[str, ...]:
+        """The memory tags released while the trainer trains (what training needs: KV cache, weights)."""
+        return (TAG_KV_CACHE, TAG_WEIGHTS)
+
+
+def protocol_for(version: str, *, where: str = "the SGLang server") -> ServerProtocol:
+    """The protocol of a server of `version`; an unsupported version is refused with the range."""
+    check_sglang_version(version, where=where)
+    return ServerProtocol(version=str(version), weight_update_session=parse_version(version) >= SESSION_SINCE)

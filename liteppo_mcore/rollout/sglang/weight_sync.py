@@ -1,15 +1,20 @@
 """Pushing the trainer's weights into SGLang servers, bucket by bucket.
 
-Order around every sync, on each server: pause generation -> flush the cache -> update -> continue.
-Pausing (mode "retract") stops the scheduler so nothing runs on half-updated weights; flushing drops
-KV/prefix entries computed with the old weights. Updates are sent with flush_cache=False, since the
-cache is already empty and stays so while paused.
+Order around every sync, on each server: pause generation -> flush the cache -> open the
+weight-update session (versions that have one, see version.py) -> update, bucket by bucket -> close
+the session -> continue. Pausing (mode "retract") stops the scheduler so nothing runs on half-updated
+weights; flushing drops KV/prefix entries computed with the old weights. Updates are sent with
+flush_cache=False, since the cache is already empty and stays so while paused, and with the trainer's
+`weight_version`, which the server reports back in every generation (the engine checks it). A failure
+inside the session closes it (best effort) before it is raised, so a server is never left with a
+session open; generation stays paused (the weights are half-updated).
 
-Colocated (`TensorSyncer`): every rank of a server flattens each bucket per dtype (SGLang's
-"flattened_bucket" load format), serializes it (CUDA IPC handles on GPU, so no copy leaves the GPU),
-the handles are gathered to the server's leader, and the leader sends one update_weights_from_tensor
-per dtype bucket: entry i of the list is what SGLang's TP rank i opens. The senders keep their buffers
-alive until the leader reports the call returned.
+Colocated (`TensorSyncer`): every rank of a server flattens each bucket, every dtype in one flattened
+tensor (SGLang's "flattened_bucket" load format; `FlattenedTensorBucket.supports_multi_dtypes` in every
+supported version), serializes it (CUDA IPC handles on GPU, so no copy leaves the GPU), the handles are
+gathered to the server's leader, and the leader sends one update_weights_from_tensor per bucket: entry
+i of the list is what SGLang's TP rank i opens. The senders keep their buffers alive until the leader
+reports the call returned.
 
 Disaggregated (`DistributedSyncer`): the trainer's source rank (global rank 0) and every server's TP
 workers form an NCCL group (init_weights_update_group); per bucket, the source posts the names, dtypes
@@ -23,7 +28,6 @@ raises on every rank instead of leaving the others waiting in a collective.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Tuple
 
 from torch import Tensor
@@ -33,7 +37,6 @@ from .client import ServerClient, SGLangServerError
 
 PAUSE_MODE = "retract"
 FLUSH_RETRY_STATUSES = (400, 500, 502, 503, 504)  # /flush_cache answers 400 while requests are pending
-CHECK_TRUNCATE = 16
 
 
 class GroupOps(Protocol):
@@ -63,50 +66,40 @@ def continue_generation(clients: Sequence[ServerClient]) -> None:
         client.request("/continue_generation", {})
 
 
-def split_by_dtype(bucket: WeightBucket) -> List[WeightBucket]:
-    """The bucket's tensors grouped by dtype (one flattened tensor per dtype), in first-seen order."""
-    groups: "OrderedDict[Any, WeightBucket]" = OrderedDict()
-    for name, tensor in bucket:
-        groups.setdefault(tensor.dtype, []).append((name, tensor))
-    return list(groups.values())
+def _session(clients: Sequence[ServerClient], path: str) -> None:
+    for client in clients:
+        if client.protocol.weight_update_session:
+            _check_answer(client.request(path, {}, retries=0), client, path.lstrip("/"))
+
+
+def begin_update(clients: Sequence[ServerClient]) -> None:
+    """Open the weight-update session on every server whose version has one."""
+    _session(clients, "/begin_weight_update")
+
+
+def end_update(clients: Sequence[ServerClient]) -> None:
+    _session(clients, "/end_weight_update")
+
+
+def abandon_update(clients: Sequence[ServerClient]) -> None:
+    """After a failed update: close the session (so that a retry can open one), ignoring further
+    errors (the first error is the one raised). Generation stays paused: the weights are half-updated."""
+    try:
+        end_update(clients)
+    except Exception:  # noqa: BLE001 - best effort; the original failure propagates
+        pass
+
+
+def update_payload(base: Dict[str, Any], weight_version: Optional[str]) -> Dict[str, Any]:
+    payload = dict(base, flush_cache=False)
+    if weight_version is not None:
+        payload["weight_version"] = str(weight_version)
+    return payload
 
 
 def dtype_name(tensor: Tensor) -> str:
     """SGLang's spelling of a dtype ("bfloat16"; it does getattr(torch, name))."""
     return str(tensor.dtype).replace("torch.", "")
-
-
-class WeightChecker:
-    """Keeps the first values of a few replicated 1-D weights (norms) seen during a sync and compares
-    them with what the server reports through /get_weights_by_name (rollout.check_weight_sync)."""
-
-    def __init__(self, enabled: bool, max_tensors: int = 2):
-        self.enabled = enabled
-        self.max_tensors = max_tensors
-        self.samples: Dict[str, List[float]] = {}
-
-    def observe(self, bucket: WeightBucket) -> None:
-        if not self.enabled:
-            return
-        for name, tensor in bucket:
-            if len(self.samples) < self.max_tensors and tensor.dim() == 1 and name.endswith("norm.weight"):
-                self.samples[name] = tensor.detach().flatten()[:CHECK_TRUNCATE].float().cpu().tolist()
-
-    def verify(self, client: ServerClient, atol: float = 2e-2) -> None:
-        for name, expected in self.samples.items():
-            answer = client.request("/get_weights_by_name", {"name": name, "truncate_size": CHECK_TRUNCATE})
-            got = _flatten(answer)[:len(expected)]
-            if len(got) != len(expected) or any(abs(g - e) > atol + atol * abs(e) for g, e in zip(got, expected)):
-                raise SGLangServerError(
-                    f"weight check failed on {client.describe()}: {name} is {got[:4]}... on the server but "
-                    f"{expected[:4]}... in the trainer. The weight names or layout given to SGLang are wrong.")
-        self.samples.clear()
-
-
-def _flatten(value: Any) -> List[float]:
-    if isinstance(value, (list, tuple)):
-        return [x for item in value for x in _flatten(item)]
-    return [float(value)]
 
 
 def _leader_step(action: Callable[[], None], is_leader: bool) -> Optional[str]:
@@ -131,35 +124,41 @@ Serializer = Callable[[WeightBucket], Tuple[Any, Any]]  # dtype bucket -> (wire 
 class TensorSyncer:
     """Colocated sync through update_weights_from_tensor (see the module docstring).
 
-    `client` is set on the server's leader only; `serialize` turns a single-dtype bucket into what entry
-    i of serialized_named_tensors carries (SGLang's serializer on GPU; tests pass their own)."""
+    `client` is set on the server's leader only; `serialize` turns a bucket into what entry i of
+    serialized_named_tensors carries (SGLang's serializer on GPU, the CPU wire format without CUDA)."""
 
     def __init__(self, client: Optional[ServerClient], ops: GroupOps, serialize: Serializer,
-                 checker: Optional[WeightChecker] = None, load_format: str = "flattened_bucket"):
+                 load_format: str = "flattened_bucket"):
         self.client = client
         self.ops = ops
         self.serialize = serialize
-        self.checker = checker or WeightChecker(False)
         self.load_format = load_format
 
-    def sync(self, buckets: Iterable[WeightBucket]) -> None:
+    def sync(self, buckets: Iterable[WeightBucket], weight_version: Optional[str] = None) -> None:
         leader = self.client is not None
         clients = [self.client] if leader else []
-        _raise_agreed(self.ops, _leader_step(lambda: pause_and_flush(clients), leader))
-        for bucket in buckets:
-            self.checker.observe(bucket)
-            for dtype_bucket in split_by_dtype(bucket):
-                wire, keep_alive = self.serialize(dtype_bucket)
+
+        def start() -> None:
+            pause_and_flush(clients)
+            begin_update(clients)
+
+        _raise_agreed(self.ops, _leader_step(start, leader))
+        try:
+            for bucket in buckets:
+                wire, keep_alive = self.serialize(bucket)
                 gathered = self.ops.gather_to_leader(wire)
-                error = _leader_step(lambda: self._send(gathered), leader)
+                error = _leader_step(lambda: self._send(gathered, weight_version), leader)
                 _raise_agreed(self.ops, error)  # the server has loaded (or failed) before buffers go
                 del keep_alive
-        _raise_agreed(self.ops, _leader_step(lambda: self.checker.verify(self.client), leader))
+            _raise_agreed(self.ops, _leader_step(lambda: end_update(clients), leader))
+        except BaseException:
+            abandon_update(clients)
+            raise
         _raise_agreed(self.ops, _leader_step(lambda: continue_generation(clients), leader))
 
-    def _send(self, gathered: Optional[List[Any]]) -> None:
-        payload = {"serialized_named_tensors": gathered, "load_format": self.load_format,
-                   "flush_cache": False}
+    def _send(self, gathered: Optional[List[Any]], weight_version: Optional[str]) -> None:
+        payload = update_payload({"serialized_named_tensors": gathered, "load_format": self.load_format},
+                                 weight_version)
         _check_answer(self.client.request("/update_weights_from_tensor", payload, retries=0),
                       self.client, "update_weights_from_tensor")
 
@@ -217,43 +216,43 @@ class DistributedSyncer:
     `clients` (every server) and `broadcast` are set on the source rank only."""
 
     def __init__(self, clients: Sequence[ServerClient], ops: GroupOps,
-                 broadcast: Optional[Callable[[Tensor], None]], group_name: str,
-                 checker: Optional[WeightChecker] = None):
+                 broadcast: Optional[Callable[[Tensor], None]], group_name: str):
         self.clients = list(clients)
         self.ops = ops
         self.broadcast = broadcast
         self.group_name = group_name
-        self.checker = checker or WeightChecker(False)
 
     @property
     def is_source(self) -> bool:
         return bool(self.clients)
 
-    def sync(self, buckets: Iterable[WeightBucket]) -> None:
+    def sync(self, buckets: Iterable[WeightBucket], weight_version: Optional[str] = None) -> None:
         source = self.is_source
-        _raise_agreed(self.ops, _leader_step(lambda: pause_and_flush(self.clients), source))
-        for bucket in buckets:
-            self.checker.observe(bucket)
-            _raise_agreed(self.ops, _leader_step(lambda: self._push(bucket), source))
-        _raise_agreed(self.ops, _leader_step(self._verify, source))
+
+        def start() -> None:
+            pause_and_flush(self.clients)
+            begin_update(self.clients)
+
+        _raise_agreed(self.ops, _leader_step(start, source))
+        try:
+            for bucket in buckets:
+                _raise_agreed(self.ops, _leader_step(lambda: self._push(bucket, weight_version), source))
+            _raise_agreed(self.ops, _leader_step(lambda: end_update(self.clients), source))
+        except BaseException:
+            abandon_update(self.clients)
+            raise
         _raise_agreed(self.ops, _leader_step(lambda: continue_generation(self.clients), source))
 
-    def payload(self, bucket: WeightBucket) -> Dict[str, Any]:
-        return {"names": [name for name, _ in bucket], "dtypes": [dtype_name(t) for _, t in bucket],
-                "shapes": [list(t.shape) for _, t in bucket], "group_name": self.group_name,
-                "flush_cache": False}
+    def payload(self, bucket: WeightBucket, weight_version: Optional[str] = None) -> Dict[str, Any]:
+        return update_payload({"names": [name for name, _ in bucket], "dtypes": [dtype_name(t) for _, t in bucket],
+                               "shapes": [list(t.shape) for _, t in bucket], "group_name": self.group_name},
+                              weight_version)
 
-    def _push(self, bucket: WeightBucket) -> None:
-        payload = self.payload(bucket)
+    def _push(self, bucket: WeightBucket, weight_version: Optional[str]) -> None:
+        payload = self.payload(bucket, weight_version)
         pending = _post_concurrently(self.clients, "/update_weights_from_distributed",
                                      [payload] * len(self.clients))
         for _, tensor in bucket:
             self.broadcast(tensor)
         for client, answer in zip(self.clients, pending.wait()):
             _check_answer(answer, client, "update_weights_from_distributed")
-
-    def _verify(self) -> None:
-        samples = dict(self.checker.samples)
-        for client in self.clients:
-            self.checker.samples = dict(samples)
-            self.checker.verify(client)
