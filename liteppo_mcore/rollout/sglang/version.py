@@ -7,6 +7,7 @@ with a message rather than late with a confusing payload error.
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -45,6 +46,11 @@ def check_sglang_version(version: Optional[str] = None, *, where: str = "install
     """Raise `SGLangVersionError` unless `version` (default: the installed one) is supported."""
     if version is None:
         version = installed_version()
+    if version is None and sys.version_info < (3, 11):
+        raise SGLangVersionError(
+            f"rollout.engine=sglang needs SGLang{SUPPORTED_RANGE}, whose wheels need Python >= 3.11 (and glibc "
+            f">= 2.34); this is Python {sys.version.split()[0]}. Run the servers from a Python 3.11+ environment "
+            "(rollout.server_command) or choose rollout.engine=hf or mcore.")
     if version is None:
         raise SGLangVersionError(
             "rollout.engine=sglang but SGLang is not installed. It pins its own torch and CUDA "
