@@ -47,6 +47,14 @@ def main(argv=None) -> int:
         if is_rank0():
             print(to_yaml(cfg), end="", flush=True)
         return 0
+    from liteppo_mcore.config.validate import output_dir_problem
+
+    problem = output_dir_problem(cfg.output_dir)
+    if problem:
+        if is_rank0():
+            print(f"liteppo: output_dir={cfg.output_dir}: {problem}. Choose a writable directory "
+                  "(output_dir=path/to/run).", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
 
     from liteppo_mcore.parallel.setup import init_distributed, shutdown_distributed
 

@@ -74,7 +74,7 @@ def _build_actor(shape: ModelShape, cfg: LitePPOConfig, dtype: torch.dtype) -> t
     from liteppo_mcore.parallel.mcore import initialize_model_parallel
 
     p = cfg.parallel
-    groups = initialize_model_parallel(p.tp, p.pp, 1, seed=cfg.seed)
+    groups = initialize_model_parallel(p.tp, p.pp, 1, seed=cfg.seed, timeout_minutes=p.timeout_minutes)
     padded = shape.padded_vocab_size(p.tp, cfg.model.make_vocab_size_divisible_by)
     return build_gpt(shape, cfg, groups, dtype=dtype, padded_vocab=padded), groups
 

@@ -272,3 +272,25 @@ def _check_sections(c: _Checker, cfg: S.LitePPOConfig) -> None:
     c.non_negative("eval.interval", cfg.eval.interval)
     c.positive("eval.num_samples", cfg.eval.num_samples)
     c.positive("eval.max_prompts", cfg.eval.max_prompts, allow_none=True)
+
+
+def output_dir_problem(path: str) -> Optional[str]:
+    """Why `output_dir` cannot hold a run (a file, under a file, not writable), or None. Checked before
+    any process group exists, so the run (and the dry run) stops at once with the path and the reason
+    instead of failing seconds later inside the trainer."""
+    import os
+
+    target = os.path.abspath(path)
+    if os.path.exists(target) and not os.path.isdir(target):
+        return f"{target} is a file, not a directory"
+    probe = target
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        return f"{target} would be under {probe}, which is a file"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable" + ("" if probe == target else f" (so {target} cannot be created)")
+    return None

@@ -5,6 +5,7 @@ as one `ParallelGroups` object that the rest of the package receives instead of 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -39,9 +40,14 @@ class ParallelGroups:
         return self.pp_rank == self.pp_size - 1
 
 
-def initialize_model_parallel(tp: int, pp: int, cp: int, seed: int = 42) -> ParallelGroups:
+def initialize_model_parallel(tp: int, pp: int, cp: int, seed: int = 42,
+                              timeout_minutes: Optional[int] = None) -> ParallelGroups:
     """Build megatron's groups on top of the default process group (which must exist), seed the
-    model-parallel RNG streams, and return the groups. On CPU the compatibility layer goes in first."""
+    model-parallel RNG streams, and return the groups. On CPU the compatibility layer goes in first.
+
+    `timeout_minutes` (the run's `parallel.timeout_minutes`) is the time limit of every group megatron
+    creates; without it megatron gives them its own 30 minutes, whatever the default group has, so a
+    hung rank would stall the job that long."""
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
@@ -50,8 +56,9 @@ def initialize_model_parallel(tp: int, pp: int, cp: int, seed: int = 42) -> Para
     cpu_compat.install()
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+    extra = {} if timeout_minutes is None else {"distributed_timeout_minutes": int(timeout_minutes)}
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                 context_parallel_size=cp)
+                                 context_parallel_size=cp, **extra)
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return current_groups()

@@ -57,7 +57,7 @@ class Trainer:
     def __init__(self, cfg: LitePPOConfig) -> None:
         self.cfg = cfg
         p = cfg.parallel
-        self.groups = initialize_model_parallel(p.tp, p.pp, p.cp, seed=cfg.seed)
+        self.groups = initialize_model_parallel(p.tp, p.pp, p.cp, seed=cfg.seed, timeout_minutes=p.timeout_minutes)
         self.reducer = Reducer(self.groups.dp_group, self.groups.dp_cp_group)
         self.tokenizer = tokenizer_from_config(cfg.model, cfg.data)
         self.train_set, self.eval_set = build_datasets(cfg.data, self.tokenizer, prompt_length=cfg.prompt_length)

@@ -52,3 +52,25 @@ def test_nccl_without_cuda_is_a_clean_error():
     proc = run_entry(["--config", "examples/liteppo.yaml", "parallel.backend=nccl", "--dry-run"])
     assert proc.returncode == 2 and "parallel.backend=nccl needs CUDA" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_an_output_dir_that_cannot_hold_a_run_exits_2_in_the_dry_run(tmp_path):
+    a_file = tmp_path / "taken"
+    a_file.write_text("not a directory")
+    for path, reason in ((a_file, "is a file, not a directory"), (a_file / "run", "which is a file")):
+        proc = run_entry(["--config", "examples/liteppo.yaml", f"output_dir={path}", "--dry-run"])
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert f"output_dir={path}" in proc.stderr and reason in proc.stderr
+        assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_a_read_only_output_dir_is_named(tmp_path, monkeypatch):
+    """(As root, permissions do not stop writes, so the access check itself is what is tested.)"""
+    import os
+
+    from liteppo_mcore.config.validate import output_dir_problem
+
+    assert output_dir_problem(str(tmp_path / "new" / "run")) is None
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    assert output_dir_problem(str(tmp_path / "new" / "run")) == (
+        f"{tmp_path} is not writable (so {tmp_path / 'new' / 'run'} cannot be created)")
