@@ -32,13 +32,8 @@ _CUDA_TYPE_NAMES = {
 }
 
 
-def _is_cuda_device(device: Any) -> bool:
-    if isinstance(device, torch.device):
-        return device.type == "cuda"
-    if isinstance(device, str):
-        return device.startswith("cuda")
-    # megatron passes torch.cuda.current_device() (an int index) as a device in places
-    return isinstance(device, int) and not isinstance(device, bool)
+# megatron passes torch.cuda.current_device() (an int index) as a device in places
+_is_cuda_device = strict_device._is_cuda
 
 
 class _CudaToCpuMode(TorchFunctionMode):

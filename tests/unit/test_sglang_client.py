@@ -10,21 +10,8 @@ import pytest
 
 from liteppo_mcore.rollout.sglang.client import ServerClient, SGLangServerError
 from liteppo_mcore.rollout.sglang.version import SGLangVersionError
-from tests.sglang_standin import StandIn
 
 
-@pytest.fixture
-def standin_factory():
-    made = []
-
-    def make(**kwargs):
-        standin = StandIn(**kwargs)
-        made.append(standin)
-        return standin, standin.start()
-
-    yield make
-    for standin in made:
-        standin.stop()
 
 
 def test_wait_healthy_when_server_becomes_healthy_late(standin_factory):

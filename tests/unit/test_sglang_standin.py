@@ -47,17 +47,8 @@ def call(url, path, body=None, method="POST", raw=None, timeout=30):
 
 
 @pytest.fixture
-def server():
-    made = []
-
-    def make(**kwargs):
-        standin = StandIn(**kwargs)
-        made.append(standin)
-        return standin, standin.start()
-
-    yield make
-    for standin in made:
-        standin.stop()
+def server(standin_factory):
+    return standin_factory
 
 
 def tiny_model(tmp_path, architecture="LlamaForCausalLM", tie=False):
