@@ -1374,6 +1374,7 @@ class StandIn:
         names = [n for n, _ in named if n not in skipped]
         for name in names:
             self.param_state[name] = "pushed"
+        if names:
             self.weights_released_unpushed = False
         return self._after_push(obj, names, message)
 

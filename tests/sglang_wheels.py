@@ -243,6 +243,15 @@ def source_for_test(version: str) -> "SGLangSource":
 
 # -- what is read -----------------------------------------------------------------------------------
 
+
+def _import_source(node: ast.ImportFrom, package: str) -> str:
+    """The absolute module a `from ... import` in `package` reads from (relative levels resolved)."""
+    source = node.module or ""
+    if node.level:
+        parts = package.split(".")
+        source = ".".join(parts[:len(parts) - node.level + 1] + ([source] if source else []))
+    return source
+
 @dataclasses.dataclass(frozen=True)
 class Field:
     """One annotated field of a class: its annotation and default as source text."""
@@ -954,10 +963,7 @@ class SGLangSource:
                 elif isinstance(node, ast.Import):
                     names.update((a.asname or a.name).split(".")[0] for a in node.names)
                 elif isinstance(node, ast.ImportFrom):
-                    source = node.module or ""
-                    if node.level:
-                        parts = package.split(".")
-                        source = ".".join(parts[:len(parts) - node.level + 1] + ([source] if source else []))
+                    source = _import_source(node, package)
                     for alias in node.names:
                         if alias.name == "*":
                             names.update(self.module_names(source, _depth + 1))
@@ -990,10 +996,7 @@ class SGLangSource:
                 return module, node
         for node in self.tree(path).body:
             if isinstance(node, ast.ImportFrom):
-                source = node.module or ""
-                if node.level:
-                    parts = package.split(".")
-                    source = ".".join(parts[:len(parts) - node.level + 1] + ([source] if source else []))
+                source = _import_source(node, package)
                 for alias in node.names:
                     if alias.name == "*":
                         stars.append(source)

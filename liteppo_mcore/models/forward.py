@@ -105,12 +105,6 @@ def seq_multiple(groups: ParallelGroups, sequence_parallel: bool) -> int:
     return multiple * (groups.tp_size if sequence_parallel else 1)
 
 
-def padded_seq_len(batch: SequenceBatch, groups: ParallelGroups, sequence_parallel: bool) -> int:
-    multiple = seq_multiple(groups, sequence_parallel)
-    s = batch.tokens.shape[1]
-    return -(-s // multiple) * multiple
-
-
 def _head_outputs(output: Tensor, labels: Tensor, mask: Tensor, *, kind: str, groups: ParallelGroups,
                   temperature: float, vocab_size: int, compute_entropy: bool) -> Dict[str, Tensor]:
     if kind == "critic":

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from liteppo_mcore.parallel.device import collective_device, is_host_group
+from liteppo_mcore.parallel.device import collective_device
 
 AllReduce = Callable[[Tensor], Tensor]
 
@@ -35,9 +35,8 @@ def group_world_size(group: Optional[dist.ProcessGroup]) -> int:
 
 def _comm_device(group: dist.ProcessGroup, tensor: Tensor) -> torch.device:
     """NCCL reduces only CUDA tensors; statistics are often built on the host, so move them there."""
-    if not is_host_group(group) and tensor.device.type != "cuda":
-        return collective_device(group)
-    return tensor.device
+    device = collective_device(group)
+    return device if device.type == "cuda" and tensor.device.type != "cuda" else tensor.device
 
 
 def _make_allreduce(group: Optional[dist.ProcessGroup], op: dist.ReduceOp) -> AllReduce:

@@ -339,6 +339,8 @@ class StrictFunctionMode(TorchFunctionMode):
         if kind is None and func in _FACTORIES and func not in _LIKE:
             kind = HOST
         if kind is None and not pinned:
+            if getattr(_STATE, "factory", None) is None:  # the common case: nothing to mask
+                return func(*args, **kwargs)
             with _factory(None):
                 return func(*args, **kwargs)
         p = Placement(kind or HOST, _caller(), pinned and kind != DEVICE)

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from liteppo_mcore.models.forward import cp_split
+from liteppo_mcore.models.forward import cp_split, seq_multiple
 from liteppo_mcore.models.logprob import vocab_parallel_logprob_entropy
 from liteppo_mcore.parallel.device import compute_device, make_generator
 from liteppo_mcore.parallel.mcore import ParallelGroups
@@ -135,10 +135,7 @@ class MCoreEngine(RolloutEngine):
         return shard[:, : self.vocab_size]
 
     def _seq_len(self, longest: int) -> int:
-        g = self.groups
-        multiple = 2 * g.cp_size if g.cp_size > 1 else 1
-        if self.sequence_parallel:
-            multiple *= g.tp_size
+        multiple = seq_multiple(self.groups, self.sequence_parallel)
         return -(-longest // multiple) * multiple
 
     def _last_logits(self, rows: List[List[int]]) -> Optional[Tensor]:

@@ -25,6 +25,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from liteppo_mcore.algo.stats import STAT_DTYPE
 from liteppo_mcore.config.schema import LitePPOConfig
+from liteppo_mcore.models.forward import seq_multiple
 from liteppo_mcore.parallel.device import compute_device
 from liteppo_mcore.parallel.mcore import ParallelGroups
 from liteppo_mcore.parallel.reducer import Reducer, make_allreduce_max, make_allreduce_sum
@@ -108,10 +109,9 @@ class ModelUpdater:
     def _train_minibatch(self, share: TrainBatch, totals: _StepTotals) -> None:
         g, t = self.groups, self.cfg.train
         denominators = self._denominators(share)
-        multiple = (2 * g.cp_size if g.cp_size > 1 else 1) * (g.tp_size if self.cfg.parallel.sequence_parallel else 1)
         plans = plan_micro_batches(share.prompt_lens + share.response_lens, micro_batch_size=t.micro_batch_size,
                                    max_tokens=t.max_tokens_per_micro_batch, pipeline=g.pp_size > 1,
-                                   multiple=multiple)
+                                   multiple=seq_multiple(g, self.cfg.parallel.sequence_parallel))
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         data = micro_batches(share, plans, g, compute_device())

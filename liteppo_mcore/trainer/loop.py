@@ -290,7 +290,8 @@ class Trainer:
         probe = X.build_rollout(prompts, ["" for _ in prompts], generations, self.tokenizer)
         trainer = forward_per_token(self.models.actor, probe.batch.sequences(), self.groups, compute_entropy=False,
                                     temperature=1.0, vocab_size=self.vocab_size,
-                                    micro_batch_size=self.cfg.train.micro_batch_size)["logp"]
+                                    micro_batch_size=self.cfg.train.micro_batch_size,
+                                    max_tokens_per_micro_batch=self.cfg.train.max_tokens_per_micro_batch)["logp"]
         check_probe_logprobs(probe.rollout_logp, trainer, probe.mask, engine=self.engine.name,
                              atol=probe_tolerance(next(self.models.actor.parameters()).dtype))
 

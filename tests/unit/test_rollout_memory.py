@@ -16,6 +16,7 @@ import torch
 from liteppo_mcore.models.shapes import ModelShape
 from liteppo_mcore.parallel.mcore import ParallelGroups
 from liteppo_mcore.rollout.engine import SamplingParams
+from tests.unit.test_rollout_units import random_reference
 
 VOCAB = 97  # no other dimension of the model is 97: a tensor whose last dimension is 97 holds logits
 SHAPE = ModelShape(family="qwen2", num_layers=2, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4,
@@ -59,15 +60,11 @@ def test_processor_gathers_each_token_from_its_own_step():
 
 @pytest.fixture(scope="module")
 def engine_and_reference():
-    from liteppo_mcore.rollout.hf_engine import HFEngine, build_hf_model
+    from liteppo_mcore.rollout.hf_engine import HFEngine
 
-    reference = build_hf_model(SHAPE, torch.float32, torch.device("cpu"))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for _, p in reference.named_parameters():
-            p.normal_(0.0, 0.3)
+    reference, stream = random_reference(SHAPE)
     engine = HFEngine(SHAPE, SINGLE, eos_token_ids=[EOS], dtype=torch.float32, device=DEVICE, pad_token_id=0)
-    engine.update_weights([[(k, v) for k, v in reference.state_dict().items() if k != "lm_head.weight"]])
+    engine.update_weights([stream])
     return engine, reference
 
 

@@ -19,17 +19,25 @@ PROMPTS = [[1, 5, 6], [1, 7, 8, 9, 10, 11], [1, 3]]
 EOS = 2
 
 
-@pytest.fixture(scope="module")
-def engine_and_reference():
-    from liteppo_mcore.rollout.hf_engine import HFEngine, build_hf_model
+def random_reference(shape):
+    """A transformers model of `shape` on the CPU with random weights (seed 0), and its weight stream
+    (lm_head left out: the embeddings are tied)."""
+    from liteppo_mcore.rollout.hf_engine import build_hf_model
 
-    reference = build_hf_model(SHAPE, torch.float32, torch.device("cpu"))
+    reference = build_hf_model(shape, torch.float32, torch.device("cpu"))
     torch.manual_seed(0)
     with torch.no_grad():
         for _, p in reference.named_parameters():
             p.normal_(0.0, 0.3)
+    return reference, [(k, v) for k, v in reference.state_dict().items() if k != "lm_head.weight"]
+
+
+@pytest.fixture(scope="module")
+def engine_and_reference():
+    from liteppo_mcore.rollout.hf_engine import HFEngine
+
+    reference, stream = random_reference(SHAPE)
     engine = HFEngine(SHAPE, SINGLE, eos_token_ids=[EOS], dtype=torch.float32, pad_token_id=0)
-    stream = [(k, v) for k, v in reference.state_dict().items() if k != "lm_head.weight"]  # tied
     engine.update_weights([stream[:5], stream[5:]])
     return engine, reference
 

@@ -132,7 +132,9 @@ class ServerClient:
     def server_info(self) -> Dict[str, Any]:
         """/server_info (the server's arguments and `version`), else its deprecated alias
         /get_server_info; {} when neither answers."""
-        for path in ("/server_info", "/get_server_info"):
+        from .version import SERVER_INFO_PATHS
+
+        for path in SERVER_INFO_PATHS:
             try:
                 info = self.get(path, retries=0, timeout_s=min(self.timeout_s, 30.0))
             except SGLangServerError:

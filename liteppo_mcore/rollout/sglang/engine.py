@@ -7,9 +7,9 @@ over the replica so that its ranks return identical results.
 
 Memory, colocated (the servers share the training GPUs): `sleep` releases what training needs, the
 KV cache and the weights. The weights come back first, are re-pushed (released weight memory holds
-garbage unless the server runs with --enable-weights-cpu-backup), and only then do the KV cache
-(and CUDA graphs) come back: weights -> push -> KV cache, so the KV pool is never allocated while the
-trainer's state is still resident. Generating on weights that were released and not pushed again is
+garbage unless the server runs with --enable-weights-cpu-backup), and only then does the KV cache
+come back: weights -> push -> KV cache, so the KV pool is never allocated while the trainer's state is
+still resident (CUDA graphs are never released). Generating on weights that were released and not pushed again is
 refused: the engine tracks it, so a rollout on stale weights cannot happen.
 
 Weight versions: every push carries the trainer's `weight_version` (its step), and every /generate
@@ -26,7 +26,7 @@ from ..engine import Generation, RolloutEngine, SamplingParams, WeightBucket
 from .client import ServerClient, SGLangServerError
 from .placement import share_bounds
 from .protocol import check_weight_versions, generate_payload, parse_generate_response
-from .version import TAG_CUDA_GRAPH, TAG_KV_CACHE, TAG_WEIGHTS
+from .version import TAG_KV_CACHE, TAG_WEIGHTS
 
 ReplicaGather = Callable[[Any], List[Any]]  # one object per replica member, in member order
 
@@ -95,12 +95,12 @@ class SGLangEngine(RolloutEngine):
 
     # -- weights and memory ----------------------------------------------------------------------
     def update_weights(self, buckets: Iterable[WeightBucket], weight_version: Optional[str] = None) -> None:
-        """Weights back (if released), push, then the KV cache and CUDA graphs back (module doc)."""
+        """Weights back (if released), push, then the KV cache back (module doc)."""
         self._resume([TAG_WEIGHTS])
         self.syncer.sync(buckets, weight_version)
         self.weights_pushed = True
         self.weight_version = weight_version
-        self._resume([TAG_KV_CACHE, TAG_CUDA_GRAPH])
+        self.wake()
 
     def _admin(self, path: str, payload: Any) -> None:
         error = None
@@ -130,7 +130,7 @@ class SGLangEngine(RolloutEngine):
         update_weights); the KV cache only once the weights are pushed."""
         self._resume([TAG_WEIGHTS])
         if self.weights_pushed:
-            self._resume([TAG_KV_CACHE, TAG_CUDA_GRAPH])
+            self._resume([TAG_KV_CACHE])
 
     def _resume(self, tags: Sequence[str]) -> None:
         wanted = [tag for tag in tags if tag in self.released]

@@ -80,6 +80,7 @@ def check_sglang_version(version: Optional[str] = None, *, where: str = "install
 
 SESSION_SINCE = (0, 5, 21)
 TAG_WEIGHTS, TAG_KV_CACHE, TAG_CUDA_GRAPH = "weights", "kv_cache", "cuda_graph"
+SERVER_INFO_PATHS = ("/server_info", "/get_server_info")  # the endpoint, then its deprecated alias
 
 
 @dataclass(frozen=True)
@@ -88,13 +89,8 @@ class ServerProtocol:
 
     version: str
     weight_update_session: bool          # update calls must sit between begin/end_weight_update
-    server_info_path: str = "/server_info"
+    server_info_path: str = SERVER_INFO_PATHS[0]
     multi_dtype_buckets: bool = True     # one flattened bucket may hold several dtypes
-
-    @property
-    def training_release(self) -> Tuple[str, ...]:
-        """The memory tags released while the trainer trains (what training needs: KV cache, weights)."""
-        return (TAG_KV_CACHE, TAG_WEIGHTS)
 
 
 def protocol_for(version: str, *, where: str = "the SGLang server") -> ServerProtocol:
