@@ -86,8 +86,8 @@ class ParallelConfig:
     """Context-parallel size; dp = WORLD_SIZE / (tp * pp * cp) is derived, never configured."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs tp >= 2)."""
-    timeout_minutes: int = 120
-    """Timeout of every collective, in minutes (long: rollouts and checkpoints are slow)."""
+    timeout_minutes: float = 120
+    """Timeout of every collective, in minutes (long: rollouts and checkpoints are slow); a hung rank ends the job after it."""
     backend: str = "auto"
     """Process-group backend: auto (nccl with CUDA, gloo without), nccl or gloo."""
 
@@ -124,6 +124,8 @@ class TrainConfig:
     """Shard optimizer states over data-parallel ranks (ZeRO-1)."""
     offload_between_phases: bool = True
     """On GPUs, move idle models' parameters and optimizer states to CPU between phases."""
+    max_consecutive_bad_steps: int = 10
+    """Stop (exit 3) after this many steps in a row whose rewards all failed, updates were all skipped or gradient norm was 0; 0: never."""
 
 
 @dataclass
@@ -215,7 +217,9 @@ class CheckpointConfig:
     num_to_keep: Optional[int] = None
     """Keep only the newest this many checkpoints; null keeps all."""
     save_on_signal: bool = True
-    """On SIGTERM/SIGINT, save a checkpoint when it can, then exit."""
+    """On SIGTERM/SIGINT, save a checkpoint at the next safe point (after the update, or in place of a step not yet trained on), then exit."""
+    verify: bool = True
+    """Write a checksum of every checkpoint file at save and check them at load (a bad latest falls back to the newest good one)."""
 
 
 @dataclass

@@ -159,7 +159,7 @@ def _check_model(c: _Checker, m: S.ModelConfig, p: S.ParallelConfig) -> None:
 def _check_parallel(c: _Checker, p: S.ParallelConfig, world_size: int) -> Optional[int]:
     """Check the layout; return dp, or None when the layout itself is broken."""
     c.choice("parallel.backend", p.backend, S.BACKENDS)
-    c.positive("parallel.timeout_minutes", p.timeout_minutes)
+    c.positive("parallel.timeout_minutes", p.timeout_minutes, integer=False)
     ok = True
     for key in ("tp", "pp", "cp"):
         value = getattr(p, key)
@@ -264,6 +264,7 @@ def _check_sections(c: _Checker, cfg: S.LitePPOConfig) -> None:
                "Set reward.name: math, a built-in task's reward, or module:function.")
     c.non_negative("critic.lr", cfg.critic.lr)
     c.non_negative("critic.weight_decay", cfg.critic.weight_decay)
+    c.non_negative("train.max_consecutive_bad_steps", cfg.train.max_consecutive_bad_steps)
     c.non_negative("checkpoint.save_interval", cfg.checkpoint.save_interval)
     c.positive("checkpoint.num_to_keep", cfg.checkpoint.num_to_keep, allow_none=True)
     c.positive("logging.log_interval", cfg.logging.log_interval)

@@ -41,7 +41,7 @@ class ParallelGroups:
 
 
 def initialize_model_parallel(tp: int, pp: int, cp: int, seed: int = 42,
-                              timeout_minutes: Optional[int] = None) -> ParallelGroups:
+                              timeout_minutes: Optional[float] = None) -> ParallelGroups:
     """Build megatron's groups on top of the default process group (which must exist), seed the
     model-parallel RNG streams, and return the groups. On CPU the compatibility layer goes in first.
 
@@ -56,7 +56,7 @@ def initialize_model_parallel(tp: int, pp: int, cp: int, seed: int = 42,
     cpu_compat.install()
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    extra = {} if timeout_minutes is None else {"distributed_timeout_minutes": int(timeout_minutes)}
+    extra = {} if timeout_minutes is None else {"distributed_timeout_minutes": float(timeout_minutes)}
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                  context_parallel_size=cp, **extra)
     torch.manual_seed(seed)
