@@ -3,16 +3,18 @@
 bf16/fp16 models get fp32 master weights and fp32 gradient reduction (megatron's mixed-precision
 optimizer); fp32 models are updated in place. The step is guarded: when the mini-batch loss or the
 gradient norm is not finite, the update is skipped (weights and optimizer state untouched) and the
-reason is returned for the log.
+reason is returned for the log. After an applied step, `count_nonfinite` is the fused check that the
+weights are still finite (the caller agrees on it over all ranks, see `update.py`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
+from torch import Tensor
 
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -112,3 +114,27 @@ def guarded_step(optimizer, clip_grad: float, loss_is_finite: bool) -> Tuple[boo
             if params:
                 clip_grad_by_total_norm_fp32(params, max_norm=clip_grad, total_norm=grad_norm)
     return bool(optimizer.step_with_ready_grads()), grad_norm, None
+
+
+def group_by_dtype(tensors: Iterable[Tensor]) -> List[List[Tensor]]:
+    """The non-empty `tensors` in one list per dtype: the fused (foreach) kernels take one dtype per call
+    (and an infinity norm has no value for an empty tensor)."""
+    groups: Dict[torch.dtype, List[Tensor]] = {}
+    for t in tensors:
+        if t.numel():
+            groups.setdefault(t.dtype, []).append(t)
+    return list(groups.values())
+
+
+@torch.no_grad()
+def count_nonfinite(groups: List[List[Tensor]]) -> Tensor:
+    """How many of the tensors hold a NaN or an infinity: a 0-dim int64 tensor on their device, computed
+    without a host synchronisation (one fused max-abs reduction per dtype, then one comparison).
+
+    The infinity norm is the largest magnitude, which is finite for every finite tensor in every dtype
+    (an L2 norm of finite fp16 weights can overflow) and NaN or infinite otherwise (the reduction
+    propagates NaN on the CPU and in the CUDA foreach kernel)."""
+    counts = [(~torch.isfinite(torch.stack(torch._foreach_norm(g, math.inf)))).sum() for g in groups if g]
+    if not counts:
+        return torch.zeros((), dtype=torch.int64)
+    return counts[0] if len(counts) == 1 else torch.stack(counts).sum()

@@ -9,6 +9,15 @@ Gradient invariance (liteppo-semantics section 4): before each mini-batch the nu
 and of valid sequences of the whole mini-batch are summed over DP (every CP rank holds whole
 sequences, so sequences and tokens are each counted once); the losses in `train/loss.py` divide by
 them; megatron sums gradients over micro-batches and DP x CP ranks.
+
+Non-finite weights: after every applied optimizer step the parameters this rank holds are checked
+with one fused reduction (`optim.count_nonfinite`), summed over all ranks (every TP x PP x CP x DP rank
+holds a different shard or replica; the world group is all of them) with one host synchronisation.
+If any rank holds a NaN or an infinity, every rank raises `TrainingHalted` naming the model, the step,
+the update and the first such parameter. The update is not undone: restoring the pre-step state needs
+a copy of the master weights and both Adam moments taken before every step (12 bytes per parameter,
+more than the model itself, in GPU memory or moved over PCIe every update), and the same step from
+the same state would diverge again; the last checkpoint is that previous state.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from functools import partial
 from typing import Dict, List
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -34,7 +44,9 @@ from liteppo_mcore.train.batch import (TrainBatch, micro_batches, minibatch_indi
 from liteppo_mcore.train.loss import (ACTOR_SUMS, CRITIC_SUMS, Denominators, LossSettings, actor_loss,
                                       critic_loss)
 from liteppo_mcore.train.offload import move_optimizer_state, offload_enabled
-from liteppo_mcore.train.optim import OptimSettings, guarded_step, learning_rate, set_learning_rate, wrap_for_training
+from liteppo_mcore.train.optim import (OptimSettings, count_nonfinite, group_by_dtype, guarded_step, learning_rate,
+                                       set_learning_rate, wrap_for_training)
+from liteppo_mcore.trainer.health import NonFiniteParameter, nonfinite_weights_error
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +81,16 @@ class ModelUpdater:
         self.reducer = Reducer(groups.dp_group, groups.dp_cp_group)
         self._pp_sum = make_allreduce_sum(groups.pp_group)
         self._pp_max = make_allreduce_max(groups.pp_group)
+        self._named_params = list(model.named_parameters())
+        self._param_groups = group_by_dtype(p for _, p in self._named_params)
+        self._world_sum = make_allreduce_sum(dist.group.WORLD if dist.is_initialized() else None)
 
     # ------------------------------------------------------------------ the update
     def update(self, batch: TrainBatch, step: int) -> Dict[str, float]:
-        """`ppo_epochs` passes over the step's whole batch (the same on every rank: see gather_over_dp)."""
+        """`ppo_epochs` passes over the step's whole batch (the same on every rank: see gather_over_dp).
+
+        `step` is the trainer's 0-based step counter (the step is logged as step + 1). Raises
+        `TrainingHalted` on every rank when an applied update leaves a non-finite parameter."""
         self._check_inputs(batch)
         cfg = self.cfg
         if self.offload:
@@ -84,7 +102,7 @@ class ModelUpdater:
             for indices in minibatch_indices(batch.size, cfg.train.mini_batch_size, seed=cfg.seed, step=step,
                                              epoch=epoch):
                 share = batch.select(rank_share(indices, self.groups.dp_rank, self.groups.dp_size))
-                self._train_minibatch(share, totals)
+                self._train_minibatch(share, totals, step)
         if self.offload:
             move_optimizer_state(self.optimizer, torch.device("cpu"))
         return self._metrics(totals)
@@ -106,7 +124,7 @@ class ModelUpdater:
         num_tokens, num_seqs = self.reducer.dp_sum(local).unbind()
         return Denominators(num_tokens=num_tokens, num_seqs=num_seqs)
 
-    def _train_minibatch(self, share: TrainBatch, totals: _StepTotals) -> None:
+    def _train_minibatch(self, share: TrainBatch, totals: _StepTotals, step: int) -> None:
         g, t = self.groups, self.cfg.train
         denominators = self._denominators(share)
         plans = plan_micro_batches(share.prompt_lens + share.response_lens, micro_batch_size=t.micro_batch_size,
@@ -131,10 +149,30 @@ class ModelUpdater:
             log.warning("%s update skipped, weights unchanged: %s", self.kind, reason)
             return
         self.num_updates += 1
+        self._check_weights(step)
         totals.sums += sums
         totals.ratio_max = max(totals.ratio_max, ratio_max)
         totals.grad_norms.append(grad_norm)
         totals.lr = lr
+
+    def _check_weights(self, step: int) -> None:
+        """Raise `TrainingHalted` on every rank if the parameters of any rank are not all finite."""
+        local = count_nonfinite(self._param_groups).to(STAT_DTYPE).reshape(1)
+        if float(self._world_sum(local)) == 0:  # the one host synchronisation of the check
+            return
+        g = self.groups
+        bad = next((name for name, p in self._named_params if not bool(torch.isfinite(p).all())), None)
+        mine = None if bad is None else NonFiniteParameter(
+            rank=dist.get_rank() if dist.is_initialized() else 0, name=bad,
+            where=f"tp {g.tp_rank}, pp {g.pp_rank}, cp {g.cp_rank}, dp {g.dp_rank}")
+        found = [mine]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            found = [None] * dist.get_world_size()
+            dist.all_gather_object(found, mine)
+        bad_ranks = [f.rank for f in found if f is not None]
+        raise nonfinite_weights_error(self.kind, step=step + 1, update=self.num_updates,
+                                      first=next((f for f in found if f is not None), None),
+                                      bad_ranks=bad_ranks, world_size=len(found))
 
     def _forward_step(self, data_iterator, model, denominators: Denominators):
         mb = next(data_iterator)

@@ -1,0 +1,194 @@
+"""Stopping a run that cannot make progress: the error that ends it with exit status 3, the circuit
+breaker over consecutive bad steps, and the message for weights that went non-finite.
+
+    health = StepHealth.from_config(cfg)                       # train.max_consecutive_bad_steps
+    health.observe(step, metrics, num_responses=cfg.num_responses_per_step)   # may raise TrainingHalted
+
+A step is bad when every reward of the step failed (`reward/errors` equals the step's number of
+responses), when every update of a model was skipped (`actor/skipped_updates` or
+`critic/skipped_updates` equals the updates a step makes), or when the actor's gradient norm is exactly
+0 (`actor/grad_norm == 0`; it is NaN, not 0, when every update was skipped). Every metric read here is
+global (reduced over the ranks before it is reported), so every rank reaches the same decision without
+a collective, as long as every rank calls `observe` with the same metrics.
+
+Pure logic: no torch, no megatron, no process groups.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+EXIT_HALTED = 3
+
+
+class TrainingHalted(RuntimeError):
+    """Training cannot usefully go on; the message says why and what to do. The entry point exits with
+    `exit_code` (3). Raised on every rank at the same point, so no rank is left waiting in a collective."""
+
+    exit_code = EXIT_HALTED
+
+    def __init__(self, message: str, *, step: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+# ---------------------------------------------------------------------------------------------------
+# The circuit breaker
+
+@dataclass(frozen=True)
+class BadStepKind:
+    key: str
+    what: str   # "every reward of the step failed"
+    hint: str   # what to look at
+
+
+REWARDS_FAILED = BadStepKind(
+    "rewards_failed", "every reward of the step failed",
+    "the reward function is broken: see reward/errors in the metrics and the logged failures ('reward <name>: "
+    "<kind> on sample ...')")
+ACTOR_UPDATES_SKIPPED = BadStepKind(
+    "actor_updates_skipped", "every actor update was skipped",
+    "see the logged skip reasons ('actor update skipped, weights unchanged: ...'): the loss or the gradient "
+    "norm was not finite")
+CRITIC_UPDATES_SKIPPED = BadStepKind(
+    "critic_updates_skipped", "every critic update was skipped",
+    "see the logged skip reasons ('critic update skipped, weights unchanged: ...'): the loss or the gradient "
+    "norm was not finite")
+ZERO_GRADIENT = BadStepKind(
+    "zero_gradient", "the actor's gradient norm was 0",
+    "all advantages are zero: every group has identical rewards; check the reward function and the reward "
+    "normalization (reward_norm, num_return_sequences_in_group)")
+BAD_STEP_KINDS: Tuple[BadStepKind, ...] = (REWARDS_FAILED, ACTOR_UPDATES_SKIPPED, CRITIC_UPDATES_SKIPPED,
+                                           ZERO_GRADIENT)
+
+
+def _metric(metrics: Mapping[str, float], key: str) -> Optional[float]:
+    value = metrics.get(key)
+    if value is None:
+        return None
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def bad_step_kinds(metrics: Mapping[str, float], *, num_responses: int,
+                   updates_per_step: int) -> Tuple[BadStepKind, ...]:
+    """The kinds of bad step `metrics` (one step's global metrics) shows, in `BAD_STEP_KINDS` order."""
+    found = []
+    errors = _metric(metrics, "reward/errors")
+    if num_responses > 0 and errors is not None and errors >= num_responses:
+        found.append(REWARDS_FAILED)
+    for kind, prefix in ((ACTOR_UPDATES_SKIPPED, "actor"), (CRITIC_UPDATES_SKIPPED, "critic")):
+        skipped = _metric(metrics, f"{prefix}/skipped_updates")
+        if skipped is not None and skipped >= updates_per_step:
+            found.append(kind)
+    if _metric(metrics, "actor/grad_norm") == 0.0:  # NaN (every update skipped) is read as None
+        found.append(ZERO_GRADIENT)
+    return tuple(found)
+
+
+def step_ranges(steps: Sequence[int]) -> str:
+    """`[3, 4, 5, 8]` -> "3-5, 8"."""
+    parts: List[str] = []
+    ordered = sorted(set(steps))
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        parts.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
+        i = j + 1
+    return ", ".join(parts)
+
+
+def _steps(steps: Sequence[int]) -> str:
+    return f"step {steps[0]}" if len(set(steps)) == 1 else f"steps {step_ranges(steps)}"
+
+
+class StepHealth:
+    """Counts consecutive bad steps; `observe` raises `TrainingHalted` when the count reaches the limit.
+
+    `max_consecutive_bad_steps` is `train.max_consecutive_bad_steps` (0: never stop); `updates_per_step`
+    is the number of optimizer updates each model attempts per step (ppo_epochs x mini-batches). Any
+    good step resets the count; bad steps of different kinds in a row count together.
+    """
+
+    def __init__(self, max_consecutive_bad_steps: int, *, updates_per_step: int) -> None:
+        if max_consecutive_bad_steps < 0:
+            raise ValueError(f"max_consecutive_bad_steps must be >= 0, got {max_consecutive_bad_steps}")
+        if updates_per_step < 1:
+            raise ValueError(f"updates_per_step must be >= 1, got {updates_per_step}")
+        self.limit = int(max_consecutive_bad_steps)
+        self.updates_per_step = int(updates_per_step)
+        self._streak: List[Tuple[int, Tuple[BadStepKind, ...]]] = []
+
+    @classmethod
+    def from_config(cls, cfg) -> "StepHealth":
+        updates = cfg.ppo_epochs * (cfg.num_responses_per_step // cfg.train.mini_batch_size)
+        return cls(cfg.train.max_consecutive_bad_steps, updates_per_step=max(1, updates))
+
+    @property
+    def consecutive_bad_steps(self) -> int:
+        return len(self._streak)
+
+    def observe(self, step: int, metrics: Mapping[str, float], *, num_responses: int) -> None:
+        """Record step `step` (its number as logged) from its global `metrics`; `num_responses` is the
+        step's number of responses over all ranks. Raises `TrainingHalted` on the limit-th bad step in a row."""
+        kinds = bad_step_kinds(metrics, num_responses=num_responses, updates_per_step=self.updates_per_step)
+        if not kinds:
+            self._streak.clear()
+            return
+        if self.limit == 0:
+            return
+        self._streak.append((int(step), kinds))
+        if len(self._streak) >= self.limit:
+            message = self._message()
+            self._streak.clear()
+            raise TrainingHalted(message, step=int(step))
+
+    def _message(self) -> str:
+        steps = [s for s, _ in self._streak]
+        by_kind: Dict[str, List[int]] = {}
+        for s, kinds in self._streak:
+            for kind in kinds:
+                by_kind.setdefault(kind.key, []).append(s)
+        plural = "s" if len(steps) != 1 else ""
+        lines = [f"training halted: {len(steps)} consecutive bad step{plural} ({_steps(steps)}) reached "
+                 f"the limit train.max_consecutive_bad_steps={self.limit}."]
+        for kind in BAD_STEP_KINDS:
+            if kind.key in by_kind:
+                lines.append(f"  {kind.what} ({_steps(by_kind[kind.key])}): {kind.hint}.")
+        lines.append("Fix the cause, then resume from the last checkpoint (run the same command again), or set "
+                     "train.max_consecutive_bad_steps=0 to never stop for bad steps.")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Non-finite weights after an applied update
+
+@dataclass(frozen=True)
+class NonFiniteParameter:
+    """Where a rank found its first non-finite parameter (the model's own, local name on that rank)."""
+
+    rank: int
+    name: str
+    where: str  # "tp 1, pp 0, cp 0, dp 0"
+
+
+def nonfinite_weights_error(kind: str, *, step: int, update: int, first: Optional[NonFiniteParameter],
+                            bad_ranks: Sequence[int], world_size: int) -> TrainingHalted:
+    """The error every rank raises when the weights of `kind` ("actor" or "critic") hold a NaN or an
+    infinity after optimizer update `update` (1-based, per model) of step `step` (its number as logged)."""
+    lr_key = "critic.lr" if kind == "critic" else "train.lr"
+    if len(bad_ranks) == 1:
+        holders = f"rank {bad_ranks[0]} of {world_size} holds non-finite parameters"
+    else:
+        holders = f"ranks {step_ranges(bad_ranks) or '(unknown)'} of {world_size} hold non-finite parameters"
+    found = holders if first is None else (
+        f"the first non-finite parameter is {first.name!r} on rank {first.rank} ({first.where}); {holders}")
+    return TrainingHalted(
+        f"training halted: the {kind} weights are not finite (NaN or infinity) after its optimizer update "
+        f"{update}, in step {step}: {found}. The loss and the gradient norm were finite, so the update itself "
+        f"diverged. Lower {lr_key} (or lengthen train.lr_warmup_steps), check the data of step {step}, then "
+        "resume from the last checkpoint (run the same command again); nothing of this step was saved.", step=step)
