@@ -191,11 +191,11 @@ class DataConfig:
 @dataclass
 class RewardConfig:
     name: str = "math"
-    """Reward function: a registered name (math, a built-in task) or module:function."""
+    """Reward function: a registered name (math, a built-in task), module:function or path/to/file.py:function."""
     timeout_s: float = 10.0
-    """Per-sample time limit; a time-out scores 0 and counts in reward/errors."""
+    """Per-sample time limit; past it the worker process is killed and replaced, the sample scores 0 and counts in reward/errors and reward/timeouts."""
     num_workers: int = 4
-    """Worker threads scoring one batch."""
+    """Worker processes scoring one batch (per data-parallel rank)."""
 
 
 @dataclass

@@ -261,7 +261,7 @@ def _check_sections(c: _Checker, cfg: S.LitePPOConfig) -> None:
     c.positive("reward.num_workers", cfg.reward.num_workers)
     if not cfg.reward.name:
         c.fail("reward.name", cfg.reward.name, "must name a reward function",
-               "Set reward.name: math, a built-in task's reward, or module:function.")
+               "Set reward.name: math, a built-in task's reward, module:function or path/to/file.py:function.")
     c.non_negative("critic.lr", cfg.critic.lr)
     c.non_negative("critic.weight_decay", cfg.critic.weight_decay)
     c.non_negative("train.max_consecutive_bad_steps", cfg.train.max_consecutive_bad_steps)

@@ -10,6 +10,8 @@ or without ``skip_special_tokens``. Surrounding whitespace is ignored.
        then the turn ends (the stop is learned, the rule is not);
 - 0.0  anything else.
 
+Declared range: (0.0, 1.0); the runner counts any other value as a failure.
+
 Why two partial credits: the first token alone decides whether a random response scores above zero,
 so there is signal from the first step; and the small credit for a well-formed wrong answer teaches
 the model to close its turn on every prompt, not only on those it already gets right. Without it,
@@ -52,3 +54,6 @@ def answer_match_reward(response_text: str, reference_answer: str) -> float:
     if _same_form(given, answer):
         return WELL_FORMED
     return 0.0
+
+
+answer_match_reward.reward_range = (0.0, RIGHT)

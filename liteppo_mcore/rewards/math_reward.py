@@ -5,9 +5,9 @@ symbolically and numerically: ``\\frac{1}{2}`` = ``0.5`` = ``1/2``, ``50\\%`` = 
 ``\\{2,1\\}``, ``1,000`` = ``1000``. A response without a readable answer scores 0; a reference
 that cannot be read at all raises (bad data, counted in ``reward/errors``).
 
-Threads: math-verify's own time limits use ``signal.alarm``, which only works in the main thread
+Time limits: math-verify's own use ``signal.alarm``, which only works in a process's main thread
 (``parse``/``verify`` raise ``ValueError`` elsewhere), so they are switched off here and the runner's
-per-sample time limit applies instead.
+per-sample time limit (it kills the worker process) applies instead. Declared range: (0.0, 1.0).
 """
 
 from __future__ import annotations
@@ -67,3 +67,6 @@ def math_reward(response_text: str, reference_answer: str) -> float:
     if not predicted:
         return 0.0
     return 1.0 if verify(gold, predicted, timeout_seconds=None) else 0.0
+
+
+math_reward.reward_range = (0.0, 1.0)

@@ -6,6 +6,11 @@ in ``reward/errors``, so a raise never stops training, but it is never silently 
 
 A custom function is named ``module:function`` (an importable module, e.g. ``my_rewards:score`` with
 its directory on PYTHONPATH, or ``pkg.sub:score``) or ``path/to/file.py:function``.
+
+Declared ranges: a function may declare the closed interval ``(lo, hi)`` its values lie in, as an
+attribute ``fn.reward_range = (0.0, 1.0)`` or with ``register_reward(name, fn, range=(lo, hi))``. The
+runner then treats a value outside it as a failure (``out_of_range``), never as a score. The built-in
+rewards declare ``(0.0, 1.0)``; a function without a declaration is unrestricted.
 """
 
 from __future__ import annotations
@@ -14,33 +19,70 @@ import importlib
 import importlib.util
 import inspect
 import os
+import math
 import sys
-from typing import Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 RewardFn = Callable[[str, str], float]
+RewardRange = Tuple[float, float]
+RANGE_ATTRIBUTE = "reward_range"
 
 _REGISTRY: Dict[str, RewardFn] = {}
+_RANGES: Dict[str, Optional[RewardRange]] = {}
 
 
 class RewardError(RuntimeError):
     """A reward function could not score a sample for a reason of its own (not a wrong answer)."""
 
 
-def register_reward(name: str, fn: RewardFn) -> RewardFn:
-    """Make ``fn`` available as ``reward.name: <name>``; names are unique."""
+def check_range(value: Any, where: str) -> Optional[RewardRange]:
+    """``value`` as a ``(lo, hi)`` pair of floats with ``lo <= hi`` (infinite ends allowed), or None."""
+    if value is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: a reward range is a pair (lo, hi) of numbers, got {value!r}") from None
+    if math.isnan(lo) or math.isnan(hi) or lo > hi:
+        raise ValueError(f"{where}: a reward range needs lo <= hi, got {value!r}")
+    return (lo, hi)
+
+
+def declared_range(fn: Any) -> Optional[RewardRange]:
+    """The range ``fn`` declares in its ``reward_range`` attribute, or None."""
+    return check_range(getattr(fn, RANGE_ATTRIBUTE, None), f"{getattr(fn, '__qualname__', fn)!r}.{RANGE_ATTRIBUTE}")
+
+
+def register_reward(name: str, fn: RewardFn, range: Optional[RewardRange] = None) -> RewardFn:  # noqa: A002
+    """Make ``fn`` available as ``reward.name: <name>``; names are unique.
+
+    ``range``: the closed interval of values ``fn`` returns; None takes ``fn.reward_range`` if it has
+    one, else the values are unrestricted."""
     if not name or ":" in name:
         raise ValueError(
             f"a reward name must be non-empty and without ':' (that form names module:function), got {name!r}"
         )
     if name in _REGISTRY and _REGISTRY[name] is not fn:
         raise ValueError(f"a reward named {name!r} is already registered ({_REGISTRY[name]!r})")
+    where = f"register_reward({name!r})"
+    checked = check_range(range, where) if range is not None else declared_range(fn)
+    if name in _REGISTRY and _RANGES[name] != checked:
+        raise ValueError(f"{where}: already registered with range {_RANGES[name]}, not {checked}")
     _REGISTRY[name] = fn
+    _RANGES[name] = checked
     return fn
 
 
 def reward_names() -> List[str]:
     """The registered names, sorted."""
     return sorted(_REGISTRY)
+
+
+def reward_range(name: str) -> Optional[RewardRange]:
+    """The declared range of the reward ``name`` (registered, or the function's ``reward_range``), or None."""
+    if name in _REGISTRY:
+        return _RANGES[name]
+    return declared_range(get_reward(name))
 
 
 def get_reward(name: str) -> RewardFn:
@@ -54,6 +96,17 @@ def get_reward(name: str) -> RewardFn:
         "or your own function as module:function (e.g. my_rewards:score, with its directory on PYTHONPATH) "
         "or path/to/file.py:function."
     )
+
+
+def canonical_name(name: str) -> str:
+    """``name`` with a relative ``path/to/file.py`` made absolute, so that it names the same function
+    from any working directory (a worker process resolves the function again by this name)."""
+    if name in _REGISTRY or ":" not in name:
+        return name
+    module_name, _, attr = name.rpartition(":")
+    if module_name.endswith(".py") and not os.path.isabs(module_name):
+        return f"{os.path.abspath(module_name)}:{attr}"
+    return name
 
 
 def load_reward_function(spec: str) -> RewardFn:

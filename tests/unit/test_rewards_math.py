@@ -92,3 +92,9 @@ def test_works_outside_the_main_thread():
     worker.join(timeout=60)
     assert "error" not in results, results.get("error")
     assert results["ok"] == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+
+
+def test_declares_the_range_of_its_scores():
+    from liteppo_mcore.rewards import reward_range
+
+    assert reward_range("math") == math_reward.reward_range == (0.0, 1.0)
