@@ -5,7 +5,9 @@
 Parse -> validate (before any process group exists) -> initialize distributed -> run.
 A bad configuration, or bad input found while starting (a missing model or data path, an unreachable
 rollout server, a run directory holding another run's checkpoint), exits with status 2 and a message
-that says what to fix, without a traceback.
+that says what to fix, without a traceback. A collective that times out (another rank stopped or hung
+for `parallel.timeout_minutes`) or loses its peer (another rank died) exits with status 4 and a message
+naming the collective, the place that called it, the stage and the step (liteppo_mcore/parallel/hang.py).
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ def main(argv=None) -> int:
             if layout.rank == 0:
                 print("liteppo: dry run OK: configuration valid for this world size", flush=True)
             return 0
+        from liteppo_mcore.parallel.hang import EXIT_PEER_FAILURE, describe_collective_failure, exit_now
         from liteppo_mcore.trainer import USER_ERRORS, run_training
 
         try:
@@ -86,6 +89,14 @@ def main(argv=None) -> int:
             if os.environ.get("LOCAL_RANK", "0") == "0":
                 print(f"liteppo: error on rank {layout.rank}: {e}", file=sys.stderr, flush=True)
             return EXIT_CONFIG
+        except Exception as e:
+            message = describe_collective_failure(e, timeout_minutes=cfg.parallel.timeout_minutes, rank=layout.rank)
+            if message is None:
+                raise
+            # A collective timed out or lost its peer: say where, then exit without tearing the groups
+            # down (that can wait on the dead peer); torchrun then stops the other ranks.
+            print(message, file=sys.stderr, flush=True)
+            exit_now(EXIT_PEER_FAILURE)
     finally:
         shutdown_distributed()
 

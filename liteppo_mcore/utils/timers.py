@@ -1,4 +1,5 @@
-"""Wall-clock time per phase of a step, reported as `time/<phase>` metrics."""
+"""Wall-clock time per phase of a step, reported as `time/<phase>` metrics. A timed phase is also the
+process's current stage (utils/stage.py), which a failed collective reports."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Dict, Iterator
 
 import torch
 
+from liteppo_mcore.utils.stage import stage
+
 
 class PhaseTimer:
     def __init__(self) -> None:
@@ -15,15 +18,16 @@ class PhaseTimer:
 
     @contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
+        with stage(phase):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+            start = time.perf_counter()
+            try:
+                yield
+            finally:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
     def metrics(self) -> Dict[str, float]:
         out = {f"time/{k}": v for k, v in self.seconds.items()}
