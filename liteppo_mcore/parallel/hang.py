@@ -102,11 +102,14 @@ class CollectiveFailure:
 
 
 def _short(path: str) -> str:
-    """Paths inside this repository relative to it, site-packages relative to site-packages."""
+    """Installed packages relative to site-packages (a virtualenv may sit inside the repository), this
+    repository's files relative to it."""
+    marker = os.sep + "site-packages" + os.sep
+    if marker in path:
+        return path.split(marker, 1)[1]
     if path.startswith(_PACKAGE_PARENT + os.sep):
         return os.path.relpath(path, _PACKAGE_PARENT)
-    marker = os.sep + "site-packages" + os.sep
-    return path.split(marker, 1)[1] if marker in path else path
+    return path
 
 
 def _frames(exc: BaseException) -> List[Frame]:

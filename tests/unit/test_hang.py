@@ -19,7 +19,7 @@ from tests.distributed.spawn import run_gloo
 
 PKG = os.path.dirname(os.path.abspath(liteppo_mcore.__file__))
 TORCH = "/venv/lib/python3.11/site-packages/torch"
-MEGATRON = "/venv/lib/python3.11/site-packages/megatron/core"
+MEGATRON = os.path.join(os.path.dirname(PKG), ".venv/lib/python3.11/site-packages/megatron/core")  # a venv inside
 GLOO_TIMEOUT = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out "
                 "waiting 15000ms for recv operation to complete")
 GLOO_RESET = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
@@ -91,8 +91,8 @@ def test_the_cpu_compat_mode_between_torch_frames_is_not_the_caller():
     c10d, logger = f"{TORCH}/distributed/distributed_c10d.py", f"{TORCH}/distributed/c10d_logger.py"
     frames = [(_ours("trainer/loop.py"), "update"), (_ours("train/batch.py"), "gather_over_dp"),
               (_ours("parallel/reducer.py"), "all_gather_padded"), (logger, "wrapper"), (c10d, "all_gather"),
-              (f"{TORCH}/overrides.py", "handle_torch_function"), (_ours("parallel/cpu_compat.py"), "__torch_function__"),
-              (logger, "wrapper"), (c10d, "all_gather")]
+              (f"{TORCH}/overrides.py", "handle_torch_function"),
+              (_ours("parallel/cpu_compat.py"), "__torch_function__"), (logger, "wrapper"), (c10d, "all_gather")]
     with PhaseTimer()("train"):
         pass
     exc = raised(chain(frames, RuntimeError(GLOO_TIMEOUT.replace("recv", "send"))))
