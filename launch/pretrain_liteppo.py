@@ -5,7 +5,9 @@
 Parse -> validate (before any process group exists) -> initialize distributed -> run.
 A bad configuration, or bad input found while starting (a missing model or data path, an unreachable
 rollout server, a run directory holding another run's checkpoint), exits with status 2 and a message
-that says what to fix, without a traceback. A collective that times out (another rank stopped or hung
+that says what to fix, without a traceback. The circuit breaker (`train.max_consecutive_bad_steps`)
+and non-finite weights after an update exit with status 3 (liteppo_mcore/trainer/health.py). A
+collective that times out (another rank stopped or hung
 for `parallel.timeout_minutes`) or loses its peer (another rank died) exits with status 4 and a message
 naming the collective, the place that called it, the stage and the step (liteppo_mcore/parallel/hang.py).
 """
@@ -82,9 +84,14 @@ def main(argv=None) -> int:
             return 0
         from liteppo_mcore.parallel.hang import EXIT_PEER_FAILURE, describe_collective_failure, exit_now
         from liteppo_mcore.trainer import USER_ERRORS, run_training
+        from liteppo_mcore.trainer.health import TrainingHalted
 
         try:
             return run_training(cfg, layout)
+        except TrainingHalted as e:  # the circuit breaker or non-finite weights: the same message on every rank
+            if os.environ.get("LOCAL_RANK", "0") == "0":
+                print(f"liteppo: {e}", file=sys.stderr, flush=True)
+            return e.exit_code
         except USER_ERRORS as e:  # bad input found at run time: the message says what to fix
             if os.environ.get("LOCAL_RANK", "0") == "0":
                 print(f"liteppo: error on rank {layout.rank}: {e}", file=sys.stderr, flush=True)

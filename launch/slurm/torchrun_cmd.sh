@@ -14,7 +14,7 @@
 #
 #   $PYTHON -m torch.distributed.run --nnodes $NNODES --nproc_per_node $GPUS_PER_NODE
 #       --rdzv_backend c10d --rdzv_endpoint $MASTER_ADDR:$MASTER_PORT --rdzv_id $RDZV_ID
-#       --rdzv_conf join_timeout=$RDZV_JOIN_TIMEOUT --max_restarts 0
+#       --rdzv_conf join_timeout=$RDZV_JOIN_TIMEOUT --max_restarts 0 --shutdown-timeout $SHUTDOWN_TIMEOUT
 #       launch/pretrain_liteppo.py --config $CONFIG [$EXTRA_OVERRIDES] [parallel.timeout_minutes=...] [args]
 #
 # Rendezvous rule (every node must compute the same endpoint, so only job-wide facts are used):
@@ -37,7 +37,10 @@
 # (processes per node; default: SLURM_GPUS_ON_NODE, else the GPUs nvidia-smi lists, else 1),
 # PYTHON or VENV, EXTRA_OVERRIDES (space-separated key=value words), TIMEOUT_MINUTES (sets
 # parallel.timeout_minutes), RDZV_JOIN_TIMEOUT (seconds the agents wait for each other; default 900,
-# generous because nodes of a large job start their containers at different speeds), LITEPPO_ROOT.
+# generous because nodes of a large job start their containers at different speeds), SHUTDOWN_TIMEOUT
+# (seconds torchrun gives its workers between forwarding a SIGTERM and killing them; default 110:
+# the trainer saves at the next safe point, which must fit in it, and it must end before the job
+# does: keep it below the lead of the batch scripts' `#SBATCH --signal=B:TERM@120`), LITEPPO_ROOT.
 
 # ---------------------------------------------------------------------------------------------------
 # Messages. Setup errors exit with 2, the status of an invalid configuration.
@@ -254,6 +257,7 @@ liteppo_build_cmd() {
         --rdzv_id "$RDZV_ID"
         --rdzv_conf "join_timeout=${RDZV_JOIN_TIMEOUT:-900}"
         --max_restarts 0
+        --shutdown-timeout "${SHUTDOWN_TIMEOUT:-110}"
         "$LITEPPO_ROOT/launch/pretrain_liteppo.py" --config "$CONFIG"
         "${LITEPPO_ARGS[@]}")
 }

@@ -133,8 +133,11 @@ def load_model(model: torch.nn.Module, iter_dir: str, prefix: str = "actor") -> 
     """Load this rank's shards of `prefix.` from a checkpoint saved at any layout (collective)."""
     from megatron.core import dist_checkpointing
 
+    from liteppo_mcore.checkpoint.lock import reading
+
     sharded = model.sharded_state_dict(prefix=f"{prefix}.")
     check_against_checkpoint(sharded, iter_dir, prefix)
-    loaded = dist_checkpointing.load(sharded, iter_dir)
+    with reading(iter_dir):  # a run's retention leaves the folder alone meanwhile
+        loaded = dist_checkpointing.load(sharded, iter_dir)
     mine = {k[len(prefix) + 1:]: v for k, v in loaded.items() if k.startswith(prefix + ".")}
     model.load_state_dict(mine, strict=True)

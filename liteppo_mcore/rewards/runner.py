@@ -47,7 +47,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .registry import RewardFn, RewardRange, canonical_name, declared_range, get_reward, reward_names, reward_range
 
@@ -58,6 +58,10 @@ EXCERPT_CHARS = 200
 START_TIMEOUT_S = 120.0  # a worker not ready by then (importing the function's module) is an error
 CLOSE_GRACE_S = 0.5  # close(): time for idle workers to exit on their own before SIGKILL
 JOIN_TIMEOUT_S = 5.0  # reaping a killed worker
+
+
+class RewardBatchCancelled(Exception):
+    """The caller's ``should_stop`` asked to give up the batch (a stop signal)."""
 
 
 class RewardWorkerError(RuntimeError):
@@ -294,16 +298,20 @@ class RewardRunner:
         self._fill()
 
     # ------------------------------------------------------------------ public
-    def __call__(self, responses: Sequence[str], answers: Sequence[str]) -> Tuple[List[float], Dict[str, float]]:
+    def __call__(self, responses: Sequence[str], answers: Sequence[str], *,
+                 should_stop: Optional[Callable[[], bool]] = None) -> Tuple[List[float], Dict[str, float]]:
         """Scores (one float per response, in order, failures 0.0), and
-        ``{"reward/errors": failures, "reward/timeouts": time-outs}`` for this batch."""
+        ``{"reward/errors": failures, "reward/timeouts": time-outs}`` for this batch.
+
+        ``should_stop`` is asked about once a second while the batch runs; when it answers True the
+        batch is given up (the busy workers are killed and replaced) and RewardBatchCancelled raised."""
         if len(responses) != len(answers):
             raise ValueError(f"{len(responses)} responses but {len(answers)} answers")
         if self._closed:
             raise RuntimeError("this RewardRunner is closed")
         with self._call_lock:
             try:
-                return self._score(list(responses), list(answers))
+                return self._score(list(responses), list(answers), should_stop)
             finally:
                 if self._closed:  # closed by another thread meanwhile
                     self._finalizer()
@@ -353,7 +361,8 @@ class RewardRunner:
         )
 
     # ------------------------------------------------------------------ one batch
-    def _score(self, responses: List[str], answers: List[str]) -> Tuple[List[float], Dict[str, float]]:
+    def _score(self, responses: List[str], answers: List[str],
+               should_stop: Optional[Callable[[], bool]] = None) -> Tuple[List[float], Dict[str, float]]:
         # Jobs carry their batch, so that a result of an interrupted batch can never land in this one.
         self._num_batches += 1
         batch = self._num_batches
@@ -365,6 +374,8 @@ class RewardRunner:
             while pending:
                 if self._closed:
                     raise RuntimeError("this RewardRunner was closed during a batch")
+                if should_stop is not None and should_stop():
+                    raise RewardBatchCancelled(f"reward {self.name}: batch given up with {len(pending)} samples left")
                 self._fill()
                 self._dispatch(batch, queued, responses, answers)
                 self._wait()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 EXIT_HALTED = 3
 
@@ -146,6 +146,14 @@ class StepHealth:
             message = self._message()
             self._streak.clear()
             raise TrainingHalted(message, step=int(step))
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The current streak (checkpointed, so that a resume continues counting)."""
+        return {"streak": [[step, [kind.key for kind in kinds]] for step, kinds in self._streak]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        by_key = {kind.key: kind for kind in BAD_STEP_KINDS}
+        self._streak = [(int(step), tuple(by_key[k] for k in keys)) for step, keys in state.get("streak", [])]
 
     def _message(self) -> str:
         steps = [s for s, _ in self._streak]

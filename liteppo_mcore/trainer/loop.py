@@ -12,7 +12,7 @@ import json
 import os
 import signal
 import time
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -20,8 +20,9 @@ from omegaconf import OmegaConf
 
 from liteppo_mcore.algo import global_moments, make_kl_controller
 from liteppo_mcore.algo.normalization import RunningMoments
-from liteppo_mcore.checkpoint.paths import CheckpointError, checkpoints_dir, read_latest, resolve_iteration_dir
-from liteppo_mcore.checkpoint.trainer_state import checkpoint_common, load_trainer_checkpoint, save_trainer_checkpoint
+from liteppo_mcore.checkpoint.checkpointer import Checkpointer
+from liteppo_mcore.checkpoint.paths import CheckpointError
+from liteppo_mcore.checkpoint.trainer_state import rng_state, set_rng_state
 from liteppo_mcore.config.loader import to_yaml
 from liteppo_mcore.config.schema import LitePPOConfig
 from liteppo_mcore.convert.hf_files import hf_config_from_shape, read_config
@@ -32,7 +33,7 @@ from liteppo_mcore.models.shapes import HF_ARCHITECTURES
 from liteppo_mcore.parallel.device import compute_device, on_gpu
 from liteppo_mcore.parallel.mcore import destroy_model_parallel, initialize_model_parallel
 from liteppo_mcore.parallel.reducer import Reducer, make_allreduce_max
-from liteppo_mcore.rewards import build_reward_runner
+from liteppo_mcore.rewards import RewardBatchCancelled, build_reward_runner
 from liteppo_mcore.rollout import build_engine, sampling_params_from_config
 from liteppo_mcore.rollout.engine import SamplingParams
 from liteppo_mcore.rollout.exporter import WeightExporter
@@ -41,9 +42,11 @@ from liteppo_mcore.rollout.metrics import (PROBE_PROMPTS, PROBE_TOKENS, check_pr
 from liteppo_mcore.train import ModelUpdater, gather_over_dp
 from liteppo_mcore.train.offload import move_module, offload_enabled
 from liteppo_mcore.trainer import experience as X
+from liteppo_mcore.trainer.health import StepHealth
 from liteppo_mcore.utils.flops import mfu, train_flops
 from liteppo_mcore.utils.console import is_main_rank, print0, progress, step_line
-from liteppo_mcore.utils.sinks import MetricsWriter, plot_metrics
+from liteppo_mcore.utils.sinks import SAMPLES_FILE, MetricsWriter, plot_metrics
+from liteppo_mcore.utils.stage import set_stage, set_step, stage
 from liteppo_mcore.utils.timers import PhaseTimer
 
 
@@ -55,7 +58,19 @@ class Trainer:
     """Everything one rank holds for a run, and the step."""
 
     def __init__(self, cfg: LitePPOConfig) -> None:
+        set_stage("setup", step=0)  # named by a collective that times out (parallel/hang.py)
         self.cfg = cfg
+        self.run_dir = cfg.output_dir
+        self.checkpointer = Checkpointer(cfg, self)
+        self.checkpointer.acquire_lock()  # first: a second run on this directory stops before any work
+        try:
+            self._build()
+        except BaseException:
+            self.checkpointer.close()
+            raise
+
+    def _build(self) -> None:
+        cfg = self.cfg
         p = cfg.parallel
         self.groups = initialize_model_parallel(p.tp, p.pp, p.cp, seed=cfg.seed, timeout_minutes=p.timeout_minutes)
         self.reducer = Reducer(self.groups.dp_group, self.groups.dp_cp_group)
@@ -78,51 +93,76 @@ class Trainer:
         self.rewards = build_reward_runner(cfg.reward)
         self.kl_ctl = make_kl_controller(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
         self.running = RunningMoments() if cfg.reward_norm == "running" else None
-        self.run_dir = cfg.output_dir
-        self.sinks = MetricsWriter(self.run_dir, enabled=is_main_rank(), tensorboard=cfg.logging.tensorboard,
-                                   wandb_project=cfg.logging.wandb_project)
+        self.health = StepHealth.from_config(cfg)  # train.max_consecutive_bad_steps
         self.step = 0
         self._step_work = (0.0, 0.0)  # (tokens, model FLOPs) of the last step, for perf/*
         if is_main_rank():
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
                 f.write(to_yaml(cfg))
-        self.resume()
+        with stage("checkpoint"):
+            resumed = self.resume()
+        self.sinks = MetricsWriter(self.run_dir, enabled=is_main_rank(), tensorboard=cfg.logging.tensorboard,
+                                   wandb_project=cfg.logging.wandb_project,
+                                   resume_step=self.step if resumed else None)
         self.sync_weights()
         self._install_signal_handlers()
+        set_stage(None)
 
     # ------------------------------------------------------------------ the run
     def fit(self) -> None:
         cfg = self.cfg
         if self.step == 0 and self._eval_enabled():
-            self.sinks.write(0, self.evaluate())
+            with stage("eval", step=0):
+                self.sinks.write(0, self.evaluate())
         start = time.perf_counter()
         first = self.step
         while self.step < cfg.max_steps:
+            set_step(self.step + 1)
             t0 = time.perf_counter()
+            before = (self.state_dict(), rng_state())  # what a step abandoned before its update restores
             metrics = self.train_step()
+            if metrics is None:  # a signal arrived before the update: the step is not taken
+                self.load_state_dict(before[0])
+                set_rng_state(before[1])
+                self._stop(f"before step {self.step + 1} was trained on (it will run again)")
+                return
             self.step += 1
-            if self._eval_enabled() and (self.step == cfg.max_steps or
-                                         (cfg.eval.interval and self.step % cfg.eval.interval == 0)):
-                metrics.update(self.evaluate())
-            if self._saved_at(self.step):
-                t_save = time.perf_counter()
-                self.save()
-                metrics["time/checkpoint"] = time.perf_counter() - t_save
-            step_s = time.perf_counter() - t0
-            metrics.update(self._perf(step_s))
-            self.sinks.write(self.step, metrics)
-            if self.step % cfg.logging.log_interval == 0 or self.step == cfg.max_steps:
-                per_step = (time.perf_counter() - start) / (self.step - first)
-                print0(step_line(self.step, cfg.max_steps, metrics, step_s, per_step * (cfg.max_steps - self.step)))
-            if self._stop_requested():
-                if not self._saved_at(self.step):
-                    self.save()
-                print0(f"liteppo: stopped by a signal after step {self.step}; checkpoint saved. Run the same "
-                       "command again to resume.")
+            stopping = self._stop_requested()
+            if not stopping and self._eval_enabled() and (
+                    self.step == cfg.max_steps or (cfg.eval.interval and self.step % cfg.eval.interval == 0)):
+                with stage("eval"):
+                    metrics.update(self.evaluate())
+
+            def log(checkpoint_s: Optional[float] = None) -> None:
+                if checkpoint_s is not None:
+                    metrics["time/checkpoint"] = checkpoint_s
+                step_s = time.perf_counter() - t0
+                metrics.update(self._perf(step_s))
+                self.sinks.write(self.step, metrics)
+                if self.step % cfg.logging.log_interval == 0 or self.step == cfg.max_steps:
+                    per_step = (time.perf_counter() - start) / (self.step - first)
+                    print0(step_line(self.step, cfg.max_steps, metrics, step_s, per_step * (cfg.max_steps - self.step)))
+
+            if stopping or self.checkpointer.should_save(self.step):
+                with stage("checkpoint"):
+                    self.checkpointer.save(self.step, before_final=log)  # the row is written before `latest` moves
+            else:
+                log()
+            self.health.observe(self.step, metrics, num_responses=cfg.num_responses_per_step)  # exit 3 on a streak
+            if stopping:
+                self._stop(f"after step {self.step}")
                 return
         if is_main_rank() and cfg.logging.plot:
             plot_metrics(self.sinks.path, os.path.join(self.run_dir, "reward_accuracy.png"))
+
+    def _stop(self, when: str) -> None:
+        """End the run for a signal: the last completed step is checkpointed (saved now if it was not)."""
+        if self.step and self.checkpointer.last_saved_step != self.step:
+            with stage("checkpoint"):
+                self.checkpointer.save(self.step)
+        saved = "checkpoint saved" if self.step else "nothing to save yet"
+        print0(f"liteppo: stopped by a signal {when}; {saved}. Run the same command again to resume.")
 
     def _model_work(self, rollout: X.Rollout) -> tuple:
         """(tokens, model FLOPs) of the step over all DP ranks, Megatron's convention (utils/flops.py):
@@ -145,12 +185,10 @@ class Trainer:
             out["perf/mfu"] = mfu(flops, step_s, peak) / world
         return out
 
-    def _saved_at(self, step: int) -> bool:
-        interval = self.cfg.checkpoint.save_interval
-        return step == self.cfg.max_steps or bool(interval and step % interval == 0)
-
     def _install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT (scheduler pre-emption, Ctrl-C) finish the current step, then save and exit."""
+        """SIGTERM/SIGINT (scheduler pre-emption, Ctrl-C) stop the run at the next safe point: before
+        the update (the step is dropped and runs again on resume) or after it (the step is saved).
+        Later signals of a burst change nothing: the first one already asked for the stop."""
         self._signal = False
         if not self.cfg.checkpoint.save_on_signal:
             return
@@ -163,38 +201,51 @@ class Trainer:
 
     def _stop_requested(self) -> bool:
         """Whether any rank got a signal (agreed on by all ranks, or the save would deadlock)."""
-        flag = torch.tensor([1.0 if self._signal else 0.0])
-        return bool(make_allreduce_max(torch.distributed.group.WORLD)(flag).item())
+        with stage("signal_check"):
+            flag = torch.tensor([1.0 if self._signal else 0.0])
+            return bool(make_allreduce_max(torch.distributed.group.WORLD)(flag).item())
 
     def close(self) -> None:
-        self.engine.shutdown()
-        self.rewards.close()
-        self.sinks.close()
-        destroy_model_parallel()
+        try:
+            self.engine.shutdown()
+            self.rewards.close()
+            self.sinks.close()
+            destroy_model_parallel()
+        finally:
+            self.checkpointer.close()
 
     # ------------------------------------------------------------------ one step
-    def train_step(self) -> Dict[str, float]:
+    def train_step(self) -> Optional[Dict[str, float]]:
+        """One step's metrics; None when a signal came before the update (nothing changed but the
+        data position and RNG, which the caller restores)."""
         cfg, timer = self.cfg, PhaseTimer()
         with timer("rollout"):
             rollout = self.rollout()
         with timer("reward"):
-            scores, metrics = self.score(rollout)
-        normalized = X.normalized_rewards(scores, cfg, self.reducer, self.running)
-        metrics["reward/normalized_mean"] = float(global_moments(normalized, allreduce_sum=self.reducer.dp_sum).mean)
+            scored = self.score(rollout)
+        if scored is None:
+            return None
+        scores, metrics = scored
+        with stage("normalization"):
+            normalized = X.normalized_rewards(scores, cfg, self.reducer, self.running)
+            metrics["reward/normalized_mean"] = float(global_moments(normalized, allreduce_sum=self.reducer.dp_sum).mean)
         values = self.log_probs_and_values(rollout, timer)
-        metrics.update(X.advantages_and_returns(rollout, normalized, cfg, self.reducer, kl_coef=self.kl_ctl.value,
-                                                values=values, full_kl=rollout.full_kl))
-        metrics.update(X.rollout_metrics(rollout, self.reducer))
+        with stage("advantages"):
+            metrics.update(X.advantages_and_returns(rollout, normalized, cfg, self.reducer, kl_coef=self.kl_ctl.value,
+                                                    values=values, full_kl=rollout.full_kl))
+        with stage("metrics"):
+            metrics.update(X.rollout_metrics(rollout, self.reducer))
         with timer("train"):
             metrics.update(self.update(rollout))
         with timer("sync"):
             self.sync_weights()
-        if "kl/mean" in metrics:
-            metrics["kl/coef"] = self.kl_ctl.value
-            self.kl_ctl.update(metrics["kl/mean"], cfg.num_responses_per_step)
-        metrics.update(timer.metrics())
-        self._step_work = self._model_work(rollout)
-        self._write_samples(rollout, scores)
+        with stage("metrics"):
+            if "kl/mean" in metrics:
+                metrics["kl/coef"] = self.kl_ctl.value
+                self.kl_ctl.update(metrics["kl/mean"], cfg.num_responses_per_step)
+            metrics.update(timer.metrics())
+            self._step_work = self._model_work(rollout)
+            self._write_samples(rollout, scores)
         return metrics
 
     def rollout(self) -> X.Rollout:
@@ -214,10 +265,18 @@ class Trainer:
         return X.build_rollout(prompts, [s.answer for s in samples], generations, self.tokenizer)
 
     def score(self, rollout: X.Rollout):
-        scores, stats = self.rewards(rollout.response_texts, rollout.answers)
-        scores = torch.tensor(scores, dtype=torch.float64)
+        """(scores, reward metrics); None when a stop signal came before or during scoring (the
+        question is settled by every rank here, before the next collective)."""
+        try:
+            raw, stats = self.rewards(rollout.response_texts, rollout.answers, should_stop=lambda: self._signal)
+        except RewardBatchCancelled:
+            raw = None  # this rank's signal: _stop_requested() below is true on every rank
+        if self._stop_requested():
+            return None
+        scores = torch.tensor(raw, dtype=torch.float64)
         metrics = X.global_summary(scores, self.reducer, "reward")
-        metrics["reward/errors"] = float(self.reducer.dp_sum(torch.tensor([stats.get("reward/errors", 0.0)])))
+        counts = self.reducer.dp_sum(torch.tensor([stats.get("reward/errors", 0.0), stats.get("reward/timeouts", 0.0)]))
+        metrics["reward/errors"], metrics["reward/timeouts"] = float(counts[0]), float(counts[1])
         return scores, metrics
 
     def log_probs_and_values(self, rollout: X.Rollout, timer: PhaseTimer) -> Optional[torch.Tensor]:
@@ -295,8 +354,9 @@ class Trainer:
         check_probe_logprobs(probe.rollout_logp, trainer, probe.mask, engine=self.engine.name,
                              atol=probe_tolerance(next(self.models.actor.parameters()).dtype))
 
-    # ------------------------------------------------------------------ checkpoints
-    def _checkpointed(self):
+    # ------------------------------------------------------------------ checkpoints (checkpoint/checkpointer.py)
+    def checkpointed(self):
+        """(models, optimizers) by name: what a checkpoint holds besides the trainer's own state."""
         models = {"actor": self.models.actor}
         optimizers = {"actor": self.actor.optimizer}
         if self.critic is not None:
@@ -305,38 +365,35 @@ class Trainer:
             models["reference"] = self.models.reference  # random initial weights: cannot be rebuilt
         return models, optimizers
 
-    def save(self) -> str:
-        models, optimizers = self._checkpointed()
-        common = {"step": self.step, "kl_ctl": self.kl_ctl.state_dict(), "sampler": self.sampler.state_dict(),
-                  "running": self.running.state_dict() if self.running is not None else None,
-                  "num_updates": {"actor": self.actor.num_updates,
-                                  "critic": self.critic.num_updates if self.critic is not None else 0},
-                  "config": to_yaml(self.cfg)}
-        return save_trainer_checkpoint(self.run_dir, self.step, models=models, optimizers=optimizers, common=common,
-                                       hf_config=self._hf_config(), side_files_from=self.cfg.model.hf_path)
+    def state_dict(self) -> Dict[str, Any]:
+        """The trainer's own state (plain data, the same on every rank)."""
+        return {"step": self.step, "kl_ctl": self.kl_ctl.state_dict(), "sampler": self.sampler.state_dict(),
+                "running": self.running.state_dict() if self.running is not None else None,
+                "num_updates": {"actor": self.actor.num_updates,
+                                "critic": self.critic.num_updates if self.critic is not None else 0},
+                "health": self.health.state_dict(), "config": to_yaml(self.cfg)}
 
-    def resume(self) -> None:
-        """Continue from `checkpoint.load`, else the run directory's latest checkpoint, if any."""
-        where = self.cfg.checkpoint.load or read_latest(checkpoints_dir(self.run_dir))
-        if where is None:
-            return
-        iter_dir = resolve_iteration_dir(where)
-        self._check_compatible(iter_dir)
-        models, optimizers = self._checkpointed()
-        common = load_trainer_checkpoint(iter_dir, models=models, optimizers=optimizers)
-        self.step = int(common["step"])
-        self.kl_ctl.load_state_dict(common["kl_ctl"])
-        self.sampler.load_state_dict(common["sampler"])
-        if self.running is not None and common.get("running"):
-            self.running.load_state_dict(common["running"])
-        self.actor.num_updates = int(common["num_updates"]["actor"])
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.sampler.load_state_dict(state["sampler"])
+        if self.running is not None and state.get("running"):
+            self.running.load_state_dict(state["running"])
+        self.actor.num_updates = int(state["num_updates"]["actor"])
         if self.critic is not None:
-            self.critic.num_updates = int(common["num_updates"]["critic"])
-        print0(f"liteppo: resumed from {iter_dir} at step {self.step}")
+            self.critic.num_updates = int(state["num_updates"]["critic"])
+        self.health.load_state_dict(state.get("health", {}))
+
+    def resume(self) -> bool:
+        """Continue from `checkpoint.load`, else the run directory's latest intact checkpoint, if any."""
+        folder = self.checkpointer.load(self._check_compatible)
+        if folder is not None:
+            print0(f"liteppo: resumed from {folder} at step {self.step}")
+        return folder is not None
 
     def _check_compatible(self, iter_dir: str) -> None:
         """Refuse a checkpoint of a different model or algorithm before megatron fails on its tensors."""
-        stored = checkpoint_common(iter_dir).get("config")
+        stored = self.checkpointer.stored_config(iter_dir)
         if not stored:
             return
         old = OmegaConf.to_container(OmegaConf.create(stored))
@@ -350,7 +407,7 @@ class Trainer:
                                   "checkpoint.load to a checkpoint of this model (model.load to start a new run "
                                   "from its actor weights).")
 
-    def _hf_config(self) -> dict:
+    def hf_config(self) -> dict:
         if self.cfg.model.hf_path:
             return read_config(self.cfg.model.hf_path)
         arch = next(a for a, family in HF_ARCHITECTURES.items() if family == self.models.shape.family)
@@ -389,14 +446,15 @@ class Trainer:
 
     def _write_samples(self, rollout: X.Rollout, scores: torch.Tensor) -> None:
         k = self.cfg.logging.num_sample_completions
-        if not is_main_rank() or k <= 0 or self.step % self.cfg.logging.log_interval:
+        step = self.step + 1  # the step being taken, as in metrics.jsonl
+        if not is_main_rank() or k <= 0 or step % self.cfg.logging.log_interval:
             return
         prompts = self.tokenizer.batch_decode([row[:int(p)] for row, p in zip(rollout.batch.tokens[:k].tolist(),
                                                                               rollout.batch.prompt_lens[:k])])
-        with open(os.path.join(self.run_dir, "samples.jsonl"), "a", encoding="utf-8") as f:
+        with open(os.path.join(self.run_dir, SAMPLES_FILE), "a", encoding="utf-8") as f:
             for prompt, text, answer, score in zip(prompts, rollout.response_texts[:k], rollout.answers[:k],
                                                    scores[:k].tolist()):
-                f.write(json.dumps({"step": self.step, "prompt": prompt, "response": text, "answer": answer,
+                f.write(json.dumps({"step": step, "prompt": prompt, "response": text, "answer": answer,
                                     "reward": score}) + "\n")
 
 

@@ -1,7 +1,10 @@
 """Where step metrics go: `metrics.jsonl` (one JSON object per step), TensorBoard, W&B when asked.
 
 Only one rank writes (the trainer passes `enabled=False` elsewhere). Every line is flushed, so a run
-killed mid-way keeps what it logged.
+killed mid-way keeps what it logged. A resumed run passes the step it resumed at: rows of later steps
+(logged by the interrupted run after its checkpoint, and about to be run again) are dropped from
+`metrics.jsonl` and `samples.jsonl` (rewritten whole, then renamed) and TensorBoard purges them, so
+every step appears once.
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ class MetricsWriter:
     """Append-only sinks for `{name: float}` per step."""
 
     def __init__(self, run_dir: str, *, enabled: bool, tensorboard: bool = True,
-                 wandb_project: Optional[str] = None, config: Optional[Dict[str, Any]] = None) -> None:
+                 wandb_project: Optional[str] = None, config: Optional[Dict[str, Any]] = None,
+                 resume_step: Optional[int] = None) -> None:
+        """`resume_step`: the step of the checkpoint the run continues from (None: a fresh start,
+        which drops every row an earlier attempt left)."""
         self.enabled = enabled
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self._tb = None
@@ -33,11 +39,16 @@ class MetricsWriter:
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
+        last = -1 if resume_step is None else resume_step
+        for name in ("metrics.jsonl", SAMPLES_FILE):
+            drop_rows_after(os.path.join(run_dir, name), last)
         self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"))
+            tb_dir = os.path.join(run_dir, "tensorboard")
+            purge = last + 1 if os.path.isdir(tb_dir) else None  # events at steps >= purge are hidden
+            self._tb = SummaryWriter(log_dir=tb_dir, purge_step=purge)
         if wandb_project:
             try:
                 import wandb
@@ -68,6 +79,38 @@ class MetricsWriter:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+SAMPLES_FILE = "samples.jsonl"
+
+
+def drop_rows_after(path: str, step: int) -> int:
+    """Remove the rows of `path` (JSON lines with a "step") whose step is past `step`, by writing
+    the kept ones to a temporary file and renaming it over `path`. Returns how many were dropped."""
+    if not os.path.isfile(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row_step = json.loads(line).get("step")
+            except ValueError:
+                dropped += 1  # a line cut short by a kill
+                continue
+            if isinstance(row_step, int) and row_step > step:
+                dropped += 1
+            else:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return dropped
 
 
 def read_metrics(path: str) -> List[Dict[str, Any]]:

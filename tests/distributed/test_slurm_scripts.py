@@ -38,6 +38,7 @@ def _clean_env(**extra):
     """This environment without anything a launcher or SLURM would have set, plus `extra`."""
     drop = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "RDZV_ID",
             "CONFIG", "GPUS_PER_NODE", "PYTHON", "VENV", "EXTRA_OVERRIDES", "TIMEOUT_MINUTES", "CONTAINER_IMAGE",
+            "SHUTDOWN_TIMEOUT",
             "CUDA_VISIBLE_DEVICES")
     env = {k: v for k, v in os.environ.items()
            if k not in drop and not k.startswith(("SLURM_", "LITEPPO_", "SGLANG_"))}
@@ -100,6 +101,14 @@ def test_batch_scripts_log_to_job_name_and_id():
         text = open(os.path.join(SLURM_DIR, name), encoding="utf-8").read()
         assert "#SBATCH --output=%x-%j.out" in text and "set -euo pipefail" in text, name
     assert "#SBATCH --ntasks-per-node=1" in open(os.path.join(SLURM_DIR, "multi_node.sbatch")).read()
+
+
+def test_the_stop_signal_comes_early_and_torchrun_waits_for_the_save():
+    for name in ("single_node.sbatch", "multi_node.sbatch"):
+        lines = open(os.path.join(SLURM_DIR, name), encoding="utf-8").read().splitlines()
+        assert "#SBATCH --signal=B:TERM@120" in lines, name  # active, to the batch shell (B:), whose trap stops srun
+    assert "--max_restarts 0 --shutdown-timeout 110 " in _print_cmd()
+    assert "--shutdown-timeout 880 " in _print_cmd(SHUTDOWN_TIMEOUT=880)
 
 
 # --- the command line, computed without running it ------------------------------------------------

@@ -109,7 +109,7 @@ def test_yaml_then_overrides_take_precedence(tmp_path):
     (["rollout.top_k=0"], r"rollout.top_k=0: must be -1 \(disabled\) or a positive integer"),
     (["train.adam_beta2=1.0"], r"train.adam_beta2=1.0: must be in \[0, 1\)"),
     (["train.min_lr=1", "train.lr=0.1"], r"train.min_lr=1.0: must not exceed train.lr"),
-    (["parallel.timeout_minutes=0"], r"parallel.timeout_minutes=0: must be a positive integer"),
+    (["parallel.timeout_minutes=0"], r"parallel.timeout_minutes=0.0: must be a positive number"),
     (["eval.num_samples=0"], r"eval.num_samples=0: must be a positive integer"),
 ])
 def test_enum_and_range_rules(overrides, pattern):

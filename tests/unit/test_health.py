@@ -163,3 +163,17 @@ def test_nonfinite_weights_message():
         assert needle in message, (needle, message)
     actor = str(nonfinite_weights_error("actor", step=1, update=1, first=None, bad_ranks=[0, 1, 2], world_size=4))
     assert "ranks 0-2 of 4 hold" in actor and "Lower train.lr" in actor and "critic.lr" not in actor
+
+
+def test_the_streak_survives_a_checkpoint():
+    from liteppo_mcore.trainer.health import StepHealth, TrainingHalted
+
+    bad = {"reward/errors": 8.0, "actor/skipped_updates": 0.0, "actor/grad_norm": 0.5}
+    first = StepHealth(3, updates_per_step=1)
+    first.observe(1, bad, num_responses=8)
+    first.observe(2, bad, num_responses=8)
+    resumed = StepHealth(3, updates_per_step=1)
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.consecutive_bad_steps == 2
+    with pytest.raises(TrainingHalted, match=r"3 consecutive bad steps \(steps 1-3\)"):
+        resumed.observe(3, bad, num_responses=8)
