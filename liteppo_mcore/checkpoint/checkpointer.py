@@ -31,6 +31,7 @@ import time
 from typing import Any, Callable, List, Optional, Tuple
 
 import torch.distributed as dist
+from omegaconf import OmegaConf
 from torch.distributed.checkpoint.api import CheckpointException
 
 from liteppo_mcore.checkpoint import manifest as M
@@ -39,6 +40,7 @@ from liteppo_mcore.checkpoint.paths import (CheckpointError, checkpoints_dir, it
                                             resolve_iteration_dir, write_latest)
 from liteppo_mcore.checkpoint.store import write_hf_side
 from liteppo_mcore.checkpoint.trainer_state import checkpoint_common, read_trainer_state, write_trainer_state
+from liteppo_mcore.config.loader import to_yaml
 
 PARTIAL_SUFFIX = ".partial"
 REPLACED_SUFFIX = ".replaced"
@@ -308,10 +310,9 @@ class Checkpointer:
             return []
         return problems
 
-    def load(self, check_compatible: Callable[[str], None]) -> Optional[str]:
+    def load(self) -> Optional[str]:
         """Resume from `checkpoint.load`, else from the run directory's latest intact checkpoint (none:
-        a fresh start). `check_compatible(folder)` raises when the folder belongs to another run.
-        Returns the folder loaded."""
+        a fresh start); a checkpoint of another model or algorithm is refused. Returns the folder loaded."""
         candidates, explicit, notes = M._broadcast(self._candidates() if _rank() == 0 else None)
         for note in notes:
             warn(f"{note} Looking for the newest intact checkpoint instead.")
@@ -319,7 +320,7 @@ class Checkpointer:
         for folder in candidates:
             problems = self._problems(folder)
             if not problems:
-                problems = self._read(folder, check_compatible)
+                problems = self._read(folder)
                 if not problems:
                     if rejected:
                         warn(f"resumed from {folder}, the newest intact checkpoint, instead of "
@@ -339,11 +340,11 @@ class Checkpointer:
                 "away to start this run over, or set checkpoint.load to a good checkpoint.")
         return None
 
-    def _read(self, folder: str, check_compatible: Callable[[str], None]) -> List[str]:
+    def _read(self, folder: str) -> List[str]:
         models, optimizers = self.state.checkpointed()
         ok, detail = True, None
         try:
-            check_compatible(folder)
+            self._check_compatible(folder)
             with reading(folder):
                 common = read_trainer_state(folder, models=models, optimizers=optimizers,
                                             parallel_group=self.state.groups.dp_cp_group,
@@ -362,7 +363,26 @@ class Checkpointer:
         self.state.load_state_dict(common)
         return []
 
-    @staticmethod
-    def stored_config(folder: str) -> Optional[str]:
-        """The resolved configuration (YAML) saved with a checkpoint, if any."""
-        return checkpoint_common(folder).get("config")
+    def _check_compatible(self, folder: str) -> None:
+        """Refuse a checkpoint of a different model or algorithm before megatron fails on its tensors."""
+        stored = checkpoint_common(folder).get("config")
+        if not stored:
+            return
+        old = OmegaConf.to_container(OmegaConf.create(stored))
+        new = OmegaConf.to_container(OmegaConf.create(to_yaml(self.cfg)))
+        differ = [(k, _get(old, k), _get(new, k)) for k in _MUST_MATCH if _get(old, k) != _get(new, k)]
+        if differ:
+            detail = ", ".join(f"{k}: {a!r} there, {b!r} here" for k, a, b in differ)
+            raise CheckpointError(f"{folder} belongs to another run ({detail}). Choose a new output_dir, or set "
+                                  "checkpoint.load to a checkpoint of this model (model.load to start a new run "
+                                  "from its actor weights).")
+
+
+_MUST_MATCH = [f"model.{k}" for k in ("family", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                                      "num_query_groups", "hf_path", "vocab_size")] + ["adv_estimator"]
+
+
+def _get(tree: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree

@@ -16,12 +16,10 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from liteppo_mcore.algo import global_moments, make_kl_controller
 from liteppo_mcore.algo.normalization import RunningMoments
 from liteppo_mcore.checkpoint.checkpointer import Checkpointer
-from liteppo_mcore.checkpoint.paths import CheckpointError
 from liteppo_mcore.checkpoint.trainer_state import rng_state, set_rng_state
 from liteppo_mcore.config.loader import to_yaml
 from liteppo_mcore.config.schema import LitePPOConfig
@@ -386,26 +384,10 @@ class Trainer:
 
     def resume(self) -> bool:
         """Continue from `checkpoint.load`, else the run directory's latest intact checkpoint, if any."""
-        folder = self.checkpointer.load(self._check_compatible)
+        folder = self.checkpointer.load()
         if folder is not None:
             print0(f"liteppo: resumed from {folder} at step {self.step}")
         return folder is not None
-
-    def _check_compatible(self, iter_dir: str) -> None:
-        """Refuse a checkpoint of a different model or algorithm before megatron fails on its tensors."""
-        stored = self.checkpointer.stored_config(iter_dir)
-        if not stored:
-            return
-        old = OmegaConf.to_container(OmegaConf.create(stored))
-        new = OmegaConf.to_container(OmegaConf.create(to_yaml(self.cfg)))
-        keys = [f"model.{k}" for k in ("family", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                                       "num_query_groups", "hf_path", "vocab_size")] + ["adv_estimator"]
-        differ = [(k, _get(old, k), _get(new, k)) for k in keys if _get(old, k) != _get(new, k)]
-        if differ:
-            detail = ", ".join(f"{k}: {a!r} there, {b!r} here" for k, a, b in differ)
-            raise CheckpointError(f"{iter_dir} belongs to another run ({detail}). Choose a new output_dir, or set "
-                                  "checkpoint.load to a checkpoint of this model (model.load to start a new run "
-                                  "from its actor weights).")
 
     def hf_config(self) -> dict:
         if self.cfg.model.hf_path:
@@ -456,12 +438,6 @@ class Trainer:
                                                    scores[:k].tolist()):
                 f.write(json.dumps({"step": step, "prompt": prompt, "response": text, "answer": answer,
                                     "reward": score}) + "\n")
-
-
-def _get(tree: dict, dotted: str):
-    for part in dotted.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
 
 
 def run_training(cfg: LitePPOConfig, layout) -> int:

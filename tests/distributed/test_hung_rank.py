@@ -21,7 +21,7 @@ from liteppo_mcore.parallel.setup import free_port
 
 TIMEOUT_S = 15
 STAGES = ("rollout", "reward", "normalization", "advantages", "ref", "old_logp", "values", "train", "sync", "eval",
-          "checkpoint", "metrics")
+          "checkpoint", "metrics", "signal_check", "setup")
 COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "barrier", "reduce_scatter", "all_gather_into_tensor",
                "reduce_scatter_tensor", "all_gather_object", "broadcast_object_list", "send", "recv")
 
