@@ -39,14 +39,44 @@ def is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def quiet_other_ranks() -> None:
+    """Library warnings (megatron's about Transformer Engine and Apex, deprecations) once per job:
+    rank 0 shows them, the other ranks would repeat them word for word."""
+    if not is_rank0():
+        import warnings
+
+        for module in (r"megatron(\.|$)", r"transformers(\.|$)", r"torch(\.|$)"):
+            warnings.filterwarnings("ignore", module=module)
+
+
+def fail(message: str, status: int, *, show: bool) -> int:
+    """End with `message`: printed to stderr where `show` (one rank), and, under torchrun, written to this
+    process's elastic error file (TORCHELASTIC_ERROR_FILE) on every rank, so that torchrun's failure
+    summary shows it as the root cause instead of "To enable traceback see ...". Returns `status`."""
+    if show:
+        print(message, file=sys.stderr, flush=True)
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        import json
+        import time
+
+        try:
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump({"message": message, "timestamp": str(int(time.time()))}, f)
+        except OSError:
+            pass  # the message was printed; torchrun then reports the exit status alone
+    return status
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    quiet_other_ranks()
     try:
-        cfg = load_config(args.config, args.overrides, world_size_from_env())
+        # --print-config works anywhere: without a launcher's WORLD_SIZE, for the smallest job of the layout
+        cfg = load_config(args.config, args.overrides, world_size_from_env(),
+                          any_world_size=args.print_config and "WORLD_SIZE" not in os.environ)
     except ConfigError as e:
-        if is_rank0():
-            print(f"liteppo: {e}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG
+        return fail(f"liteppo: {e}", EXIT_CONFIG, show=is_rank0())
     if args.print_config:
         if is_rank0():
             print(to_yaml(cfg), end="", flush=True)
@@ -55,22 +85,17 @@ def main(argv=None) -> int:
 
     problem = output_dir_problem(cfg.output_dir)
     if problem:
-        if is_rank0():
-            print(f"liteppo: output_dir={cfg.output_dir}: {problem}. Choose a writable directory "
-                  "(output_dir=path/to/run).", file=sys.stderr, flush=True)
-        return EXIT_CONFIG
+        return fail(f"liteppo: output_dir={cfg.output_dir}: {problem}. Choose a writable directory "
+                    "(output_dir=path/to/run).", EXIT_CONFIG, show=is_rank0())
 
     from liteppo_mcore.parallel.setup import init_distributed, shutdown_distributed
 
     try:
         layout = init_distributed(cfg)
     except ConfigError as e:  # e.g. parallel.backend=nccl without CUDA
-        if is_rank0():
-            print(f"liteppo: {e}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG
+        return fail(f"liteppo: {e}", EXIT_CONFIG, show=is_rank0())
     try:
-        if layout.rank == 0:
-            print(to_yaml(cfg), end="")
+        if layout.rank == 0:  # the resolved configuration goes to output_dir/config.yaml (--print-config shows it)
             print(f"liteppo: layout {layout.describe()}", flush=True)
             if cfg.token_level_loss and cfg.loss_agg_mode != "token-mean":
                 print(f"liteppo: token_level_loss=true, so loss_agg_mode={cfg.loss_agg_mode} is not used "
@@ -78,9 +103,17 @@ def main(argv=None) -> int:
         if args.dry_run:
             import torch.distributed as dist
 
-            dist.barrier()
+            from liteppo_mcore.preflight import preflight_problems
+
+            box = [preflight_problems(cfg) if layout.rank == 0 else None]  # paths, tokenizer, data, checkpoints
+            dist.broadcast_object_list(box, src=0)
+            if box[0]:
+                listed = "\n".join(f"  - {p}" for p in box[0])
+                return fail(f"liteppo: the dry run found {len(box[0])} problem(s) the launch would hit:\n{listed}",
+                            EXIT_CONFIG, show=layout.rank == 0)
             if layout.rank == 0:
-                print("liteppo: dry run OK: configuration valid for this world size", flush=True)
+                print("liteppo: dry run OK: configuration valid for this world size; paths, tokenizer, data and "
+                      "checkpoints checked", flush=True)
             return 0
         from liteppo_mcore.parallel.hang import EXIT_PEER_FAILURE, describe_collective_failure, exit_now
         from liteppo_mcore.trainer import USER_ERRORS, run_training
@@ -89,20 +122,17 @@ def main(argv=None) -> int:
         try:
             return run_training(cfg, layout)
         except TrainingHalted as e:  # the circuit breaker or non-finite weights: the same message on every rank
-            if os.environ.get("LOCAL_RANK", "0") == "0":
-                print(f"liteppo: {e}", file=sys.stderr, flush=True)
-            return e.exit_code
+            return fail(f"liteppo: {e}", e.exit_code, show=os.environ.get("LOCAL_RANK", "0") == "0")
         except USER_ERRORS as e:  # bad input found at run time: the message says what to fix
-            if os.environ.get("LOCAL_RANK", "0") == "0":
-                print(f"liteppo: error on rank {layout.rank}: {e}", file=sys.stderr, flush=True)
-            return EXIT_CONFIG
+            return fail(f"liteppo: error on rank {layout.rank}: {e}", EXIT_CONFIG,
+                        show=os.environ.get("LOCAL_RANK", "0") == "0")
         except Exception as e:
             message = describe_collective_failure(e, timeout_minutes=cfg.parallel.timeout_minutes, rank=layout.rank)
             if message is None:
                 raise
             # A collective timed out or lost its peer: say where, then exit without tearing the groups
             # down (that can wait on the dead peer); torchrun then stops the other ranks.
-            print(message, file=sys.stderr, flush=True)
+            fail(message, EXIT_PEER_FAILURE, show=True)
             exit_now(EXIT_PEER_FAILURE)
     finally:
         shutdown_distributed()

@@ -36,8 +36,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from liteppo_mcore.checkpoint import manifest as M
 from liteppo_mcore.checkpoint.lock import RunDirLock, RunDirLocked, being_read, reading
-from liteppo_mcore.checkpoint.paths import (CheckpointError, checkpoints_dir, iteration_dir, iteration_of, read_latest,
-                                            resolve_iteration_dir, write_latest)
+from liteppo_mcore.checkpoint.paths import (HF_SUBDIR, CheckpointError, checkpoints_dir, iteration_dir, iteration_of,
+                                            read_latest, resolve_iteration_dir, write_latest)
 from liteppo_mcore.checkpoint.store import write_hf_side
 from liteppo_mcore.checkpoint.trainer_state import checkpoint_common, read_trainer_state, write_trainer_state
 from liteppo_mcore.config.loader import to_yaml
@@ -137,7 +137,7 @@ class Checkpointer:
     """Saves and loads a trainer's checkpoints in `cfg.output_dir` (every method is collective).
 
     `train_state` is the trainer: it gives `groups` (its ParallelGroups: the data-parallel ranks share
-    the writing and reading), `checkpointed()` -> (models, optimizers) by name,
+    the writing and reading), `tokenizer` (saved in `hf/`), `checkpointed()` -> (models, optimizers) by name,
     `state_dict()` / `load_state_dict(state)` for its own plain state (identical on every rank), and
     `hf_config()` for the Hugging Face config stored with the weights.
     """
@@ -202,6 +202,7 @@ class Checkpointer:
                                 parallel_group=self.state.groups.dp_cp_group)
             if _rank() == 0:
                 write_hf_side(partial, self.state.hf_config(), self.cfg.model.hf_path)
+                self._write_tokenizer(partial)
         except _NOT_INTERRUPTS as e:  # every rank must learn of it, or the others wait forever below
             ok, detail, exc = False, f"{type(e).__name__}: {e}", e
         failures = _agree(ok, detail)
@@ -221,6 +222,15 @@ class Checkpointer:
         _barrier()
         self.last_saved_step = step
         return final
+
+    def _write_tokenizer(self, folder: str) -> None:
+        """The run's own tokenizer into `hf/` (the built-in one, or model.tokenizer_path's) unless
+        model.hf_path's files, copied there already, are it: an exported checkpoint then tokenizes
+        (AutoTokenizer, its chat template) with nothing else."""
+        tokenizer = getattr(self.state, "tokenizer", None)
+        m = self.cfg.model
+        if tokenizer is not None and (m.tokenizer_path or not m.hf_path):
+            tokenizer.save_pretrained(os.path.join(folder, HF_SUBDIR))
 
     def _finalize(self, partial: str, final: str, step: int) -> None:
         replaced = final + REPLACED_SUFFIX
@@ -365,17 +375,24 @@ class Checkpointer:
 
     def _check_compatible(self, folder: str) -> None:
         """Refuse a checkpoint of a different model or algorithm before megatron fails on its tensors."""
-        stored = checkpoint_common(folder).get("config")
-        if not stored:
-            return
-        old = OmegaConf.to_container(OmegaConf.create(stored))
-        new = OmegaConf.to_container(OmegaConf.create(to_yaml(self.cfg)))
-        differ = [(k, _get(old, k), _get(new, k)) for k in _MUST_MATCH if _get(old, k) != _get(new, k)]
-        if differ:
-            detail = ", ".join(f"{k}: {a!r} there, {b!r} here" for k, a, b in differ)
-            raise CheckpointError(f"{folder} belongs to another run ({detail}). Choose a new output_dir, or set "
-                                  "checkpoint.load to a checkpoint of this model (model.load to start a new run "
-                                  "from its actor weights).")
+        problem = compatibility_problem(self.cfg, folder)
+        if problem:
+            raise CheckpointError(problem)
+
+
+def compatibility_problem(cfg: Any, folder: str) -> Optional[str]:
+    """Why `folder`'s checkpoint cannot continue `cfg`'s run (another model or algorithm), else None."""
+    stored = checkpoint_common(folder).get("config")
+    if not stored:
+        return None
+    old = OmegaConf.to_container(OmegaConf.create(stored))
+    new = OmegaConf.to_container(OmegaConf.create(to_yaml(cfg)))
+    differ = [(k, _get(old, k), _get(new, k)) for k in _MUST_MATCH if _get(old, k) != _get(new, k)]
+    if not differ:
+        return None
+    detail = ", ".join(f"{k}: {a!r} there, {b!r} here" for k, a, b in differ)
+    return (f"{folder} belongs to another run ({detail}). Choose a new output_dir, or set checkpoint.load to a "
+            "checkpoint of this model (model.load to start a new run from its actor weights).")
 
 
 _MUST_MATCH = [f"model.{k}" for k in ("family", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",

@@ -146,13 +146,49 @@ def _typed_merge(layers: Sequence[Tuple[str, Dict[str, Any]]]) -> LitePPOConfig:
             merged = OmegaConf.merge(merged, layer)  # type: ignore[assignment]
         except OmegaConfBaseException as e:
             key = getattr(e, "full_key", None) or "?"
-            msg = getattr(e, "msg", None) or str(e)
-            msg = msg.split("\n")[0]
-            raise ConfigError([f"{key} ({where}): {msg}. Give {key} a value of the type in README.md's table."]) from None
+            msg = (getattr(e, "msg", None) or str(e)).split("\n")[0]
+            expected = expected_type(key)
+            if expected is None:
+                raise ConfigError([f"{key} ({where}): {msg}."]) from None
+            value = _lookup(layer, key)
+            raise ConfigError([f"{key} ({where}): {value!r} is not {expected}. Give {key} {expected} "
+                               f"(README.md's configuration table lists every key)."]) from None
     try:
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as e:
         raise ConfigError([f"{getattr(e, 'full_key', '?')}: {str(e).splitlines()[0]}"]) from None
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def expected_type(dotted: str) -> Optional[str]:
+    """What a schema key takes, in words ("an integer", "null or a number", ...); None when unknown."""
+    cls: Any = LitePPOConfig
+    hint: Any = None
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        hint = typing.get_type_hints(cls).get(part)
+        if hint is None:
+            return None
+        cls = hint
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = typing.get_origin(hint) is typing.Union and len(args) < len(typing.get_args(hint))
+    base = args[0] if optional and len(args) == 1 else hint
+    word = _TYPE_WORDS.get(base)
+    if word is None:
+        origin = typing.get_origin(base)
+        word = {list: "a list", dict: "a mapping"}.get(origin)
+    if word is None:
+        return None
+    return f"null or {word}" if optional else word
+
+
+def _lookup(tree: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def world_size_from_env() -> int:
@@ -161,8 +197,10 @@ def world_size_from_env() -> int:
 
 
 def load_config(config_path: Optional[str] = None, overrides: Sequence[str] = (),
-                world_size: Optional[int] = None, check: bool = True) -> LitePPOConfig:
-    """Build the configuration: schema defaults <- YAML file <- overrides; then validate for `world_size`.
+                world_size: Optional[int] = None, check: bool = True, *, any_world_size: bool = False) -> LitePPOConfig:
+    """Build the configuration: schema defaults <- YAML file <- overrides; then validate for `world_size`
+    (default: the environment's). `any_world_size`: validate for the smallest job the layout fits
+    (tp * pp * cp processes, one data-parallel rank), e.g. to print a recipe's configuration anywhere.
 
     Raises ConfigError (a ValueError) whose message lists every problem with its fix.
     """
@@ -180,6 +218,10 @@ def load_config(config_path: Optional[str] = None, overrides: Sequence[str] = ()
         raise ConfigError(problems)
     cfg = _typed_merge(layers)
     if check:
+        if any_world_size:
+            p = cfg.parallel
+            sizes = [v for v in (p.tp, p.pp, p.cp) if isinstance(v, int) and v > 0]
+            world_size = sizes[0] * sizes[1] * sizes[2] if len(sizes) == 3 else 1
         validate(cfg, world_size if world_size is not None else world_size_from_env())
     return cfg
 

@@ -79,6 +79,7 @@ def build_dataset(data: DataConfig, tokenizer: Any, *, prompt_length: int, split
     use_template = bool(data.apply_chat_template) and has_chat_template(tokenizer)
     texts = render_prompts(tokenizer, [s.prompt for s in raw], [s.system for s in raw], use_chat_template=use_template)
     ids = encode_rendered(tokenizer, texts, templated=use_template)
+    _check_unknown_tokens(tokenizer, ids, name)
     samples: List[PromptSample] = []
     for sample, text, prompt_ids in zip(raw, texts, ids):
         if len(prompt_ids) <= prompt_length:
@@ -86,6 +87,26 @@ def build_dataset(data: DataConfig, tokenizer: Any, *, prompt_length: int, split
     dataset = PromptDataset(samples, name=name, num_read=len(raw), prompt_length=prompt_length)
     _report_filter(dataset, max((len(x) for x in ids), default=0))
     return dataset
+
+
+MAX_UNKNOWN_SHARE = 0.01
+
+
+def _check_unknown_tokens(tokenizer: Any, ids: Sequence[Sequence[int]], name: str) -> None:
+    """Refuse prompts the tokenizer cannot write: more than MAX_UNKNOWN_SHARE of their tokens are its
+    unknown token (the built-in character tokenizer maps every character it lacks to <|unk|>)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    total = sum(len(x) for x in ids)
+    if unk is None or total == 0:
+        return
+    unknown = sum(1 for x in ids for t in x if t == unk)
+    if unknown > MAX_UNKNOWN_SHARE * total:
+        raise DataError(
+            f"{name}: {unknown} of the prompts' {total} tokens ({100 * unknown / total:.1f}%) are the tokenizer's "
+            f"unknown token {getattr(tokenizer, 'unk_token', None)!r}: it cannot write this text (the built-in "
+            "tokenizer knows only the built-in tasks' characters). Give a tokenizer that covers the data: "
+            "model.tokenizer_path=/path/to/tokenizer_dir (or model.hf_path=/path/to/model)."
+        )
 
 
 def build_datasets(

@@ -24,14 +24,33 @@ def load_tokenizer(path: str) -> Any:
             "Set model.tokenizer_path (or model.hf_path) to a local directory holding tokenizer.json "
             "or the model's tokenizer files."
         )
+    present = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(path, name))]
+    if not present:
+        raise DataError(
+            f"{path}: no tokenizer files in this directory (none of {', '.join(TOKENIZER_FILES)}); a model folder "
+            "with weights only cannot tokenize. Set model.tokenizer_path to the directory of the model's "
+            "tokenizer (save_pretrained writes one), or copy its tokenizer files next to the weights."
+        )
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:  # transformers raises many types here (OSError, ValueError, KeyError ...)
         raise DataError(
             f"{path}: cannot load a tokenizer from this directory ({type(e).__name__}: {e}). "
             "It needs tokenizer.json (or the model's own tokenizer files) and tokenizer_config.json, "
             "as written by save_pretrained."
         ) from e
+    if len(tokenizer) < MIN_VOCAB:
+        raise DataError(
+            f"{path}: the tokenizer loaded from here has {len(tokenizer)} tokens (files: {', '.join(present)}): "
+            "it is empty or incomplete. Set model.tokenizer_path to the model's full tokenizer directory."
+        )
+    return tokenizer
+
+
+# What a tokenizer directory holds (at least one): transformers' fast and slow formats.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                   "spiece.model", "merges.txt")
+MIN_VOCAB = 4  # fewer tokens than this cannot write text (transformers may give 1 for an empty folder)
 
 
 def tokenizer_from_config(model: ModelConfig, data: DataConfig) -> Any:

@@ -42,7 +42,7 @@ from liteppo_mcore.train.offload import move_module, offload_enabled
 from liteppo_mcore.trainer import experience as X
 from liteppo_mcore.trainer.health import StepHealth
 from liteppo_mcore.utils.flops import mfu, train_flops
-from liteppo_mcore.utils.console import is_main_rank, print0, progress, step_line
+from liteppo_mcore.utils.console import is_main_rank, print0, progress, run_summary, step_line
 from liteppo_mcore.utils.sinks import SAMPLES_FILE, MetricsWriter, plot_metrics
 from liteppo_mcore.utils.stage import set_stage, set_step, stage
 from liteppo_mcore.utils.timers import PhaseTimer
@@ -98,6 +98,7 @@ class Trainer:
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
                 f.write(to_yaml(cfg))
+        print0(f"liteppo: resolved configuration in {os.path.join(self.run_dir, 'config.yaml')}")
         with stage("checkpoint"):
             resumed = self.resume()
         self.sinks = MetricsWriter(self.run_dir, enabled=is_main_rank(), tensorboard=cfg.logging.tensorboard,
@@ -112,7 +113,9 @@ class Trainer:
         cfg = self.cfg
         if self.step == 0 and self._eval_enabled():
             with stage("eval", step=0):
-                self.sinks.write(0, self.evaluate())
+                before_training = self.evaluate()
+            self.sinks.write(0, before_training)
+            print0("eval at step 0 | " + " | ".join(f"{k[len('eval/'):]} {v:.3f}" for k, v in before_training.items()))
         start = time.perf_counter()
         first = self.step
         while self.step < cfg.max_steps:
@@ -153,6 +156,10 @@ class Trainer:
                 return
         if is_main_rank() and cfg.logging.plot:
             plot_metrics(self.sinks.path, os.path.join(self.run_dir, "reward_accuracy.png"))
+        if first < cfg.max_steps:
+            self.sinks.flush()
+            print0(run_summary(self.run_dir, self.sinks.path, steps=self.step - first, seconds=time.perf_counter() - start,
+                               last_checkpoint=self.checkpointer.last_saved_step))
 
     def _stop(self, when: str) -> None:
         """End the run for a signal: the last completed step is checkpointed (saved now if it was not)."""
@@ -385,7 +392,10 @@ class Trainer:
     def resume(self) -> bool:
         """Continue from `checkpoint.load`, else the run directory's latest intact checkpoint, if any."""
         folder = self.checkpointer.load()
-        if folder is not None:
+        if folder is not None and self.step >= self.cfg.max_steps:
+            print0(f"liteppo: this run is already complete at step {self.step} ({folder}): raise max_steps to "
+                   "continue it, or choose another output_dir to start a new one.")
+        elif folder is not None:
             print0(f"liteppo: resumed from {folder} at step {self.step}")
         return folder is not None
 
@@ -429,7 +439,8 @@ class Trainer:
     def _write_samples(self, rollout: X.Rollout, scores: torch.Tensor) -> None:
         k = self.cfg.logging.num_sample_completions
         step = self.step + 1  # the step being taken, as in metrics.jsonl
-        if not is_main_rank() or k <= 0 or step % self.cfg.logging.log_interval:
+        logged = step % self.cfg.logging.log_interval == 0 or step == self.cfg.max_steps
+        if not is_main_rank() or k <= 0 or not logged:
             return
         prompts = self.tokenizer.batch_decode([row[:int(p)] for row, p in zip(rollout.batch.tokens[:k].tolist(),
                                                                               rollout.batch.prompt_lens[:k])])

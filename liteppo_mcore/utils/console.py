@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 from typing import Dict, Optional
 
@@ -48,3 +49,29 @@ def progress(total: int, desc: str, enabled: Optional[bool] = None):
     # Only on a terminal: in a job log (torchrun, SLURM) the redraws would be lines of noise.
     show = (is_main_rank() and sys.stderr.isatty()) if enabled is None else enabled
     return tqdm(total=total, desc=desc, disable=not show, leave=False, file=sys.stderr, dynamic_ncols=True)
+
+
+def run_summary(run_dir: str, metrics_path: str, *, steps: int, seconds: float,
+                last_checkpoint: Optional[int]) -> str:
+    """What a finished run prints: steps and time, held-out accuracy first -> last (best), where the
+    outputs are, and the command that exports the last checkpoint to Hugging Face."""
+    import json
+
+    rows = []
+    if os.path.exists(metrics_path):
+        with open(metrics_path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    acc = [(r["step"], r["eval/accuracy"]) for r in rows if r.get("eval/accuracy") is not None]
+    lines = [f"liteppo: done: {steps} steps in {seconds:.1f} s"]
+    if acc:
+        best_step, best = max(acc, key=lambda p: (p[1], -p[0]))
+        lines[0] += (f"; eval/accuracy {acc[0][1]:.3f} (step {acc[0][0]}) -> {acc[-1][1]:.3f} (step {acc[-1][0]}), "
+                     f"best {best:.3f} at step {best_step}")
+    names = [n for n in ("metrics.jsonl", "tensorboard", "samples.jsonl", "reward_accuracy.png")
+             if os.path.exists(os.path.join(run_dir, n))]
+    lines.append(f"liteppo: outputs in {run_dir}: {', '.join(names)}")
+    if last_checkpoint is not None:
+        ckpt = os.path.join(run_dir, "checkpoints", f"iter_{last_checkpoint:07d}")
+        lines.append(f"liteppo: last checkpoint {ckpt}; export it to Hugging Face with: "
+                     f"python tools/convert_mcore_to_hf.py --ckpt {ckpt} --out {os.path.join(run_dir, 'hf')}")
+    return "\n".join(lines)

@@ -71,6 +71,10 @@ class MetricsWriter:
         if self._wandb is not None:
             self._wandb.log(dict(metrics), step=step)
 
+    def flush(self) -> None:
+        if self.enabled:
+            self._file.flush()
+
     def close(self) -> None:
         if not self.enabled:
             return
@@ -118,8 +122,9 @@ def read_metrics(path: str) -> List[Dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_metrics(metrics_path: str, out_png: str) -> Optional[str]:
-    """Reward and held-out accuracy over steps, as a PNG; None when there is nothing to plot."""
+def plot_metrics(metrics_path: str, out_png: str, title: Optional[str] = None) -> Optional[str]:
+    """Reward and held-out accuracy over steps, as a PNG titled `title` (default: the run directory's
+    name); None when there is nothing to plot."""
     rows = read_metrics(metrics_path) if os.path.exists(metrics_path) else []
     series = {key: [(r["step"], r[key]) for r in rows if r.get(key) is not None]
               for key in ("reward/mean", "eval/accuracy")}
@@ -130,15 +135,25 @@ def plot_metrics(metrics_path: str, out_png: str) -> Optional[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig = metrics_figure(series, title or os.path.basename(os.path.dirname(os.path.abspath(metrics_path))))
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
+
+
+def metrics_figure(series: Dict[str, List[Any]], title: str):
+    """The plot of `series` ({metric: [(step, value), ...]}): steps across, the metric's value up."""
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, points in series.items():
         if points:
             xs, ys = zip(*points)
             ax.plot(xs, ys, marker="o" if key.startswith("eval") else None, label=key)
     ax.set_xlabel("step")
+    ax.set_ylabel("reward / accuracy")
+    ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return out_png
+    return fig

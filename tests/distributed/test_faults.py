@@ -65,6 +65,19 @@ def base(tmp_path_factory):
     return run_dir
 
 
+def test_a_checkpoint_carries_the_runs_tokenizer(base):
+    from transformers import AutoTokenizer
+
+    from liteppo_mcore.data import build_builtin_tokenizer
+
+    hf = os.path.join(_ckpts(base), "iter_0000004", "hf")
+    saved, builtin = AutoTokenizer.from_pretrained(hf, local_files_only=True), build_builtin_tokenizer()
+    assert saved("max:907")["input_ids"] == builtin("max:907")["input_ids"]
+    assert saved.chat_template == builtin.chat_template and saved.eos_token == builtin.eos_token
+    listed = json.load(open(os.path.join(_ckpts(base), "iter_0000004", "checksums.json")))["files"]
+    assert "hf/tokenizer.json" in listed  # part of the verified checkpoint
+
+
 def _copy(base, tmp_path):
     run_dir = str(tmp_path / "run")
     shutil.copytree(base, run_dir)
@@ -117,12 +130,18 @@ def test_a_stale_lock_of_a_killed_run_is_taken_over(base, tmp_path):
 
 def test_retention_keeps_the_newest(tmp_path):
     run_dir = str(tmp_path / "run")
-    _run(run_dir, "max_steps=4", "checkpoint.save_interval=1", "checkpoint.num_to_keep=2", "eval.enabled=false")
+    _run(run_dir, "max_steps=4", "checkpoint.save_interval=1", "checkpoint.num_to_keep=2", "eval.enabled=false",
+         "logging.log_interval=3")
     assert sorted(os.listdir(_ckpts(run_dir))) == ["iter_0000003", "iter_0000004", "latest"]
+    # samples every logging step and at the last one, labelled with the step as in metrics.jsonl
+    assert [r["step"] for r in _rows(run_dir, "samples.jsonl")] == [3, 3, 4, 4]
     proc = _run(run_dir, "max_steps=6", "checkpoint.save_interval=1", "checkpoint.num_to_keep=2",
                 "eval.enabled=false")
     assert "at step 4" in proc.stdout
     assert sorted(os.listdir(_ckpts(run_dir))) == ["iter_0000005", "iter_0000006", "latest"]
+    # the console names the configuration's file instead of printing it
+    assert f"resolved configuration in {run_dir}/config.yaml" in proc.stdout
+    assert "rollout_batch_size:" not in proc.stdout
 
 
 def test_resaving_an_existing_step_never_leaves_latest_dangling(base, tmp_path):
@@ -134,7 +153,8 @@ def test_resaving_an_existing_step_never_leaves_latest_dangling(base, tmp_path):
     shutil.copytree(old, old + ".partial")
     os.rename(old, old + ".replaced")
     proc = _run(run_dir, "max_steps=4")
-    assert "restored the previous copy" in proc.stderr and "at step 4" in proc.stdout
+    assert "restored the previous copy" in proc.stderr
+    assert "already complete at step 4" in proc.stdout and "raise max_steps" in proc.stdout  # nothing left to do
     # A real re-save: resume from step 2 and save step 4 over the existing folder.
     before = json.load(open(os.path.join(old, "checksums.json")))["saved_at"]
     proc = _run(run_dir, "max_steps=4", "checkpoint.save_interval=2", f"checkpoint.load={ckpts}/iter_0000002")

@@ -49,6 +49,9 @@ def test_a_short_run_writes_every_output(uninterrupted):
     assert len({r["actor/entropy"] for r in rows[1:]}) > 1  # the policy changes
     lines = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
     assert len(lines) == 6 and "reward" in lines[0] and "s/step" in lines[0] and "eta" in lines[0]
+    assert "eval at step 0 | accuracy " in proc.stdout  # the evaluation before training
+    assert "liteppo: done: 6 steps in " in proc.stdout and "eval/accuracy " in proc.stdout  # the summary
+    assert f"python tools/convert_mcore_to_hf.py --ckpt {run_dir}/checkpoints/iter_0000006" in proc.stdout
     for name in ("config.yaml", "samples.jsonl", "reward_accuracy.png", "tensorboard"):
         assert os.path.exists(os.path.join(run_dir, name)), name
     ckpts = os.path.join(run_dir, "checkpoints")

@@ -43,6 +43,7 @@ _SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "
 # Variables of an enclosing SLURM job (the suite itself may run inside one) would leak into our jobs.
 _FOREIGN_ENV_PREFIXES = ("SLURM_", "SBATCH_", "SALLOC_", "SRUN_")
 
+OPT_OUT_ENV = "LITEPPO_SLURM"  # "skip": never install SLURM for the tests (they skip, or fail under CI)
 INSTALL_TIMEOUT_S = 240     # apt-get install (and an apt-get update before a retry)
 START_TIMEOUT_S = 60        # munged up, then every node idle
 STOP_TIMEOUT_S = 15         # per daemon, SIGTERM then SIGKILL
@@ -87,6 +88,9 @@ def ensure_slurm(install: bool = True) -> Dict[str, str]:
         raise SlurmUnavailable(_install_failure)
     if not install:
         raise SlurmUnavailable(f"SLURM is not installed (missing: {', '.join(missing)})")
+    if os.environ.get(OPT_OUT_ENV) == "skip":
+        raise SlurmUnavailable(f"SLURM is not installed (missing: {', '.join(missing)}) and {OPT_OUT_ENV}=skip "
+                               "asks not to install it")
     if os.geteuid() != 0:
         raise SlurmUnavailable(f"SLURM is not installed (missing: {', '.join(missing)}) and installing it "
                                f"needs root (running as uid {os.geteuid()})")
@@ -94,6 +98,9 @@ def ensure_slurm(install: bool = True) -> Dict[str, str]:
     if apt_get is None:
         raise SlurmUnavailable(f"SLURM is not installed (missing: {', '.join(missing)}) and there is no "
                                "apt-get to install it with")
+    # Say it before doing it: this changes the machine (system packages), and takes a minute or two.
+    print(f"tests/slurm: installing {' '.join(PACKAGES)} with apt-get (as root) for the local SLURM cluster "
+          f"tests; set {OPT_OUT_ENV}=skip to skip those tests instead", file=sys.__stderr__, flush=True)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     # Bounded network waits: offline, the install fails in seconds rather than minutes.
     apt_opts = ["-q", "-o", "DPkg::Lock::Timeout=60", "-o", "Acquire::http::Timeout=20",

@@ -232,7 +232,7 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path):
 
 
 def test_wrong_type_names_the_key(tmp_path):
-    with pytest.raises(ConfigError, match=r"train.lr \(command line\): Value 'fast'"):
+    with pytest.raises(ConfigError, match=r"train.lr \(command line\): 'fast' is not a number"):
         load_config(overrides=["train.lr=fast"])
     path = tmp_path / "t.yaml"
     path.write_text("parallel:\n  tp: two\n")
@@ -272,3 +272,16 @@ def test_distributed_optimizer_needs_adam():
                                           r"or adamw only .* Set train.optimizer: adamw"):
         load_config(overrides=["train.optimizer=sgd", "train.use_distributed_optimizer=true"])
     load_config(overrides=["train.optimizer=adamw", "train.use_distributed_optimizer=true"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rollout_batch_size=abc", "rollout_batch_size (command line): 'abc' is not an integer. Give rollout_batch_size "
+                               "an integer"),
+    ("train.lr=fast", "train.lr (command line): 'fast' is not a number."),
+    ("eval.enabled=maybe", "eval.enabled (command line): 'maybe' is not true or false."),
+    ("checkpoint.num_to_keep=z", "checkpoint.num_to_keep (command line): 'z' is not null or an integer."),
+])
+def test_a_type_error_names_the_type(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    assert message in str(err.value)

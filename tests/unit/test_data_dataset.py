@@ -142,3 +142,15 @@ def test_tokenizer_from_config_prefers_paths_then_builtin(tmp_path):
     assert tok.eos_token == END and len(tok) == len(build_builtin_tokenizer())
     with pytest.raises(DataError, match=r"does not exist"):
         tokenizer_from_config(ModelConfig(hf_path=str(tmp_path / "model")), DataConfig(builtin_task="max_digit"))
+
+
+def test_text_the_tokenizer_cannot_write_is_refused(tokenizer, tmp_path):
+    # arithmetic words the built-in character tokenizer lacks ("what", "is", "plus"): mostly <|unk|>
+    path = write_jsonl(tmp_path / "words.jsonl", [{"prompt": "What is 3 plus 4?", "answer": "7"}] * 3)
+    with pytest.raises(DataError, match=r"words.jsonl: \d+ of the prompts' \d+ tokens \(\d+\.\d%\) are the "
+                                        r"tokenizer's unknown token '<\|unk\|>'.*model.tokenizer_path="):
+        build_dataset(DataConfig(train_path=str(path)), tokenizer, prompt_length=64)
+    # a stray unknown character in otherwise covered text is tolerated (under 1% of the tokens)
+    good = [{"prompt": "max:" + "1234567890" * 12, "answer": "9"}] * 3 + [{"prompt": "max:12\u00e9", "answer": "2"}]
+    path = write_jsonl(tmp_path / "ok.jsonl", good)
+    assert len(build_dataset(DataConfig(train_path=str(path)), tokenizer, prompt_length=256)) == 4

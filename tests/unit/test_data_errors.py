@@ -173,6 +173,9 @@ def test_tokenizer_directory_missing(tmp_path):
 
 def test_tokenizer_directory_without_tokenizer_files(tmp_path):
     (tmp_path / "readme.txt").write_text("no tokenizer here")
+    with pytest.raises(DataError, match="no tokenizer files in this directory"):
+        load_tokenizer(str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text("{not json")  # files, but not a tokenizer transformers can read
     with pytest.raises(DataError, match="cannot load a tokenizer from this directory"):
         load_tokenizer(str(tmp_path))
 
@@ -180,3 +183,24 @@ def test_tokenizer_directory_without_tokenizer_files(tmp_path):
 def test_no_tokenizer_configured():
     with pytest.raises(DataError, match="no tokenizer"):
         tokenizer_from_config(ModelConfig(), DataConfig(train_path="x.jsonl"))
+
+
+def test_a_model_folder_without_tokenizer_files_is_refused(tmp_path):
+    from liteppo_mcore.data import load_tokenizer
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(DataError, match=r"no tokenizer files in this directory .*model.tokenizer_path"):
+        load_tokenizer(str(tmp_path))
+
+
+def test_an_empty_tokenizer_is_refused(tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from liteppo_mcore.data import load_tokenizer
+
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"x": 0}, unk_token="x"))).save_pretrained(
+        str(tmp_path))
+    with pytest.raises(DataError, match=r"has 1 tokens .*empty or incomplete"):
+        load_tokenizer(str(tmp_path))

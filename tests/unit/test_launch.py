@@ -8,12 +8,41 @@ from liteppo_mcore.config import load_config
 from tests.launch_utils import run_entry
 
 
-def test_dry_run_exits_0_and_prints_layout_and_config():
-    proc = run_entry(["--config", "examples/liteppo.yaml", "--dry-run"])
+def test_dry_run_exits_0_and_prints_the_layout(tmp_path):
+    proc = run_entry(["--config", "examples/tiny_cpu.yaml", f"output_dir={tmp_path}/run", "--dry-run"])
     assert proc.returncode == 0, proc.stderr
     assert "layout world 1 = tp 1 x pp 1 x cp 1 x dp 1 (backend gloo)" in proc.stdout
-    assert "dry run OK" in proc.stdout
-    assert "adv_estimator: reinforce" in proc.stdout
+    assert "dry run OK" in proc.stdout and "paths, tokenizer, data and checkpoints checked" in proc.stdout
+    assert "adv_estimator:" not in proc.stdout  # the configuration goes to config.yaml, not the console
+
+
+def test_dry_run_lists_every_input_the_launch_would_miss(tmp_path):
+    # examples/liteppo.yaml names a model folder and data files this checkout does not have
+    proc = run_entry(["--config", "examples/liteppo.yaml", f"output_dir={tmp_path}/run", "--dry-run"])
+    assert proc.returncode == 2, proc.stdout[-2000:]
+    err = proc.stderr
+    assert "the dry run found 4 problem(s)" in err, err
+    assert "model.hf_path='checkpoints/Qwen3-4B-Base': no such directory" in err
+    assert "checkpoints/Qwen3-4B-Base" in err.split("\n  - ")[2]  # the tokenizer comes from there too
+    assert "data.train_path='data/math_train.jsonl': no such file" in err
+    assert "data.eval_path='data/math_test.jsonl': no such file" in err
+    assert "Traceback" not in err
+
+
+def test_dry_run_checks_the_first_records_and_the_run_directory(tmp_path):
+    from liteppo_mcore.data import build_builtin_tokenizer
+
+    tokenizer = tmp_path / "tok"
+    build_builtin_tokenizer().save_pretrained(str(tokenizer))
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"question": "max:12", "answer": "2"}\n')
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.lock").write_text('{"host": "another-node", "pid": 1, "started": "now"}')
+    proc = run_entry(["--config", "examples/tiny_cpu.yaml", f"output_dir={tmp_path}/run", "data.builtin_task=null",
+                      f"data.train_path={data}", f"model.tokenizer_path={tokenizer}", "--dry-run"])
+    assert proc.returncode == 2
+    assert "has no 'prompt'" in proc.stderr or "data.prompt_key" in proc.stderr, proc.stderr
+    assert "is in use by another run" in proc.stderr and "another-node" in proc.stderr
 
 
 def test_group_of_one_exits_2_naming_the_key_without_traceback():
@@ -74,3 +103,25 @@ def test_a_read_only_output_dir_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     assert output_dir_problem(str(tmp_path / "new" / "run")) == (
         f"{tmp_path} is not writable (so {tmp_path / 'new' / 'run'} cannot be created)")
+
+
+def test_print_config_needs_no_launcher_world_size():
+    import glob
+    import os
+    import subprocess
+    import sys
+
+    from tests.launch_utils import ENTRY, REPO
+
+    recipes = sorted(glob.glob(os.path.join(REPO, "examples", "*.yaml")))
+    big = [r for r in recipes if load_config(r, check=False).parallel.tp > 1]
+    assert big, "a recipe with tensor parallelism is the case this guards"
+    for recipe in recipes:
+        proc = run_entry(["--config", recipe, "--print-config"])  # plain python: no WORLD_SIZE
+        assert proc.returncode == 0, (recipe, proc.stderr[-2000:])
+        assert yaml.safe_load(proc.stdout)["parallel"]["tp"] == load_config(recipe, check=False).parallel.tp
+    # a launcher's WORLD_SIZE still counts
+    env = {**os.environ, "WORLD_SIZE": "3", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, ENTRY, "--config", big[0], "--print-config"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "does not divide WORLD_SIZE(3)" in proc.stderr, proc.stderr[-2000:]

@@ -3,7 +3,7 @@
 import os
 
 from liteppo_mcore.utils.console import format_duration, step_line
-from liteppo_mcore.utils.sinks import MetricsWriter, plot_metrics, read_metrics
+from liteppo_mcore.utils.sinks import MetricsWriter, metrics_figure, plot_metrics, read_metrics
 from liteppo_mcore.utils.timers import PhaseTimer
 
 
@@ -25,6 +25,10 @@ def test_metrics_jsonl_tensorboard_and_plot(tmp_path):
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tensorboard"))
     png = plot_metrics(str(tmp_path / "metrics.jsonl"), str(tmp_path / "plot.png"))
     assert png and os.path.getsize(png) > 1000
+    fig = metrics_figure({"reward/mean": [(1, 0.2), (2, 0.5)], "eval/accuracy": [(0, 0.1)]}, "run-a")
+    ax = fig.axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("step", "reward / accuracy", "run-a")
+    assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == ["eval/accuracy", "reward/mean"]
     off = MetricsWriter(str(tmp_path / "other"), enabled=False)
     off.write(0, {"x": 1.0})
     assert not os.path.exists(tmp_path / "other")
@@ -51,3 +55,21 @@ def test_progress_bar_counts_and_stays_quiet_off_a_terminal(capsys):
     with progress(10, "rollout") as quiet:  # pytest's stderr is not a terminal
         quiet.update(10)
     assert "rollout" not in capsys.readouterr().err
+
+
+def test_the_run_summary_tells_the_story(tmp_path):
+    from liteppo_mcore.utils.console import run_summary
+
+    w = MetricsWriter(str(tmp_path), enabled=True, tensorboard=False)
+    for step, acc in [(0, 0.0), (50, 0.8), (100, 0.74)]:
+        w.write(step, {"eval/accuracy": acc})
+    w.close()
+    text = run_summary(str(tmp_path), str(tmp_path / "metrics.jsonl"), steps=100, seconds=52.14, last_checkpoint=100)
+    first, outputs, export = text.splitlines()
+    assert first == ("liteppo: done: 100 steps in 52.1 s; eval/accuracy 0.000 (step 0) -> 0.740 (step 100), "
+                     "best 0.800 at step 50")
+    assert outputs == f"liteppo: outputs in {tmp_path}: metrics.jsonl"
+    ckpt = tmp_path / "checkpoints" / "iter_0000100"
+    assert export.endswith(f"python tools/convert_mcore_to_hf.py --ckpt {ckpt} --out {tmp_path / 'hf'}")
+    assert "eval/accuracy" not in run_summary(str(tmp_path), str(tmp_path / "none.jsonl"), steps=1, seconds=1.0,
+                                              last_checkpoint=None)
