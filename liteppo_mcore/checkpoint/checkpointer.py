@@ -198,7 +198,8 @@ class Checkpointer:
         models, optimizers = self.state.checkpointed()
         ok, detail, exc = True, None, None
         try:
-            write_trainer_state(partial, models=models, optimizers=optimizers, common=self.state.state_dict(),
+            common = {**self.state.state_dict(), "config": to_yaml(self.cfg)}  # the config: for _check_compatible
+            write_trainer_state(partial, models=models, optimizers=optimizers, common=common,
                                 parallel_group=self.state.groups.dp_cp_group)
             if _rank() == 0:
                 write_hf_side(partial, self.state.hf_config(), self.cfg.model.hf_path)

@@ -376,7 +376,7 @@ class Trainer:
                 "running": self.running.state_dict() if self.running is not None else None,
                 "num_updates": {"actor": self.actor.num_updates,
                                 "critic": self.critic.num_updates if self.critic is not None else 0},
-                "health": self.health.state_dict(), "config": to_yaml(self.cfg)}
+                "health": self.health.state_dict()}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.step = int(state["step"])

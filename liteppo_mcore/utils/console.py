@@ -55,12 +55,9 @@ def run_summary(run_dir: str, metrics_path: str, *, steps: int, seconds: float,
                 last_checkpoint: Optional[int]) -> str:
     """What a finished run prints: steps and time, held-out accuracy first -> last (best), where the
     outputs are, and the command that exports the last checkpoint to Hugging Face."""
-    import json
+    from liteppo_mcore.utils.sinks import read_metrics
 
-    rows = []
-    if os.path.exists(metrics_path):
-        with open(metrics_path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_metrics(metrics_path) if os.path.exists(metrics_path) else []
     acc = [(r["step"], r["eval/accuracy"]) for r in rows if r.get("eval/accuracy") is not None]
     lines = [f"liteppo: done: {steps} steps in {seconds:.1f} s"]
     if acc:
