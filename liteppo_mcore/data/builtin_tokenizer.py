@@ -10,13 +10,16 @@ Chat format (no newlines, every role marker one token)::
     <|bos|><|system|>...<|end|><|user|>...<|end|><|assistant|>
 
 ``<|end|>`` closes every turn and is the EOS token: generation stops when the model closes its turn.
+
+``train_bpe_tokenizer`` learns a byte-level BPE from one's own prompts with the same special tokens
+and chat format, for data the built-in characters cannot write (``tools/train_tokenizer.py``).
 """
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, Iterable, List
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 PAD_TOKEN = "<|pad|>"
@@ -56,6 +59,11 @@ def build_builtin_tokenizer(model_max_length: int = 1024) -> PreTrainedTokenizer
     # Fuse: decode by plain concatenation (WordLevel would otherwise join tokens with spaces).
     core.decoder = decoders.Fuse()
     core.add_special_tokens(SPECIAL_TOKENS)
+    return _wrap(core, model_max_length)
+
+
+def _wrap(core: Tokenizer, model_max_length: int) -> PreTrainedTokenizerFast:
+    """``core`` as a transformers tokenizer with the built-in special tokens and chat template."""
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
         bos_token=BOS_TOKEN,
@@ -69,3 +77,26 @@ def build_builtin_tokenizer(model_max_length: int = 1024) -> PreTrainedTokenizer
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+def train_bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int = 512, model_max_length: int = 1024
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer learned from ``texts``, with the built-in tokenizer's special tokens
+    and chat template (so the chat format, EOS and padding are the same as the built-in tasks').
+
+    Byte level: every byte is in the alphabet, so no text maps to the unknown token. ``vocab_size``
+    counts the 256 bytes and the special tokens; the rest are merges learned from ``texts``. A small
+    vocabulary suits a small model trained from random weights (a random policy spreads its first
+    guesses over every token)."""
+    floor = 256 + len(SPECIAL_TOKENS)
+    if vocab_size < floor:
+        raise ValueError(f"vocab_size={vocab_size}: a byte-level BPE needs at least {floor} "
+                         f"(256 bytes and {len(SPECIAL_TOKENS)} special tokens)")
+    core = Tokenizer(models.BPE(unk_token=UNK_TOKEN))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return _wrap(core, model_max_length)
