@@ -39,14 +39,42 @@ def is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def quiet_other_ranks() -> None:
-    """Library warnings (megatron's about Transformer Engine and Apex, deprecations) once per job:
-    rank 0 shows them, the other ranks would repeat them word for word."""
-    if not is_rank0():
-        import warnings
+# megatron-core's warnings that it runs without Transformer Engine or apex (one per module that falls
+# back); replaced by one line of ours that says what it means.
+MISSING_KERNELS_WARNINGS = r"(Transformer Engine and Apex are|Apex is) not installed"
 
+
+def library_warnings() -> None:
+    """Library warnings once per job: rank 0 shows them, the other ranks would repeat them word for word.
+    megatron's several "not installed" fallbacks become one line (missing_kernels_line)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=MISSING_KERNELS_WARNINGS)
+    if not is_rank0():
         for module in (r"megatron(\.|$)", r"transformers(\.|$)", r"torch(\.|$)"):
             warnings.filterwarnings("ignore", module=module)
+
+
+def missing_kernels_line() -> str:
+    """One line naming the optional kernel packages megatron-core runs without, or "" when both are there."""
+    import importlib.util
+
+    missing = [name for name, module in (("Transformer Engine", "transformer_engine"), ("apex", "apex"))
+               if importlib.util.find_spec(module) is None]
+    if not missing:
+        return ""
+    return (f"liteppo: {' and '.join(missing)} not installed: megatron-core uses its local layers, norms and "
+            "torch's optimizers instead (expected on CPU; on GPUs see README.md, 'Installing into an existing "
+            "environment')")
+
+
+def ignored_loss_agg_mode(cfg) -> bool:
+    """Whether the configuration sets loss_agg_mode to something token_level_loss=true overrides (a
+    loss_agg_mode left at its default is not news)."""
+    from liteppo_mcore.config.schema import LitePPOConfig
+
+    default = LitePPOConfig.__dataclass_fields__["loss_agg_mode"].default
+    return bool(cfg.token_level_loss) and cfg.loss_agg_mode not in ("token-mean", default)
 
 
 def fail(message: str, status: int, *, show: bool) -> int:
@@ -70,7 +98,7 @@ def fail(message: str, status: int, *, show: bool) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    quiet_other_ranks()
+    library_warnings()
     try:
         # --print-config works anywhere: without a launcher's WORLD_SIZE, for the smallest job of the layout
         cfg = load_config(args.config, args.overrides, world_size_from_env(),
@@ -97,7 +125,9 @@ def main(argv=None) -> int:
     try:
         if layout.rank == 0:  # the resolved configuration goes to output_dir/config.yaml (--print-config shows it)
             print(f"liteppo: layout {layout.describe()}", flush=True)
-            if cfg.token_level_loss and cfg.loss_agg_mode != "token-mean":
+            if missing_kernels_line() and not args.dry_run:  # a dry run runs no kernels
+                print(missing_kernels_line(), flush=True)
+            if ignored_loss_agg_mode(cfg):
                 print(f"liteppo: token_level_loss=true, so loss_agg_mode={cfg.loss_agg_mode} is not used "
                       "(the loss is token-mean)", flush=True)
         if args.dry_run:

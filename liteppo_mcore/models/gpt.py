@@ -58,6 +58,7 @@ def transformer_config(shape: ModelShape, cfg: LitePPOConfig, dtype: torch.dtype
         recompute_method=m.recompute_method if m.recompute_granularity == "full" else None,
         recompute_num_layers=m.recompute_num_layers if m.recompute_granularity == "full" else None,
         deallocate_pipeline_outputs=False,
+        cuda_graph_scope=[],  # megatron's default "full" means the same and warns that it is deprecated
         # Training losses arrive already divided by the GLOBAL token/sequence counts of the mini-batch
         # (train/loss.py): megatron must neither average them over micro-batches nor over DP.
         calculate_per_token_loss=True)

@@ -57,6 +57,10 @@ BLOCKS = {
                "tools/run_tests.sh itself, and the job tools/run_example.sh starts (examples/tiny_cpu.yaml, "
                "2 processes under torchrun) is tests/distributed/test_learning.py; "
                "test_exempt_blocks_name_scripts_that_parse checks that both scripts exist and parse"),
+    ("README.md", "liteppo: layout world 2 = tp 1 x pp 1 x cp 1 x dp 2 (backend gloo)"):
+        Elsewhere("tests/distributed/test_learning.py",
+                  "the quick start's console: the embedded default's run must print these lines (patterns for "
+                  "its numbers), and test_the_readme_quick_start_shows_this_console matches the block to them"),
     ("README.md", "torchrun --nproc_per_node 8 launch/pretrain_liteppo.py --config examples/liteppo.yaml \\"):
         Run("test_readme_running"),
     ("README.md", "sbatch --nodes 4 --gpus-per-node 8 --export=ALL,CONFIG=examples/qwen2.5_7b_8gpu.yaml "
@@ -682,6 +686,19 @@ def test_prepare_data_printed_summary(sandbox):
     assert proc.stdout == block.text
 
 
+def _run_on_parquet_inputs(name, sandbox, sizes, make_rows):
+    """Write make_rows(n) as Parquet at the input path of each line of the block, run the lines as written."""
+    block = the_block(name)
+    lines = commands(block)
+    assert len(lines) == len(sizes), lines
+    for line, n in zip(lines, sizes):
+        source = _prep_words(line)[0]
+        os.makedirs(os.path.dirname(os.path.join(sandbox, source)), exist_ok=True)
+        write_parquet(os.path.join(sandbox, source), make_rows(n))
+    D.check(D.run_lines(lines, sandbox, timeout=120), block.where)
+    return lines, sizes
+
+
 def test_prepare_data_gsm8k(sandbox, tokenizer, monkeypatch):
     """Both GSM8K lines as written on small train/test Parquet files at the paths they name; the prompts get
     the instruction, the answers are the numbers after ####; the overrides of the closing comment point
@@ -689,15 +706,7 @@ def test_prepare_data_gsm8k(sandbox, tokenizer, monkeypatch):
     from liteppo_mcore.config import load_config
     from liteppo_mcore.data import build_datasets
 
-    block = the_block("test_prepare_data_gsm8k")
-    lines = commands(block)
-    sizes = [12, 4]
-    assert len(lines) == len(sizes), lines
-    for line, n in zip(lines, sizes):
-        source = _prep_words(line)[0]
-        os.makedirs(os.path.dirname(os.path.join(sandbox, source)), exist_ok=True)
-        write_parquet(os.path.join(sandbox, source), gsm8k_rows(n))
-    D.check(D.run_lines(lines, sandbox, timeout=120), block.where)
+    lines, sizes = _run_on_parquet_inputs("test_prepare_data_gsm8k", sandbox, [12, 4], gsm8k_rows)
     for line, n in zip(lines, sizes):
         argv = _prep_words(line)
         records = read_jsonl(os.path.join(sandbox, _option(argv, "--out")))
@@ -706,7 +715,7 @@ def test_prepare_data_gsm8k(sandbox, tokenizer, monkeypatch):
         assert records == [{"prompt": r["question"] + " " + instruction, "answer": str(2 * i)}
                            for i, r in enumerate(gsm8k_rows(n))]
 
-    (then,) = [c for c in D.comments(block.text) if c.startswith("then:")]
+    (then,) = [c for c in D.comments(the_block("test_prepare_data_gsm8k").text) if c.startswith("then:")]
     overrides = then.split(":", 1)[1].split()
     monkeypatch.chdir(sandbox)
     cfg = load_config(os.path.join(REPO, "examples", "liteppo.yaml"), overrides, any_world_size=True)
@@ -803,15 +812,7 @@ def test_prepare_data_verl(sandbox, tokenizer):
     from liteppo_mcore.config.schema import DataConfig
     from liteppo_mcore.data import build_dataset
 
-    block = the_block("test_prepare_data_verl")
-    lines = commands(block)
-    sizes = [6, 3]
-    assert len(lines) == len(sizes), lines
-    for line, n in zip(lines, sizes):
-        source = _prep_words(line)[0]
-        os.makedirs(os.path.dirname(os.path.join(sandbox, source)), exist_ok=True)
-        write_parquet(os.path.join(sandbox, source), verl_rows(n))
-    D.check(D.run_lines(lines, sandbox, timeout=120), block.where)
+    lines, sizes = _run_on_parquet_inputs("test_prepare_data_verl", sandbox, [6, 3], verl_rows)
     for line, n in zip(lines, sizes):
         out = os.path.join(sandbox, _option(_prep_words(line), "--out"))
         assert read_jsonl(out) == [{"prompt": r["prompt"], "answer": r["reward_model"]["ground_truth"]}

@@ -128,7 +128,8 @@ def test_a_reward_function_that_always_fails_stops_the_run_with_exit_3(tmp_path)
     assert proc.returncode != 0 and "exitcode  : 3 " in proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "train.max_consecutive_bad_steps=3" in proc.stderr and "reward" in proc.stderr
     assert "liteppo_mcore/" not in proc.stderr  # a message, not a traceback
-    # megatron's import warnings come once per job (rank 0), not once per rank
-    assert proc.stderr.count("Falling back to Torch optimizers") == 1, proc.stderr[-3000:]
+    # megatron's "not installed" fallback warnings are one line of ours, once per job
+    assert "Falling back to" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stdout.count("Transformer Engine and apex not installed: megatron-core uses") == 1, proc.stdout
     assert [r["step"] for r in _rows(run_dir)] == [1, 2, 3]  # the bad steps are logged
     assert all(r["reward/errors"] == 256 for r in _rows(run_dir))

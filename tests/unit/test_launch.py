@@ -1,11 +1,13 @@
 """The entry point run with plain python: dry run, bad configurations, --print-config."""
 
+import os
+
 import pytest
 import torch
 import yaml
 
 from liteppo_mcore.config import load_config
-from tests.launch_utils import run_entry
+from tests.launch_utils import REPO, run_entry
 
 
 def test_dry_run_exits_0_and_prints_the_layout(tmp_path):
@@ -14,6 +16,14 @@ def test_dry_run_exits_0_and_prints_the_layout(tmp_path):
     assert "layout world 1 = tp 1 x pp 1 x cp 1 x dp 1 (backend gloo)" in proc.stdout
     assert "dry run OK" in proc.stdout and "paths, tokenizer, data and checkpoints checked" in proc.stdout
     assert "adv_estimator:" not in proc.stdout  # the configuration goes to config.yaml, not the console
+    # exactly the two lines README.md's "Running" quotes (no kernels line: a dry run runs no kernels)
+    lines = proc.stdout.splitlines()
+    assert lines == ["liteppo: layout world 1 = tp 1 x pp 1 x cp 1 x dp 1 (backend gloo)",
+                     "liteppo: dry run OK: configuration valid for this world size; paths, tokenizer, data and "
+                     "checkpoints checked"], lines
+    readme = " ".join(open(os.path.join(REPO, "README.md"), encoding="utf-8").read().split())
+    assert f"`{lines[1]}` (exit 0)" in readme
+    assert "`liteppo: the dry run found N problem(s) the launch would hit:`" in readme
 
 
 def test_dry_run_lists_every_input_the_launch_would_miss(tmp_path):
