@@ -19,9 +19,12 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from liteppo_mcore.config.choices import ADV_ESTIMATORS
+
 from .stats import STAT_DTYPE, AllReduceSum, as_bool_mask, global_moments
 
-ADV_ESTIMATORS = ("gae", "reinforce", "grpo")
+# The inputs each estimator needs; its keys are exactly ADV_ESTIMATORS (a unit test checks).
+NEEDED_INPUTS = {"gae": ("token_rewards", "values"), "reinforce": ("token_rewards",), "grpo": ("normalized_scores",)}
 
 
 def _check_2d(mask: Tensor, **tensors: Tensor) -> None:
@@ -116,9 +119,8 @@ def compute_advantages(
         raise ValueError(f"unknown adv_estimator={estimator!r}; valid: {', '.join(ADV_ESTIMATORS)}")
     if advantage_clip is not None and not advantage_clip > 0:
         raise ValueError(f"advantage_clip must be positive or None, got {advantage_clip!r}")
-    needed = {"gae": ("token_rewards", "values"), "reinforce": ("token_rewards",), "grpo": ("normalized_scores",)}
     given = {"token_rewards": token_rewards, "values": values, "normalized_scores": normalized_scores}
-    missing = [name for name in needed[estimator] if given[name] is None]
+    missing = [name for name in NEEDED_INPUTS[estimator] if given[name] is None]
     if missing:
         raise ValueError(f"adv_estimator={estimator!r} needs {', '.join(missing)}")
     if estimator == "gae":

@@ -26,9 +26,9 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .stats import as_bool_mask
+from liteppo_mcore.config.choices import LOSS_AGG_MODES as AGG_MODES
 
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+from .stats import as_bool_mask
 
 Count = Union[int, float, Tensor]
 

@@ -19,15 +19,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .stats import STAT_DTYPE, AllReduceSum, as_bool_mask, reduce_sum
+from liteppo_mcore.config.choices import KL_ESTIMATORS as KL_KINDS, KL_PENALTIES
 
-KL_KINDS = ("kl", "abs", "mse", "k3")
+from .stats import STAT_DTYPE, AllReduceSum, as_bool_mask, reduce_sum
 
 
 def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
     """Per-token KL estimate ``f(d)``, ``d = logp - ref_logp``, same shape as the inputs, unmasked."""
     if kind not in KL_KINDS:
-        hint = " ('full' is computed from the logits in models/)" if kind == "full" else ""
+        # A kl_penalty value that is no per-token estimate (full) needs the logits, not the log-probs.
+        hint = f" ({kind!r} is computed from the logits in models/)" if kind in KL_PENALTIES else ""
         raise ValueError(f"unknown KL estimator kind={kind!r}; valid: {', '.join(KL_KINDS)}{hint}")
     d = logp - ref_logp
     if kind == "kl":

@@ -28,9 +28,9 @@ from typing import Any, Dict, Optional
 import torch
 from torch import Tensor
 
-from .stats import STAT_DTYPE, AllReduceSum, Moments, global_moments
+from liteppo_mcore.config.choices import REWARD_NORMS
 
-REWARD_NORMS = ("group", "batch", "running", None)
+from .stats import STAT_DTYPE, AllReduceSum, Moments, global_moments
 
 
 class RunningMoments:
@@ -94,7 +94,7 @@ def _validate(
     if scores.dim() != 1:
         raise ValueError(f"scores must be a 1-D tensor [N] of response scores, got shape {tuple(scores.shape)}")
     if reward_norm not in REWARD_NORMS:
-        raise ValueError(f"unknown reward_norm={reward_norm!r}; valid: 'group', 'batch', 'running', None")
+        raise ValueError(f"unknown reward_norm={reward_norm!r}; valid: {', '.join(map(repr, REWARD_NORMS))}")
     if not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
     if scores.numel() % group_size != 0:

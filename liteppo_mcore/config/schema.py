@@ -10,22 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-REWARD_NORMS = ("group", "batch", "running", None)
-ADV_ESTIMATORS = ("gae", "reinforce", "grpo")
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-KL_TYPES = ("kl", "abs", "mse", "k3")
-KL_PENALTIES = KL_TYPES + ("full",)
-MODEL_FAMILIES = ("qwen2", "qwen3", "llama")
-DTYPES = ("auto", "bf16", "fp16", "fp32")
-ATTENTION_BACKENDS = ("auto", "sdpa", "local", "te")
-RECOMPUTE_GRANULARITIES = (None, "selective", "full")
-RECOMPUTE_METHODS = ("uniform", "block")
-BACKENDS = ("auto", "nccl", "gloo")
-OPTIMIZERS = ("adamw", "adam", "sgd")
-LR_SCHEDULES = ("constant", "cosine")
-ROLLOUT_ENGINES = ("auto", "mcore", "hf", "fast", "sglang")
-ROLLOUT_MODES = ("colocated", "disaggregated")
-DATA_FORMATS = ("auto", "jsonl", "parquet")
+# The allowed values of the keys that take a fixed set of strings (family, dtype, engine, ...) live in
+# `liteppo_mcore.config.choices`, their one home; `config.validate` checks against them. A docstring below
+# that names the values must name all of them (a unit test checks).
 
 
 @dataclass
@@ -354,6 +341,19 @@ class LitePPOConfig:
     @property
     def num_responses_per_step(self) -> int:
         return self.rollout_batch_size * self.num_return_sequences_in_group
+
+    def updates_per_step(self, num_responses: Optional[int] = None) -> int:
+        """Optimizer steps per model in one training step of `num_responses` responses (default: the
+        configured step's): ppo_epochs x its mini-batches."""
+        n = self.num_responses_per_step if num_responses is None else num_responses
+        return self.ppo_epochs * (n // self.train.mini_batch_size)
+
+    def needs_old_logp_pass(self, num_responses: Optional[int] = None) -> bool:
+        """Whether the old log-probs need a forward pass of their own before the update. Not with a single
+        update and no reference: the update's first (and only) pass is the old policy, and the loss uses
+        its detached log-probs. With several updates the policy moves between them; the KL terms (a
+        reference exists) compare against the old log-probs before the update starts."""
+        return self.updates_per_step(num_responses) > 1 or self.has_reference
 
     @property
     def effective_loss_agg_mode(self) -> str:

@@ -12,6 +12,24 @@ import os
 from typing import Any, Iterable, List, Optional, Sequence
 
 from liteppo_mcore.config import schema as S
+from liteppo_mcore.config.choices import (
+    ADV_ESTIMATORS,
+    ATTENTION_BACKENDS,
+    DATA_FORMATS,
+    DTYPES,
+    KL_ESTIMATORS,
+    KL_PENALTIES,
+    LOSS_AGG_MODES,
+    LR_SCHEDULES,
+    MODEL_FAMILIES,
+    OPTIMIZERS,
+    PARALLEL_BACKENDS,
+    RECOMPUTE_GRANULARITIES,
+    RECOMPUTE_METHODS,
+    REWARD_NORMS,
+    ROLLOUT_ENGINES,
+    ROLLOUT_MODES,
+)
 
 
 class ConfigError(ValueError):
@@ -77,15 +95,15 @@ def validate(cfg: S.LitePPOConfig, world_size: int = 1) -> None:
 
 
 def _check_algorithm(c: _Checker, cfg: S.LitePPOConfig) -> None:
-    c.choice("reward_norm", cfg.reward_norm, S.REWARD_NORMS)
-    c.choice("adv_estimator", cfg.adv_estimator, S.ADV_ESTIMATORS)
-    c.choice("loss_agg_mode", cfg.loss_agg_mode, S.LOSS_AGG_MODES)
-    c.choice("kl_penalty", cfg.kl_penalty, S.KL_PENALTIES)
+    c.choice("reward_norm", cfg.reward_norm, REWARD_NORMS)
+    c.choice("adv_estimator", cfg.adv_estimator, ADV_ESTIMATORS)
+    c.choice("loss_agg_mode", cfg.loss_agg_mode, LOSS_AGG_MODES)
+    c.choice("kl_penalty", cfg.kl_penalty, KL_PENALTIES)
     if cfg.kl_penalty == "full" and cfg.has_reference and cfg.parallel.pp > 1:
         c.fail("kl_penalty", "full", f"needs parallel.pp=1 (got {cfg.parallel.pp}): the exact KL needs the policy's "
                "and the reference's logits at the same positions at once",
                "Set kl_penalty: k3 (or kl), or parallel.pp: 1.")
-    c.choice("kl_loss_type", cfg.kl_loss_type, S.KL_TYPES)
+    c.choice("kl_loss_type", cfg.kl_loss_type, KL_ESTIMATORS)
     for key in ("rollout_batch_size", "prompt_length", "response_length", "num_return_sequences_in_group",
                 "ppo_epochs", "kl_horizon", "max_steps"):
         c.positive(key, getattr(cfg, key))
@@ -120,11 +138,11 @@ def _check_algorithm(c: _Checker, cfg: S.LitePPOConfig) -> None:
 
 
 def _check_model(c: _Checker, m: S.ModelConfig, p: S.ParallelConfig) -> None:
-    c.choice("model.family", m.family, S.MODEL_FAMILIES)
-    c.choice("model.dtype", m.dtype, S.DTYPES)
-    c.choice("model.attention_backend", m.attention_backend, S.ATTENTION_BACKENDS)
-    c.choice("model.recompute_granularity", m.recompute_granularity, S.RECOMPUTE_GRANULARITIES)
-    c.choice("model.recompute_method", m.recompute_method, S.RECOMPUTE_METHODS)
+    c.choice("model.family", m.family, MODEL_FAMILIES)
+    c.choice("model.dtype", m.dtype, DTYPES)
+    c.choice("model.attention_backend", m.attention_backend, ATTENTION_BACKENDS)
+    c.choice("model.recompute_granularity", m.recompute_granularity, RECOMPUTE_GRANULARITIES)
+    c.choice("model.recompute_method", m.recompute_method, RECOMPUTE_METHODS)
     c.positive("model.recompute_num_layers", m.recompute_num_layers)
     c.positive("model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by)
     c.positive("model.vocab_size", m.vocab_size, allow_none=True)
@@ -158,7 +176,7 @@ def _check_model(c: _Checker, m: S.ModelConfig, p: S.ParallelConfig) -> None:
 
 def _check_parallel(c: _Checker, p: S.ParallelConfig, world_size: int) -> Optional[int]:
     """Check the layout; return dp, or None when the layout itself is broken."""
-    c.choice("parallel.backend", p.backend, S.BACKENDS)
+    c.choice("parallel.backend", p.backend, PARALLEL_BACKENDS)
     c.positive("parallel.timeout_minutes", p.timeout_minutes, integer=False)
     ok = True
     for key in ("tp", "pp", "cp"):
@@ -213,8 +231,8 @@ def _check_batches(c: _Checker, cfg: S.LitePPOConfig, dp: Optional[int]) -> None
 
 def _check_sections(c: _Checker, cfg: S.LitePPOConfig) -> None:
     t, r, d = cfg.train, cfg.rollout, cfg.data
-    c.choice("train.optimizer", t.optimizer, S.OPTIMIZERS)
-    c.choice("train.lr_schedule", t.lr_schedule, S.LR_SCHEDULES)
+    c.choice("train.optimizer", t.optimizer, OPTIMIZERS)
+    c.choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
     if t.use_distributed_optimizer and t.optimizer == "sgd":
         c.fail("train.use_distributed_optimizer", True, "works with train.optimizer adam or adamw only "
                "(megatron's distributed optimizer shards Adam states)",
@@ -232,8 +250,8 @@ def _check_sections(c: _Checker, cfg: S.LitePPOConfig) -> None:
             c.fail(f"train.{key}", value, "must be in [0, 1)", f"Set train.{key} to e.g. 0.9.")
     c.positive("train.adam_eps", t.adam_eps, integer=False)
 
-    c.choice("rollout.engine", r.engine, S.ROLLOUT_ENGINES)
-    c.choice("rollout.mode", r.mode, S.ROLLOUT_MODES)
+    c.choice("rollout.engine", r.engine, ROLLOUT_ENGINES)
+    c.choice("rollout.mode", r.mode, ROLLOUT_MODES)
     c.positive("rollout.temperature", r.temperature, integer=False)
     c.unit_interval("rollout.top_p", r.top_p, open_low=True)
     if r.top_k == 0 or r.top_k < -1:
@@ -252,7 +270,7 @@ def _check_sections(c: _Checker, cfg: S.LitePPOConfig) -> None:
                "Set rollout.server_urls: [http://host:30000, ...] (or the LITEPPO_SGLANG_URLS environment "
                "variable), or rollout.mode: colocated.")
 
-    c.choice("data.format", d.format, S.DATA_FORMATS)
+    c.choice("data.format", d.format, DATA_FORMATS)
     for key in ("prompt_key", "answer_key"):
         if not getattr(d, key):
             c.fail(f"data.{key}", getattr(d, key), "must name a field", f"Set data.{key} to the field's name.")

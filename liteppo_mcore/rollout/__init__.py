@@ -13,9 +13,8 @@ from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 
+from liteppo_mcore.config.choices import AUTO, EXPLICIT_ROLLOUT_ENGINES as ENGINES, ROLLOUT_ENGINES
 from liteppo_mcore.rollout.engine import FINISH_REASONS, Generation, RolloutEngine, SamplingParams, WeightBucket
-
-ENGINES = ("mcore", "hf", "fast", "sglang")
 
 
 class RolloutEngineError(RuntimeError):
@@ -24,12 +23,12 @@ class RolloutEngineError(RuntimeError):
 
 def resolve_engine_name(requested: str) -> str:
     """auto -> sglang when the sglang package is importable and CUDA is present, else hf."""
-    if requested == "auto":
+    if requested == AUTO:
         has_sglang = importlib.util.find_spec("sglang") is not None
         return "sglang" if has_sglang and torch.cuda.is_available() else "hf"
     if requested not in ENGINES:
-        raise RolloutEngineError(f"rollout.engine={requested!r} is not an engine. Choose one of auto, "
-                                 f"{', '.join(ENGINES)}.")
+        raise RolloutEngineError(f"rollout.engine={requested!r} is not an engine. Choose one of "
+                                 f"{', '.join(ROLLOUT_ENGINES)}.")
     return requested
 
 

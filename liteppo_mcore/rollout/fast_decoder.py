@@ -31,11 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from liteppo_mcore.config.choices import MODEL_FAMILIES
 from liteppo_mcore.convert.layout import TensorLayout
 from liteppo_mcore.convert.names import EMBEDDING, OUTPUT_LAYER, megatron_sources
 from liteppo_mcore.rollout.sampling import filtered_logits
 
-SUPPORTED_FAMILIES = ("qwen2", "qwen3", "llama")
+# Every model family of the configuration (model.family); a family added there that this decoder cannot run
+# needs its own tuple here instead.
+SUPPORTED_FAMILIES = MODEL_FAMILIES
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

@@ -1,0 +1,83 @@
+"""The one list of allowed values of every configuration key that takes a fixed set of strings.
+
+Validation (`config.validate`), the maths (`algo`) and the rollout engines (`rollout`) all check values
+against these tuples, so adding or removing a value is a change here and nowhere else. The module is
+stdlib only, with no torch and no other project import, so that every layer, even one that must stay
+torch-free, can import it. The order of each tuple is the order error messages list the values in.
+
+`None` in a tuple is YAML's `null` (the key may be left unset). Where a key also takes `auto`, its
+`EXPLICIT_*` tuple holds the values `auto` can resolve to, for the code that does the resolving.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+AUTO = "auto"
+"""The value that lets the program pick (see each key's docstring in `config.schema` for how)."""
+
+# --- root keys: the algorithm ---
+ADV_ESTIMATORS: Tuple[str, ...] = ("gae", "reinforce", "grpo")
+"""adv_estimator."""
+REWARD_NORMS: Tuple[Optional[str], ...] = ("group", "batch", "running", None)
+"""reward_norm (None: no normalization)."""
+LOSS_AGG_MODES: Tuple[str, ...] = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+"""loss_agg_mode."""
+KL_ESTIMATORS: Tuple[str, ...] = ("kl", "abs", "mse", "k3")
+"""kl_loss_type: the per-token KL estimates computed from log-probs (`algo.kl_estimate`)."""
+KL_PENALTIES: Tuple[str, ...] = KL_ESTIMATORS + ("full",)
+"""kl_penalty: the per-token estimates, or full (exact, whole vocabulary, computed from the logits)."""
+
+# --- model ---
+MODEL_FAMILIES: Tuple[str, ...] = ("qwen2", "qwen3", "llama")
+"""model.family."""
+EXPLICIT_DTYPES: Tuple[str, ...] = ("bf16", "fp16", "fp32")
+DTYPES: Tuple[str, ...] = (AUTO,) + EXPLICIT_DTYPES
+"""model.dtype."""
+EXPLICIT_ATTENTION_BACKENDS: Tuple[str, ...] = ("sdpa", "local", "te")
+ATTENTION_BACKENDS: Tuple[str, ...] = (AUTO,) + EXPLICIT_ATTENTION_BACKENDS
+"""model.attention_backend."""
+RECOMPUTE_GRANULARITIES: Tuple[Optional[str], ...] = (None, "selective", "full")
+"""model.recompute_granularity (None: no activation recompute)."""
+RECOMPUTE_METHODS: Tuple[str, ...] = ("uniform", "block")
+"""model.recompute_method."""
+
+# --- parallel, train ---
+EXPLICIT_PARALLEL_BACKENDS: Tuple[str, ...] = ("nccl", "gloo")
+PARALLEL_BACKENDS: Tuple[str, ...] = (AUTO,) + EXPLICIT_PARALLEL_BACKENDS
+"""parallel.backend."""
+OPTIMIZERS: Tuple[str, ...] = ("adamw", "adam", "sgd")
+"""train.optimizer."""
+LR_SCHEDULES: Tuple[str, ...] = ("constant", "cosine")
+"""train.lr_schedule."""
+
+# --- rollout, data ---
+EXPLICIT_ROLLOUT_ENGINES: Tuple[str, ...] = ("mcore", "hf", "fast", "sglang")
+ROLLOUT_ENGINES: Tuple[str, ...] = (AUTO,) + EXPLICIT_ROLLOUT_ENGINES
+"""rollout.engine."""
+ROLLOUT_MODES: Tuple[str, ...] = ("colocated", "disaggregated")
+"""rollout.mode."""
+EXPLICIT_DATA_FORMATS: Tuple[str, ...] = ("jsonl", "parquet")
+DATA_FORMATS: Tuple[str, ...] = (AUTO,) + EXPLICIT_DATA_FORMATS
+"""data.format."""
+
+CHOICES_BY_KEY: Dict[str, Tuple[Optional[str], ...]] = {
+    "adv_estimator": ADV_ESTIMATORS,
+    "reward_norm": REWARD_NORMS,
+    "loss_agg_mode": LOSS_AGG_MODES,
+    "kl_penalty": KL_PENALTIES,
+    "kl_loss_type": KL_ESTIMATORS,
+    "model.family": MODEL_FAMILIES,
+    "model.dtype": DTYPES,
+    "model.attention_backend": ATTENTION_BACKENDS,
+    "model.recompute_granularity": RECOMPUTE_GRANULARITIES,
+    "model.recompute_method": RECOMPUTE_METHODS,
+    "parallel.backend": PARALLEL_BACKENDS,
+    "train.optimizer": OPTIMIZERS,
+    "train.lr_schedule": LR_SCHEDULES,
+    "rollout.engine": ROLLOUT_ENGINES,
+    "rollout.mode": ROLLOUT_MODES,
+    "data.format": DATA_FORMATS,
+}
+"""{key path: its allowed values} for every key with a fixed set of values (the tests walk it)."""
+
