@@ -8,15 +8,24 @@ the engine is the engine's business.
 
 Log-probs are those of liteppo-semantics: of the sampled token under `softmax(logits / temperature)`
 over the FULL vocabulary (top-p/top-k shape sampling only, never renormalize the log-probs).
+
+Besides the protocol, the rules every engine shares: the sampling-parameter check (`check_params`),
+the per-replica sampling seed (`sampling_seed`), cutting a decoded row at its stop token (`finish`),
+handing the replica's first rank's results to its other ranks (`share_within_replica`), and copying a
+weight stream into an engine's tensors (`copy_weight_stream`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+import torch.distributed as dist
 from torch import Tensor
+
+from liteppo_mcore.parallel.mcore import ParallelGroups
+from liteppo_mcore.utils.seeds import mix_seed
 
 FINISH_REASONS = ("stop", "length")
 
@@ -51,16 +60,15 @@ class RolloutEngine(ABC):
     name: str = "abstract"
     #: True when the engine holds its own copy of the weights and needs `update_weights` after updates.
     needs_weight_sync: bool = True
-    #: Set by the trainer for its progress bar: called with the number of responses just finished.
-    on_progress: Optional[Callable[[int], None]] = None
-
-    def _advance(self, num_responses: int) -> None:
-        if self.on_progress is not None:
-            self.on_progress(num_responses)
 
     @abstractmethod
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> List[List[Generation]]:
-        """For each prompt (token ids), `params.n` generations."""
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
+                 on_progress: Optional[Callable[[int], None]] = None) -> List[List[Generation]]:
+        """For each prompt (token ids), `params.n` generations.
+
+        `on_progress` (the trainer's progress bar) is called with the number of this rank's responses
+        just finished, as they finish; engines that produce all responses at once may never call it, so
+        a caller completes its count itself after `generate` returns."""
 
     @abstractmethod
     def update_weights(self, buckets: Iterable[WeightBucket], weight_version: Optional[str] = None) -> None:
@@ -75,6 +83,54 @@ class RolloutEngine(ABC):
 
     def shutdown(self) -> None:
         """Stop servers / free everything. Safe to call twice."""
+
+
+def check_params(params: SamplingParams) -> None:
+    """Raise a ValueError naming every sampling parameter no engine can honour (temperature <= 0, top_p
+    outside (0, 1], top_k 0 or below -1, max_new_tokens or n below 1). Engines call it first in `generate`."""
+    problems = []
+    if not params.temperature > 0:
+        problems.append(f"temperature must be > 0 (log-probs are at the temperature), got {params.temperature}")
+    if not 0 < params.top_p <= 1:
+        problems.append(f"top_p must be in (0, 1], got {params.top_p}")
+    if params.top_k == 0 or params.top_k < -1:
+        problems.append(f"top_k must be -1 (disabled) or >= 1, got {params.top_k}")
+    if params.max_new_tokens < 1 or params.n < 1:
+        problems.append(f"max_new_tokens and n must be >= 1, got {params.max_new_tokens} and {params.n}")
+    if problems:
+        raise ValueError("sampling parameters: " + "; ".join(problems) + ". Fix the rollout section.")
+
+
+def sampling_seed(seed: int, dp_rank: int) -> int:
+    """The seed of DP replica `dp_rank`'s sampling generator for a call seeded `seed`: the replicas sample
+    different prompts, with independent noise, and a fixed (seed, layout) samples the same again."""
+    return mix_seed(seed, dp_rank)
+
+
+def finish(new_tokens: Sequence[int], logprobs: Sequence[float], stop_ids: Sequence[int]) -> Generation:
+    """A decoded row (tokens and their log-probs, same length) as a `Generation`: cut after its first stop
+    token, which is kept ("stop"; what follows it is padding), or whole when it has none ("length")."""
+    stops = set(stop_ids)
+    for i, tok in enumerate(new_tokens):
+        if tok in stops:
+            return Generation(list(new_tokens[: i + 1]), list(logprobs[: i + 1]), "stop")
+    return Generation(list(new_tokens), list(logprobs), "length")
+
+
+def share_within_replica(value: Any, groups: ParallelGroups) -> Any:
+    """`value` of the replica's first rank (tp = pp = cp = 0) on every rank of the replica (collective over
+    the replica's CP, PP and TP groups; every rank calls it, the others with any placeholder, e.g. None).
+
+    Three broadcasts of a picklable object, each from rank 0 of a group: over CP, then PP, then TP. Every
+    rank belongs to exactly one group of each kind, so all ranks take part in each step; groups without
+    the first rank of the replica pass along values that a later step overwrites."""
+    for group, size in ((groups.cp_group, groups.cp_size), (groups.pp_group, groups.pp_size),
+                        (groups.tp_group, groups.tp_size)):
+        if size > 1:
+            box = [value]
+            dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+            value = box[0]
+    return value
 
 
 def copy_weight_stream(buckets: Iterable[WeightBucket], params: Optional[Dict[str, Tensor]], *, engine: str,

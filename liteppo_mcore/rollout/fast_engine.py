@@ -54,10 +54,9 @@ from torch import Tensor
 from liteppo_mcore.convert.names import ignored_hf_name
 from liteppo_mcore.parallel.device import compute_device, make_generator
 from liteppo_mcore.parallel.mcore import ParallelGroups
-from liteppo_mcore.rollout.engine import (Generation, RolloutEngine, SamplingParams, WeightBucket,
-                                          copy_weight_stream)
+from liteppo_mcore.rollout.engine import (Generation, RolloutEngine, SamplingParams, WeightBucket, check_params,
+                                          copy_weight_stream, finish, sampling_seed, share_within_replica)
 from liteppo_mcore.rollout.fast_decoder import CompactDecoder, pack_rows, sample_next
-from liteppo_mcore.rollout.hf_engine import check_params, finish, sampling_seed, share_within_replica
 
 CHECK_EVERY = 8          # decode steps between host checks of "every row has stopped"
 LENGTH_MULTIPLE = 64     # cache lengths are rounded up to this, so that nearby widths share graphs
@@ -176,7 +175,10 @@ class FastEngine(RolloutEngine):
         return self.decoder.full_logits(tokens.to(self.device)).float()
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> List[List[Generation]]:
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
+                 on_progress: Optional[Callable[[int], None]] = None) -> List[List[Generation]]:
+        """See `RolloutEngine.generate`; `on_progress` is called on the generating rank after each batch of
+        at most `max_batch_size` rows."""
         check_params(params)
         if any(len(p) == 0 for p in prompts):
             raise ValueError("fast engine: every prompt needs at least one token")
@@ -185,10 +187,11 @@ class FastEngine(RolloutEngine):
             raise ValueError(f"fast engine: a prompt of {longest} tokens plus max_new_tokens={params.max_new_tokens} "
                              f"exceeds the model's {self.shape.max_position_embeddings} positions. "
                              "Lower prompt_length / response_length.")
-        result = self._generate_all(prompts, params) if self.is_generator else None
+        result = self._generate_all(prompts, params, on_progress) if self.is_generator else None
         return share_within_replica(result, self.groups)
 
-    def _generate_all(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> List[List[Generation]]:
+    def _generate_all(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                      on_progress: Optional[Callable[[int], None]]) -> List[List[Generation]]:
         if self._asleep:
             raise RuntimeError("fast engine: generate() while asleep; call wake() first")
         rows = [list(p) for p in prompts for _ in range(params.n)]
@@ -199,7 +202,8 @@ class FastEngine(RolloutEngine):
         for lo in range(0, len(rows), step):
             chunk = rows[lo: lo + step]
             out.extend(self._generate_batch(chunk, params, generator))
-            self._advance(len(chunk))
+            if on_progress is not None:
+                on_progress(len(chunk))
         return [out[i * params.n: (i + 1) * params.n] for i in range(len(prompts))]
 
     @torch.no_grad()

@@ -26,17 +26,16 @@ own prompts, with a sampling seed that mixes in its DP rank.
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from liteppo_mcore.convert.hf_files import hf_config_from_shape
 from liteppo_mcore.parallel.device import compute_device
 from liteppo_mcore.parallel.mcore import ParallelGroups
-from liteppo_mcore.rollout.engine import (Generation, RolloutEngine, SamplingParams, WeightBucket,
-                                          copy_weight_stream)
+from liteppo_mcore.rollout.engine import (Generation, RolloutEngine, SamplingParams, WeightBucket, check_params,
+                                          copy_weight_stream, finish, sampling_seed, share_within_replica)
 
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
 
@@ -55,49 +54,6 @@ def build_hf_model(shape, dtype: torch.dtype, device: torch.device, attn_impleme
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                               attn_implementation=attn_implementation)
     return model.eval().requires_grad_(False)
-
-
-def sampling_seed(seed: int, dp_rank: int) -> int:
-    """One seed per DP replica: the replicas sample different prompts, with independent noise."""
-    return (int(seed) * 1_000_003 + int(dp_rank) * 7919) % (2**63 - 1)
-
-
-def check_params(params: SamplingParams) -> None:
-    problems = []
-    if not params.temperature > 0:
-        problems.append(f"temperature must be > 0 (log-probs are at the temperature), got {params.temperature}")
-    if not 0 < params.top_p <= 1:
-        problems.append(f"top_p must be in (0, 1], got {params.top_p}")
-    if params.top_k == 0 or params.top_k < -1:
-        problems.append(f"top_k must be -1 (disabled) or >= 1, got {params.top_k}")
-    if params.max_new_tokens < 1 or params.n < 1:
-        problems.append(f"max_new_tokens and n must be >= 1, got {params.max_new_tokens} and {params.n}")
-    if problems:
-        raise ValueError("sampling parameters: " + "; ".join(problems) + ". Fix the rollout section.")
-
-
-def finish(new_tokens: Sequence[int], logprobs: Sequence[float], stop_ids: Sequence[int]) -> Generation:
-    """Cut a generated row after its first stop token (kept); what follows it is padding."""
-    stops = set(stop_ids)
-    for i, tok in enumerate(new_tokens):
-        if tok in stops:
-            return Generation(list(new_tokens[: i + 1]), list(logprobs[: i + 1]), "stop")
-    return Generation(list(new_tokens), list(logprobs), "length")
-
-
-def share_within_replica(value, groups: ParallelGroups):
-    """`value` of the replica's first rank (tp = pp = cp = 0) on every rank of the replica.
-
-    Three broadcasts, each from rank 0 of a group: over CP, then PP, then TP. Every rank belongs to
-    exactly one group of each kind, so all ranks take part in each step; groups without the first rank
-    of the replica pass along values that a later step overwrites."""
-    for group, size in ((groups.cp_group, groups.cp_size), (groups.pp_group, groups.pp_size),
-                        (groups.tp_group, groups.tp_size)):
-        if size > 1:
-            box = [value]
-            dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
-            value = box[0]
-    return value
 
 
 class SampledLogprobs:
@@ -187,14 +143,18 @@ class HFEngine(RolloutEngine):
         return self.model(tokens.to(self.device)).logits.float()
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> List[List[Generation]]:
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
+                 on_progress: Optional[Callable[[int], None]] = None) -> List[List[Generation]]:
+        """See `RolloutEngine.generate`; `on_progress` is called on the generating rank after each batch of
+        at most `max_batch_size` rows."""
         check_params(params)
         if any(len(p) == 0 for p in prompts):
             raise ValueError("hf engine: every prompt needs at least one token")
-        result = self._generate_all(prompts, params) if self.is_generator else None
+        result = self._generate_all(prompts, params, on_progress) if self.is_generator else None
         return share_within_replica(result, self.groups)
 
-    def _generate_all(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> List[List[Generation]]:
+    def _generate_all(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                      on_progress: Optional[Callable[[int], None]]) -> List[List[Generation]]:
         if self._asleep:
             raise RuntimeError("hf engine: generate() while asleep; call wake() first")
         rows = [list(p) for p in prompts for _ in range(params.n)]
@@ -204,7 +164,8 @@ class HFEngine(RolloutEngine):
             torch.manual_seed(sampling_seed(params.seed, self.groups.dp_rank))
             for lo in range(0, len(rows), step):
                 out.extend(self._generate_batch(rows[lo: lo + step], params))
-                self._advance(len(rows[lo: lo + step]))
+                if on_progress is not None:
+                    on_progress(len(rows[lo: lo + step]))
         return [out[i * params.n: (i + 1) * params.n] for i in range(len(prompts))]
 
     @torch.no_grad()

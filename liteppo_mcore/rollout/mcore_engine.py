@@ -20,7 +20,7 @@ and from the last stage over PP; every rank of a replica returns the same genera
 
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -32,8 +32,8 @@ from liteppo_mcore.models.forward import cp_split, seq_multiple
 from liteppo_mcore.models.logprob import vocab_parallel_logprob_entropy
 from liteppo_mcore.parallel.device import compute_device, make_generator
 from liteppo_mcore.parallel.mcore import ParallelGroups
-from liteppo_mcore.rollout.engine import Generation, RolloutEngine, SamplingParams, WeightBucket
-from liteppo_mcore.rollout.hf_engine import check_params, sampling_seed
+from liteppo_mcore.rollout.engine import (Generation, RolloutEngine, SamplingParams, WeightBucket, check_params,
+                                          sampling_seed)
 from liteppo_mcore.rollout.sampling import filtered_logits
 
 
@@ -69,7 +69,10 @@ class MCoreEngine(RolloutEngine):
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> List[List[Generation]]:
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
+                 on_progress: Optional[Callable[[int], None]] = None) -> List[List[Generation]]:
+        """See `RolloutEngine.generate`. All responses are decoded in one loop and returned together, with
+        no progress reported: `on_progress` is never called."""
         check_params(params)
         longest = max((len(p) for p in prompts), default=0)
         if any(len(p) == 0 for p in prompts):

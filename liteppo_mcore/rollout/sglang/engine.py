@@ -62,7 +62,10 @@ class SGLangEngine(RolloutEngine):
         return bool(self.released)
 
     # -- generation -----------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> List[List[Generation]]:
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
+                 on_progress: Optional[Callable[[int], None]] = None) -> List[List[Generation]]:
+        """See `RolloutEngine.generate`. Each rank's share is one /generate request whose answer holds all
+        its responses, so `on_progress` is never called."""
         if not self.weights_pushed:
             raise SGLangServerError("generate on SGLang servers whose weights were released and not pushed "
                                     "again: released weight memory holds garbage. Call update_weights after "

@@ -22,6 +22,8 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List, Sequence
 
+from liteppo_mcore.utils.seeds import mix_seed
+
 from ..engine import Generation, SamplingParams
 from .client import SGLangServerError
 
@@ -29,9 +31,9 @@ _SEED_MODULUS = 2**31 - 1
 
 
 def sample_seed(seed: int, stream: int, prompt_index: int, sample_index: int) -> int:
-    """A distinct, reproducible seed per (stream, prompt, sample); `stream` separates DP ranks/shares."""
-    value = (int(seed) * 1_000_003 + int(stream)) * 1_000_033 + int(prompt_index)
-    return (value * 1_009 + int(sample_index)) % _SEED_MODULUS
+    """A distinct, reproducible seed per (stream, prompt, sample), below 2**31 - 1 (SGLang's sampling seed
+    is a 32-bit integer); `stream` separates DP ranks/shares."""
+    return mix_seed(seed, stream, prompt_index, sample_index) % _SEED_MODULUS
 
 
 def sampling_params_payload(params: SamplingParams, seed: int) -> Dict[str, Any]:
