@@ -150,7 +150,7 @@ def main(argv=None) -> int:
         from liteppo_mcore.trainer.health import TrainingHalted
 
         try:
-            return run_training(cfg, layout)
+            return run_training(cfg)
         except TrainingHalted as e:  # the circuit breaker or non-finite weights: the same message on every rank
             return fail(f"liteppo: {e}", e.exit_code, show=os.environ.get("LOCAL_RANK", "0") == "0")
         except USER_ERRORS as e:  # bad input found at run time: the message says what to fix

@@ -1,7 +1,9 @@
 """Saving and loading models in megatron-core distributed checkpoints (torch_dist), keyed by model.
 
 An iteration folder holds one distributed checkpoint whose sharded keys start with the model they
-belong to (`actor.`, later `critic.`, `reference.`, `optimizer.actor.`, ...), a small common state
+belong to (`actor.`, `critic.`, `reference.`); an optimizer's states are keyed by their parameter's key
+(`optimizer.state.exp_avg.actor.decoder...`; the trainer's state dict holds each optimizer under
+`optimizer_{model}`, checkpoint/trainer_state.py), a small common state
 under `liteppo` (format, iteration, models), and `hf/`: the Hugging Face config.json the shapes come
 from, plus the tokenizer/generation files when there are any, so a checkpoint converts back to
 Hugging Face with nothing else. torch_dist checkpoints reshard on load: any TP/PP layout reads them.

@@ -1,8 +1,11 @@
 """Building the megatron-core GPT actor, the critic (same trunk + value head) and the frozen reference.
 
-`build_models(cfg, groups)` is the one call: it resolves the shape (YAML or Hugging Face config.json),
-the layer spec, the dtype, and returns the models that liteppo-semantics says exist: the critic when
-`adv_estimator: gae`, the reference when `use_kl_loss` or `add_token_level_kl`.
+`build_actor` builds the actor of a shape (the layer spec and the dtype follow from the configuration);
+`derive_models` adds the models that liteppo-semantics says exist, from the actor's starting weights:
+the critic when `adv_estimator: gae`, the reference when `use_kl_loss` or `add_token_level_kl`.
+`build_models(cfg, groups)` does both from random weights. Pretrained starting weights are the
+checkpoint layer's business (it imports this module, never the other way round):
+`checkpoint.pretrained.build_pretrained_models` builds the actor, loads it, then derives the rest.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from liteppo_mcore.config.schema import LitePPOConfig
-from liteppo_mcore.models.shapes import ModelShape
+from liteppo_mcore.models.shapes import ModelShape, resolve_shape
 from liteppo_mcore.models.spec import block_spec, choose_backend
 from liteppo_mcore.parallel.device import compute_device, on_gpu
 from liteppo_mcore.parallel.mcore import ParallelGroups
@@ -145,20 +148,16 @@ def _apply_llama3_rope_scaling(model: GPTModel, shape: ModelShape) -> None:
         original_max_position_embeddings=int(s.get("original_max_position_embeddings", 8192)))
 
 
-def build_models(cfg: LitePPOConfig, groups: ParallelGroups, *, vocab_size: Optional[int] = None) -> Models:
-    """Actor, and the critic / reference when the configuration implies them (see module doc).
+def build_actor(cfg: LitePPOConfig, groups: ParallelGroups, shape: ModelShape) -> GPTModel:
+    """The actor of `shape` with random weights (`model.init_std`) under the configured layout and dtype."""
+    return build_gpt(shape, cfg, groups, dtype=resolve_dtype(cfg.model.dtype), padded_vocab=_padded_vocab(cfg, shape))
 
-    The critic's trunk starts from the actor's initial weights (its value head at zero); the reference
-    is a frozen copy of the initial actor. Pretrained weights (model.load, else model.hf_path) go into
-    the actor before these copies, so both start from what the actor starts from.
-    """
-    from liteppo_mcore.checkpoint.pretrained import load_pretrained_actor, pretrained_shape
 
-    shape = pretrained_shape(cfg, vocab_size)
-    dtype = resolve_dtype(cfg.model.dtype)
-    padded = shape.padded_vocab_size(cfg.parallel.tp, cfg.model.make_vocab_size_divisible_by)
-    actor = build_gpt(shape, cfg, groups, dtype=dtype, padded_vocab=padded)
-    load_pretrained_actor(actor, cfg, groups, shape)
+def derive_models(actor: GPTModel, cfg: LitePPOConfig, groups: ParallelGroups, shape: ModelShape) -> Models:
+    """The models of the configuration around `actor`, whose starting weights are final (loaded or random):
+    the critic (gae) gets the actor's trunk and a value head at zero; the reference (a KL term) is a frozen
+    copy of the actor."""
+    dtype, padded = resolve_dtype(cfg.model.dtype), _padded_vocab(cfg, shape)
     critic = None
     if cfg.has_critic:
         critic = build_gpt(shape, cfg, groups, dtype=dtype, padded_vocab=padded, value_head=True)
@@ -173,6 +172,23 @@ def build_models(cfg: LitePPOConfig, groups: ParallelGroups, *, vocab_size: Opti
         reference.eval()
     return Models(actor=actor, critic=critic, reference=reference, shape=shape, padded_vocab_size=padded,
                   config=actor.config)
+
+
+def build_models(cfg: LitePPOConfig, groups: ParallelGroups, *, vocab_size: Optional[int] = None) -> Models:
+    """Actor, and the critic / reference when the configuration implies them (see module doc), from
+    random weights. The shape is the YAML's `model` section (`vocab_size` when it sets none).
+
+    Pretrained weights (`model.load`, `model.hf_path`) are loaded by the checkpoint layer between the
+    actor and its copies: `liteppo_mcore.checkpoint.pretrained.build_pretrained_models`."""
+    if cfg.model.load or cfg.model.hf_path:
+        raise ValueError("build_models builds from random weights; with model.load or model.hf_path use "
+                         "liteppo_mcore.checkpoint.pretrained.build_pretrained_models(cfg, groups)")
+    shape = resolve_shape(cfg.model, vocab_size)
+    return derive_models(build_actor(cfg, groups, shape), cfg, groups, shape)
+
+
+def _padded_vocab(cfg: LitePPOConfig, shape: ModelShape) -> int:
+    return shape.padded_vocab_size(cfg.parallel.tp, cfg.model.make_vocab_size_divisible_by)
 
 
 def copy_trunk(src: GPTModel, dst: GPTModel) -> None:

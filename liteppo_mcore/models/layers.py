@@ -105,9 +105,8 @@ class SDPACoreAttention(MegatronModule):
         self.softmax_scale = softmax_scale
         self.cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
         if config.context_parallel_size > 1 and self.cp_group is None:
-            from megatron.core import parallel_state  # fallback when no collection is passed
-
-            self.cp_group = parallel_state.get_context_parallel_group()
+            # megatron's Attention always passes its collection; a caller that does not must give one
+            raise ValueError("SDPACoreAttention with context_parallel_size > 1 needs pg_collection with a cp group")
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                 attn_mask_type: Optional[AttnMaskType] = None, attention_bias: Optional[Tensor] = None,

@@ -11,7 +11,7 @@ aborted", "remote process exited"); with its default error handling the watchdog
 itself, and the exception is only seen with blocking waits (TORCH_NCCL_BLOCKING_WAIT=1).
 
 `describe_collective_failure(exc)` turns such an exception into a few lines naming the collective, the
-place in this package that called it, the stage and step the rank was in (utils/stage.py), and what
+place in this package that called it, the stage and step the rank was in (parallel/stage.py), and what
 to do; it returns None for any other exception. `exit_now(code)` ends the process without the usual
 teardown, which can block on the dead peer (destroying an NCCL communicator that is waiting on it).
 """
@@ -27,7 +27,7 @@ import sysconfig
 from dataclasses import dataclass, field
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
-from liteppo_mcore.utils.stage import StageInfo, current_stage, stage_of_exception
+from liteppo_mcore.parallel.stage import StageInfo, current_stage, stage_of_exception
 
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../liteppo_mcore
 _PACKAGE_PARENT = os.path.dirname(_PACKAGE_ROOT)

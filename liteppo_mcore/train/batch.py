@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Dict, Iterator, List, Optional
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -25,6 +24,7 @@ from liteppo_mcore.models.forward import (SequenceBatch, cp_split, shifted_label
 from liteppo_mcore.models.microbatch import MicroPlan, plan_micro_batches
 from liteppo_mcore.parallel.mcore import ParallelGroups
 from liteppo_mcore.parallel.reducer import all_gather_padded
+from liteppo_mcore.utils.seeds import mix_seed
 
 PER_TOKEN_KEYS = ("advantages", "old_logp", "ref_logp", "returns", "old_values", "rollout_logp")
 
@@ -114,9 +114,7 @@ def minibatch_indices(num_responses: int, mini_batch_size: int, *, seed: int, st
     """The mini-batches of one epoch: slices of a permutation drawn from (seed, step, epoch)."""
     if num_responses % mini_batch_size:
         raise ValueError(f"train.mini_batch_size={mini_batch_size} must divide the step's {num_responses} responses")
-    # SeedSequence mixes the three numbers into one well-spread seed (no (step, epoch) collisions).
-    mixed = int(np.random.SeedSequence([seed, step, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
-    perm = torch.randperm(num_responses, generator=torch.Generator().manual_seed(mixed))
+    perm = torch.randperm(num_responses, generator=torch.Generator().manual_seed(mix_seed(seed, step, epoch)))
     return list(perm.split(mini_batch_size))
 
 

@@ -63,50 +63,55 @@ class Denominators:
     num_seqs: Tensor
 
 
-def _agg(x: Tensor, mb: Dict[str, Tensor], s: LossSettings, d: Denominators) -> Tensor:
-    return aggregate(x, mb["mask"], mode=s.agg_mode, num_tokens=d.num_tokens, num_seqs=d.num_seqs,
-                     response_length=s.response_length, seq_token_counts=mb["seq_token_counts"])
+def _agg(x: Tensor, micro_batch: Dict[str, Tensor], settings: LossSettings, counts: Denominators) -> Tensor:
+    return aggregate(x, micro_batch["mask"], mode=settings.agg_mode, num_tokens=counts.num_tokens,
+                     num_seqs=counts.num_seqs, response_length=settings.response_length,
+                     seq_token_counts=micro_batch["seq_token_counts"])
 
 
 def _sums(names: Tuple[str, ...], values: Dict[str, Tensor]) -> Tensor:
     return torch.stack([values[k].detach().to(STAT_DTYPE).reshape(()) for k in names])
 
 
-def actor_loss(output: Tensor, mb: Dict[str, Tensor], s: LossSettings, d: Denominators, groups: ParallelGroups,
-               vocab_size: int) -> Tuple[Tensor, Dict[str, Tensor]]:
+def actor_loss(output: Tensor, micro_batch: Dict[str, Tensor], settings: LossSettings, counts: Denominators,
+               groups: ParallelGroups, vocab_size: int) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Policy loss (+ KL loss, - entropy bonus) share of one micro-batch from the actor's logits
-    `[b, S/cp, V/tp]`. Returns the loss to back-propagate and {"sums": [ACTOR_SUMS], "ratio_max"}."""
-    mask = mb["mask"]
+    `[b, S/cp, V/tp]`. `counts`: the mini-batch's global token and sequence counts the aggregation
+    divides by. Returns the loss to back-propagate and {"sums": [ACTOR_SUMS], "ratio_max"}."""
+    mask = micro_batch["mask"]
     logp, entropy = logprob_entropy_at(
-        output, mb["labels"], mask, tp_group=groups.tp_group, temperature=s.temperature,
+        output, micro_batch["labels"], mask, tp_group=groups.tp_group, temperature=settings.temperature,
         vocab_start=groups.tp_rank * output.shape[-1], vocab_size=vocab_size, compute_entropy=True,
-        entropy_grad=s.entropy_coef != 0.0)
+        entropy_grad=settings.entropy_coef != 0.0)
     # One optimizer update per step: the update's own detached log-probs are old_logp (ratio 1).
-    old_logp = mb["old_logp"] if "old_logp" in mb else logp.detach()
-    pg, m = policy_loss(logp, old_logp, mb["advantages"], mask, clip=s.pg_clip, dual_clip_ratio=s.dual_clip_ratio)
-    pg_loss = _agg(pg, mb, s, d)
+    old_logp = micro_batch["old_logp"] if "old_logp" in micro_batch else logp.detach()
+    pg, pg_stats = policy_loss(logp, old_logp, micro_batch["advantages"], mask, clip=settings.pg_clip,
+                               dual_clip_ratio=settings.dual_clip_ratio)
+    pg_loss = _agg(pg, micro_batch, settings, counts)
     loss = pg_loss
     kl_loss = pg_loss.new_zeros(())  # on the loss's device: it is stacked with the other sums
-    if s.use_kl_loss:
-        kl_loss = _agg(kl_estimate(logp, mb["ref_logp"], s.kl_loss_type), mb, s, d)
-        loss = loss + s.kl_loss_coef * kl_loss
-    if s.entropy_coef != 0.0:
-        loss = loss - s.entropy_coef * _agg(entropy, mb, s, d)
+    if settings.use_kl_loss:
+        kl = kl_estimate(logp, micro_batch["ref_logp"], settings.kl_loss_type)
+        kl_loss = _agg(kl, micro_batch, settings, counts)
+        loss = loss + settings.kl_loss_coef * kl_loss
+    if settings.entropy_coef != 0.0:
+        loss = loss - settings.entropy_coef * _agg(entropy, micro_batch, settings, counts)
     entropy_sum = torch.where(mask, entropy.detach(), 0.0).sum()
     # With old_logp skipped, this pass's log-probs are the trainer's side of rollout/logprob_abs_diff.
-    diff = (logp.detach() - mb["rollout_logp"]).abs() if "rollout_logp" in mb else torch.zeros_like(logp)
+    diff = ((logp.detach() - micro_batch["rollout_logp"]).abs() if "rollout_logp" in micro_batch
+            else torch.zeros_like(logp))
     sums = _sums(ACTOR_SUMS, {"loss": loss, "pg_loss": pg_loss, "kl_loss": kl_loss, "entropy_sum": entropy_sum,
-                              "rollout_abs_diff_sum": torch.where(mask, diff, 0.0).sum(), **m})
-    return loss, {"sums": sums, "ratio_max": m["ratio_max"].reshape(1)}
+                              "rollout_abs_diff_sum": torch.where(mask, diff, 0.0).sum(), **pg_stats})
+    return loss, {"sums": sums, "ratio_max": pg_stats["ratio_max"].reshape(1)}
 
 
-def critic_loss(output: Tensor, mb: Dict[str, Tensor], s: LossSettings, d: Denominators
+def critic_loss(output: Tensor, micro_batch: Dict[str, Tensor], settings: LossSettings, counts: Denominators
                 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Clipped value loss `0.5 * Agg(e)` share of one micro-batch from the critic's `[b, S/cp, 1]`."""
-    mask = mb["mask"]
+    mask = micro_batch["mask"]
     values = torch.where(mask, output.squeeze(-1).float(), 0.0)
-    old_values = mb["old_values"] if "old_values" in mb else values.detach()
-    e, m = value_loss(values, old_values, mb["returns"], mask, clip=s.value_clip)
-    loss = _agg(e, mb, s, d)
-    sums = _sums(CRITIC_SUMS, {"loss": loss, "value_loss": loss, **m})
+    old_values = micro_batch["old_values"] if "old_values" in micro_batch else values.detach()
+    e, value_stats = value_loss(values, old_values, micro_batch["returns"], mask, clip=settings.value_clip)
+    loss = _agg(e, micro_batch, settings, counts)
+    sums = _sums(CRITIC_SUMS, {"loss": loss, "value_loss": loss, **value_stats})
     return loss, {"sums": sums, "ratio_max": sums.new_zeros(1)}

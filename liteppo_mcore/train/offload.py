@@ -14,11 +14,12 @@ everything already lives on the CPU and these calls do nothing.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import contextlib
+from typing import Any, Iterable, Iterator
 
 import torch
 
-from liteppo_mcore.parallel.device import on_gpu
+from liteppo_mcore.parallel.device import compute_device, on_gpu
 
 
 def _optimizer_states(optimizer: Any) -> Iterable[dict]:
@@ -66,4 +67,31 @@ def move_module(module: torch.nn.Module, device: torch.device) -> None:
 
 
 def offload_enabled(flag: bool) -> bool:
+    """Whether `train.offload_between_phases` moves anything: only on a GPU (else all is on the host)."""
     return flag and on_gpu()
+
+
+@contextlib.contextmanager
+def module_on_device(module: torch.nn.Module, offload: bool) -> Iterator[torch.nn.Module]:
+    """With `offload`: `module` (the frozen reference) on the compute device inside the block, back on
+    the host after it, also when the block raises. Without: nothing moves."""
+    if offload:
+        move_module(module, compute_device())
+    try:
+        yield module
+    finally:
+        if offload:
+            move_module(module, torch.device("cpu"))
+
+
+@contextlib.contextmanager
+def optimizer_state_on_device(optimizer: Any, offload: bool) -> Iterator[Any]:
+    """With `offload`: the optimizer's states (Adam moments) on the compute device inside the block (the
+    update), on the host after it, also when the block raises. Without: nothing moves."""
+    if offload:
+        move_optimizer_state(optimizer, compute_device())
+    try:
+        yield optimizer
+    finally:
+        if offload:
+            move_optimizer_state(optimizer, torch.device("cpu"))

@@ -43,10 +43,10 @@ from liteppo_mcore.train.batch import (TrainBatch, micro_batches, minibatch_indi
                                        rank_share)
 from liteppo_mcore.train.loss import (ACTOR_SUMS, CRITIC_SUMS, Denominators, LossSettings, actor_loss,
                                       critic_loss)
-from liteppo_mcore.train.offload import move_optimizer_state, offload_enabled
+from liteppo_mcore.train.offload import offload_enabled, optimizer_state_on_device
 from liteppo_mcore.train.optim import (OptimSettings, count_nonfinite, group_by_dtype, guarded_step, learning_rate,
                                        set_learning_rate, wrap_for_training)
-from liteppo_mcore.trainer.health import NonFiniteParameter, nonfinite_weights_error
+from liteppo_mcore.halt import NonFiniteParameter, nonfinite_weights_error
 
 log = logging.getLogger(__name__)
 
@@ -93,18 +93,15 @@ class ModelUpdater:
         `TrainingHalted` on every rank when an applied update leaves a non-finite parameter."""
         self._check_inputs(batch)
         cfg = self.cfg
-        if self.offload:
-            move_optimizer_state(self.optimizer, compute_device())
         totals = _StepTotals(sums=torch.zeros(len(self._sum_names), dtype=STAT_DTYPE),
                              has_rollout_logp=batch.rollout_logp is not None)
         self.model.train()
-        for epoch in range(cfg.ppo_epochs):
-            for indices in minibatch_indices(batch.size, cfg.train.mini_batch_size, seed=cfg.seed, step=step,
-                                             epoch=epoch):
-                share = batch.select(rank_share(indices, self.groups.dp_rank, self.groups.dp_size))
-                self._train_minibatch(share, totals, step)
-        if self.offload:
-            move_optimizer_state(self.optimizer, torch.device("cpu"))
+        with optimizer_state_on_device(self.optimizer, self.offload):
+            for epoch in range(cfg.ppo_epochs):
+                for indices in minibatch_indices(batch.size, cfg.train.mini_batch_size, seed=cfg.seed, step=step,
+                                                 epoch=epoch):
+                    rank_minibatch = batch.select(rank_share(indices, self.groups.dp_rank, self.groups.dp_size))
+                    self._train_minibatch(rank_minibatch, totals, step)
         return self._metrics(totals)
 
     def _check_inputs(self, batch: TrainBatch) -> None:
@@ -112,9 +109,8 @@ class ModelUpdater:
         need = ["advantages"] if self.kind == "actor" else ["returns"]
         if self.kind == "actor" and self.loss_settings.use_kl_loss:
             need.append("ref_logp")
-        updates = self.cfg.ppo_epochs * (batch.size // self.cfg.train.mini_batch_size)
-        if self.kind == "actor" and updates > 1:
-            need.append("old_logp")  # only a single update may use its own detached log-probs
+        if self.kind == "actor" and self.cfg.updates_per_step(batch.size) > 1:
+            need.append("old_logp")  # a single update may use its own detached log-probs (needs_old_logp_pass)
         missing = [k for k in need if getattr(batch, k) is None]
         if missing:
             raise ValueError(f"the {self.kind} update needs TrainBatch.{', '.join(missing)}")
@@ -175,17 +171,17 @@ class ModelUpdater:
                                       bad_ranks=bad_ranks, world_size=len(found))
 
     def _forward_step(self, data_iterator, model, denominators: Denominators):
-        mb = next(data_iterator)
-        output = model(mb["tokens"], None, attention_mask=None)
+        micro_batch = next(data_iterator)
+        output = model(micro_batch["tokens"], None, attention_mask=None)
         if self.kind == "actor":
-            loss_fn = partial(actor_loss, mb=mb, s=self.loss_settings, d=denominators, groups=self.groups,
-                              vocab_size=self.vocab_size)
+            loss_fn = partial(actor_loss, micro_batch=micro_batch, settings=self.loss_settings, counts=denominators,
+                              groups=self.groups, vocab_size=self.vocab_size)
         else:
-            loss_fn = partial(critic_loss, mb=mb, s=self.loss_settings, d=denominators)
+            loss_fn = partial(critic_loss, micro_batch=micro_batch, settings=self.loss_settings, counts=denominators)
 
         def loss_func(output_tensor):
             loss, metrics = loss_fn(output_tensor)
-            num_tokens = mb["mask"].sum().to(torch.int)
+            num_tokens = micro_batch["mask"].sum().to(torch.int)
             return loss, num_tokens, metrics
 
         return output, loss_func
@@ -209,10 +205,10 @@ class ModelUpdater:
         applied = max(1, len(totals.grad_norms))
         tokens = max(1.0, s["num_tokens"])
         nan = float("nan")
-        p = self.kind
-        out = {f"{p}/grad_norm": sum(totals.grad_norms) / applied if totals.grad_norms else nan,
-               f"{p}/lr": totals.lr, f"{p}/skipped_updates": float(len(totals.skipped))}
-        if p == "actor":
+        prefix = self.kind
+        out = {f"{prefix}/grad_norm": sum(totals.grad_norms) / applied if totals.grad_norms else nan,
+               f"{prefix}/lr": totals.lr, f"{prefix}/skipped_updates": float(len(totals.skipped))}
+        if prefix == "actor":
             out.update({"actor/pg_loss": s["pg_loss"] / applied, "actor/kl_loss": s["kl_loss"] / applied,
                         "actor/entropy": s["entropy_sum"] / tokens, "actor/clipfrac": s["clipfrac_sum"] / tokens,
                         "actor/dual_clipfrac": s["dual_clipfrac_sum"] / tokens,

@@ -25,8 +25,9 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-def run_training(cfg, layout) -> int:
-    """Run training for `cfg` on this process's `layout`; returns the process exit status."""
+def run_training(cfg) -> int:
+    """Run training for `cfg` on this process (its process group set up: parallel.setup.init_distributed);
+    returns the process exit status."""
     from liteppo_mcore.trainer.loop import run_training as run
 
-    return run(cfg, layout)
+    return run(cfg)

@@ -28,7 +28,6 @@ class Rollout:
     finish_reasons: List[str]
     response_texts: List[str]
     answers: List[str]
-    full_kl: Optional[Tensor] = None  # [N, T] exact KL(old || reference) with kl_penalty: full
 
     @property
     def mask(self) -> Tensor:

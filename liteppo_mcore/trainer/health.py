@@ -1,5 +1,6 @@
-"""Stopping a run that cannot make progress: the error that ends it with exit status 3, the circuit
-breaker over consecutive bad steps, and the message for weights that went non-finite.
+"""Stopping a run that cannot make progress: the circuit breaker over consecutive bad steps (the error
+that ends a run with exit status 3, `TrainingHalted`, lives in liteppo_mcore/halt.py, where the update raises it
+for weights that went non-finite).
 
     health = StepHealth.from_config(cfg)                       # train.max_consecutive_bad_steps
     health.observe(step, metrics, num_responses=cfg.num_responses_per_step)   # may raise TrainingHalted
@@ -20,19 +21,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-EXIT_HALTED = 3
+from liteppo_mcore.halt import EXIT_HALTED, TrainingHalted, step_ranges
 
-
-class TrainingHalted(RuntimeError):
-    """Training cannot usefully go on; the message says why and what to do. The entry point exits with
-    `exit_code` (3). Raised on every rank at the same point, so no rank is left waiting in a collective."""
-
-    exit_code = EXIT_HALTED
-
-    def __init__(self, message: str, *, step: Optional[int] = None) -> None:
-        super().__init__(message)
-        self.step = step
-
+__all__ = ["BAD_STEP_KINDS", "EXIT_HALTED", "BadStepKind", "StepHealth", "TrainingHalted", "bad_step_kinds", "step_ranges"]
 
 # ---------------------------------------------------------------------------------------------------
 # The circuit breaker
@@ -86,20 +77,6 @@ def bad_step_kinds(metrics: Mapping[str, float], *, num_responses: int,
     if _metric(metrics, "actor/grad_norm") == 0.0:  # NaN (every update skipped) is read as None
         found.append(ZERO_GRADIENT)
     return tuple(found)
-
-
-def step_ranges(steps: Sequence[int]) -> str:
-    """`[3, 4, 5, 8]` -> "3-5, 8"."""
-    parts: List[str] = []
-    ordered = sorted(set(steps))
-    i = 0
-    while i < len(ordered):
-        j = i
-        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
-            j += 1
-        parts.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
-        i = j + 1
-    return ", ".join(parts)
 
 
 def _steps(steps: Sequence[int]) -> str:
@@ -170,33 +147,3 @@ class StepHealth:
         lines.append("Fix the cause, then resume from the last checkpoint (run the same command again), or set "
                      "train.max_consecutive_bad_steps=0 to never stop for bad steps.")
         return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Non-finite weights after an applied update
-
-@dataclass(frozen=True)
-class NonFiniteParameter:
-    """Where a rank found its first non-finite parameter (the model's own, local name on that rank)."""
-
-    rank: int
-    name: str
-    where: str  # "tp 1, pp 0, cp 0, dp 0"
-
-
-def nonfinite_weights_error(kind: str, *, step: int, update: int, first: Optional[NonFiniteParameter],
-                            bad_ranks: Sequence[int], world_size: int) -> TrainingHalted:
-    """The error every rank raises when the weights of `kind` ("actor" or "critic") hold a NaN or an
-    infinity after optimizer update `update` (1-based, per model) of step `step` (its number as logged)."""
-    lr_key = "critic.lr" if kind == "critic" else "train.lr"
-    if len(bad_ranks) == 1:
-        holders = f"rank {bad_ranks[0]} of {world_size} holds non-finite parameters"
-    else:
-        holders = f"ranks {step_ranges(bad_ranks) or '(unknown)'} of {world_size} hold non-finite parameters"
-    found = holders if first is None else (
-        f"the first non-finite parameter is {first.name!r} on rank {first.rank} ({first.where}); {holders}")
-    return TrainingHalted(
-        f"training halted: the {kind} weights are not finite (NaN or infinity) after its optimizer update "
-        f"{update}, in step {step}: {found}. The loss and the gradient norm were finite, so the update itself "
-        f"diverged. Lower {lr_key} (or lengthen train.lr_warmup_steps), check the data of step {step}, then "
-        "resume from the last checkpoint (run the same command again); nothing of this step was saved.", step=step)

@@ -1,7 +1,7 @@
 """The RLVR step loop (liteppo-semantics section 5), one named call per stage:
 
     rollout -> reward -> normalization -> reference / old log-probs and values -> advantages
-    -> actor and critic updates -> weight sync -> metrics -> checkpoint -> eval
+    -> actor and critic updates -> weight sync -> metrics -> eval -> checkpoint
 
 Every rank runs this same loop (SPMD); actor, critic and reference live on every rank (colocated).
 """
@@ -12,23 +12,23 @@ import json
 import os
 import signal
 import time
-from typing import Any, Dict, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 
 from liteppo_mcore.algo import global_moments, make_kl_controller
 from liteppo_mcore.algo.normalization import RunningMoments
 from liteppo_mcore.checkpoint.checkpointer import Checkpointer
+from liteppo_mcore.checkpoint.pretrained import build_pretrained_models
 from liteppo_mcore.checkpoint.trainer_state import rng_state, set_rng_state
 from liteppo_mcore.config.loader import to_yaml
 from liteppo_mcore.config.schema import LitePPOConfig
 from liteppo_mcore.convert.hf_files import hf_config_from_shape, read_config
 from liteppo_mcore.data import PromptSampler, build_datasets, shard_for_rank, tokenizer_from_config
 from liteppo_mcore.models.forward import forward_full_kl, forward_per_token
-from liteppo_mcore.models.gpt import build_models
 from liteppo_mcore.models.shapes import HF_ARCHITECTURES
-from liteppo_mcore.parallel.device import compute_device, on_gpu
+from liteppo_mcore.parallel.device import on_gpu
 from liteppo_mcore.parallel.mcore import destroy_model_parallel, initialize_model_parallel
 from liteppo_mcore.parallel.reducer import Reducer, make_allreduce_max
 from liteppo_mcore.rewards import RewardBatchCancelled, build_reward_runner
@@ -38,18 +38,36 @@ from liteppo_mcore.rollout.exporter import WeightExporter
 from liteppo_mcore.rollout.metrics import (PROBE_PROMPTS, PROBE_TOKENS, check_probe_logprobs, check_weights_equal,
                                           logprob_abs_diff, probe_tolerance)
 from liteppo_mcore.train import ModelUpdater, gather_over_dp
-from liteppo_mcore.train.offload import move_module, offload_enabled
+from liteppo_mcore.train.offload import module_on_device, move_module, offload_enabled
 from liteppo_mcore.trainer import experience as X
 from liteppo_mcore.trainer.health import StepHealth
 from liteppo_mcore.utils.flops import mfu, train_flops
 from liteppo_mcore.utils.console import is_main_rank, print0, progress, run_summary, step_line
 from liteppo_mcore.utils.sinks import SAMPLES_FILE, MetricsWriter, plot_metrics
-from liteppo_mcore.utils.stage import set_stage, set_step, stage
+from liteppo_mcore.parallel.stage import set_stage, set_step, stage
+from liteppo_mcore.utils.seeds import mix_seed
 from liteppo_mcore.utils.timers import PhaseTimer
 
 
-def _mix_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+@dataclass
+class StepResult:
+    """What one training step hands on to the loop that logs it."""
+
+    metrics: Dict[str, float]
+    work: Tuple[float, float] = (0.0, 0.0)
+    """(tokens, model FLOPs) of the step over all DP ranks, for perf/*."""
+    samples: List[Dict[str, Any]] = field(default_factory=list)
+    """A few completions for samples.jsonl (rank 0, on logging steps; each row has its step)."""
+
+
+@dataclass
+class ForwardPasses:
+    """What the forward-only passes give beside the log-probs they write into the rollout's batch."""
+
+    values: Optional[torch.Tensor] = None
+    """[N, T] the critic's values (gae)."""
+    full_kl: Optional[torch.Tensor] = None
+    """[N, T] the exact KL(old || reference) per token (kl_penalty: full)."""
 
 
 class Trainer:
@@ -59,6 +77,7 @@ class Trainer:
         set_stage("setup", step=0)  # named by a collective that times out (parallel/hang.py)
         self.cfg = cfg
         self.run_dir = cfg.output_dir
+        self._signal = False  # set by the SIGTERM/SIGINT handler: stop at the next safe point
         self.checkpointer = Checkpointer(cfg, self)
         self.checkpointer.acquire_lock()  # first: a second run on this directory stops before any work
         try:
@@ -76,7 +95,8 @@ class Trainer:
         self.train_set, self.eval_set = build_datasets(cfg.data, self.tokenizer, prompt_length=cfg.prompt_length)
         self.sampler = PromptSampler(len(self.train_set), cfg.rollout_batch_size, seed=cfg.seed,
                                      shuffle=cfg.data.shuffle)
-        self.models = build_models(cfg, self.groups, vocab_size=cfg.model.vocab_size or len(self.tokenizer))
+        # the actor, its starting weights (model.load / model.hf_path), then the critic and reference from it
+        self.models = build_pretrained_models(cfg, self.groups, vocab_size=cfg.model.vocab_size or len(self.tokenizer))
         self.vocab_size = self.models.shape.vocab_size
         self.actor = ModelUpdater(self.models.actor, "actor", cfg, self.groups, vocab_size=self.vocab_size)
         self.critic = (ModelUpdater(self.models.critic, "critic", cfg, self.groups, vocab_size=self.vocab_size)
@@ -92,8 +112,7 @@ class Trainer:
         self.kl_ctl = make_kl_controller(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
         self.running = RunningMoments() if cfg.reward_norm == "running" else None
         self.health = StepHealth.from_config(cfg)  # train.max_consecutive_bad_steps
-        self.step = 0
-        self._step_work = (0.0, 0.0)  # (tokens, model FLOPs) of the last step, for perf/*
+        self.step = 0  # steps completed
         if is_main_rank():
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
@@ -104,7 +123,7 @@ class Trainer:
         self.sinks = MetricsWriter(self.run_dir, enabled=is_main_rank(), tensorboard=cfg.logging.tensorboard,
                                    wandb_project=cfg.logging.wandb_project,
                                    resume_step=self.step if resumed else None)
-        self.sync_weights()
+        self.sync_weights(version=self.step)
         self._install_signal_handlers()
         set_stage(None)
 
@@ -119,16 +138,19 @@ class Trainer:
         start = time.perf_counter()
         first = self.step
         while self.step < cfg.max_steps:
-            set_step(self.step + 1)
+            taking = self.step + 1
+            set_step(taking)
             t0 = time.perf_counter()
             before = (self.state_dict(), rng_state())  # what a step abandoned before its update restores
-            metrics = self.train_step()
-            if metrics is None:  # a signal arrived before the update: the step is not taken
+            result = self.train_step(taking)
+            if result is None:  # a signal arrived before the update: the step is not taken
                 self.load_state_dict(before[0])
                 set_rng_state(before[1])
-                self._stop(f"before step {self.step + 1} was trained on (it will run again)")
+                self._stop(f"before step {taking} was trained on (it will run again)")
                 return
-            self.step += 1
+            self.step = taking  # the step is taken: everything written from here on is labelled with it
+            metrics = result.metrics
+            self._write_samples(result.samples)
             stopping = self._stop_requested()
             if not stopping and self._eval_enabled() and (
                     self.step == cfg.max_steps or (cfg.eval.interval and self.step % cfg.eval.interval == 0)):
@@ -139,7 +161,7 @@ class Trainer:
                 if checkpoint_s is not None:
                     metrics["time/checkpoint"] = checkpoint_s
                 step_s = time.perf_counter() - t0
-                metrics.update(self._perf(step_s))
+                metrics.update(self._perf(step_s, result.work))
                 self.sinks.write(self.step, metrics)
                 if self.step % cfg.logging.log_interval == 0 or self.step == cfg.max_steps:
                     per_step = (time.perf_counter() - start) / (self.step - first)
@@ -181,8 +203,8 @@ class Trainer:
         tokens, flops = self.reducer.dp_sum(torch.tensor([float(sum(lens)), flops], dtype=torch.float64)).tolist()
         return tokens, flops
 
-    def _perf(self, step_s: float) -> Dict[str, float]:
-        tokens, flops = self._step_work
+    def _perf(self, step_s: float, work: Tuple[float, float]) -> Dict[str, float]:
+        tokens, flops = work
         out = {"perf/step_s": step_s, "perf/tokens_per_s": tokens / step_s}
         peak = self.cfg.logging.peak_tflops
         if peak and torch.cuda.is_available():  # on CPU the figure would mean nothing: omitted
@@ -194,7 +216,6 @@ class Trainer:
         """SIGTERM/SIGINT (scheduler pre-emption, Ctrl-C) stop the run at the next safe point: before
         the update (the step is dropped and runs again on resume) or after it (the step is saved).
         Later signals of a burst change nothing: the first one already asked for the stop."""
-        self._signal = False
         if not self.cfg.checkpoint.save_on_signal:
             return
 
@@ -220,12 +241,13 @@ class Trainer:
             self.checkpointer.close()
 
     # ------------------------------------------------------------------ one step
-    def train_step(self) -> Optional[Dict[str, float]]:
-        """One step's metrics; None when a signal came before the update (nothing changed but the
-        data position and RNG, which the caller restores)."""
+    def train_step(self, step: int) -> Optional[StepResult]:
+        """Take step `step` (1-based: the steps completed so far + 1); None when a signal came before the
+        update (nothing changed but the data position and RNG, which the caller restores). The caller
+        moves the step counter."""
         cfg, timer = self.cfg, PhaseTimer()
         with timer("rollout"):
-            rollout = self.rollout()
+            rollout = self.rollout(step)
         with timer("reward"):
             scored = self.score(rollout)
         if scored is None:
@@ -234,37 +256,34 @@ class Trainer:
         with stage("normalization"):
             normalized = X.normalized_rewards(scores, cfg, self.reducer, self.running)
             metrics["reward/normalized_mean"] = float(global_moments(normalized, allreduce_sum=self.reducer.dp_sum).mean)
-        values = self.log_probs_and_values(rollout, timer)
+        passes = self.log_probs_and_values(rollout, timer)
         with stage("advantages"):
             metrics.update(X.advantages_and_returns(rollout, normalized, cfg, self.reducer, kl_coef=self.kl_ctl.value,
-                                                    values=values, full_kl=rollout.full_kl))
+                                                    values=passes.values, full_kl=passes.full_kl))
         with stage("metrics"):
             metrics.update(X.rollout_metrics(rollout, self.reducer))
         with timer("train"):
-            metrics.update(self.update(rollout))
+            metrics.update(self.update(rollout, step))
         with timer("sync"):
-            self.sync_weights()
+            self.sync_weights(version=step)
         with stage("metrics"):
             if "kl/mean" in metrics:
                 metrics["kl/coef"] = self.kl_ctl.value
                 self.kl_ctl.update(metrics["kl/mean"], cfg.num_responses_per_step)
             metrics.update(timer.metrics())
-            self._step_work = self._model_work(rollout)
-            self._write_samples(rollout, scores)
-        return metrics
+            return StepResult(metrics, work=self._model_work(rollout), samples=self._samples(step, rollout, scores))
 
-    def rollout(self) -> X.Rollout:
+    def rollout(self, step: int) -> X.Rollout:
         samples = shard_for_rank(self.train_set.select(self.sampler.next_batch()), self.groups.dp_rank,
                                  self.groups.dp_size)
         params = self._sampling(n=self.cfg.num_return_sequences_in_group,
-                                seed=_mix_seed(self.cfg.seed, self.step, self.groups.dp_rank))
+                                seed=mix_seed(self.cfg.seed, step - 1, self.groups.dp_rank))
         prompts = [s.prompt_ids for s in samples]
         self.engine.wake()
         total = len(prompts) * params.n * self.groups.dp_size  # the bar counts the whole step's responses
-        with progress(total, f"rollout {self.step + 1}") as bar:
-            self.engine.on_progress = lambda k: bar.update(k * self.groups.dp_size)
-            generations = self.engine.generate(prompts, params)
-            self.engine.on_progress = None
+        with progress(total, f"rollout {step}") as bar:
+            generations = self.engine.generate(prompts, params,
+                                               on_progress=lambda k: bar.update(k * self.groups.dp_size))
             bar.update(total - bar.n)
         self.engine.sleep()
         return X.build_rollout(prompts, [s.answer for s in samples], generations, self.tokenizer)
@@ -284,58 +303,56 @@ class Trainer:
         metrics["reward/errors"], metrics["reward/timeouts"] = float(counts[0]), float(counts[1])
         return scores, metrics
 
-    def log_probs_and_values(self, rollout: X.Rollout, timer: PhaseTimer) -> Optional[torch.Tensor]:
-        """Reference and old log-probs (the latter only when something needs them before the update)
-        and the critic's values, all written into `rollout.batch`; returns the values (gae) or None."""
+    def log_probs_and_values(self, rollout: X.Rollout, timer: PhaseTimer) -> ForwardPasses:
+        """The forward-only passes: reference and old log-probs (the latter only when something needs them
+        before the update: `needs_old_logp_pass`), written into `rollout.batch`; the critic's values and
+        the exact KL (kl_penalty: full), returned."""
         batch, cfg = rollout.batch, self.cfg
         seqs = batch.sequences()
         # The training micro-batches' bounds (rows and padded tokens): what fits the update fits here.
         kw = dict(vocab_size=self.vocab_size, micro_batch_size=cfg.train.micro_batch_size,
                   max_tokens_per_micro_batch=cfg.train.max_tokens_per_micro_batch,
                   sequence_parallel=cfg.parallel.sequence_parallel)
+        passes = ForwardPasses()
         if self.models.reference is not None:
-            with timer("ref"):
-                offload = offload_enabled(cfg.train.offload_between_phases)
-                if offload:
-                    move_module(self.models.reference, compute_device())
-                batch.ref_logp = forward_per_token(self.models.reference, seqs, self.groups, compute_entropy=False,
+            with timer("ref"), module_on_device(self.models.reference,
+                                                offload_enabled(cfg.train.offload_between_phases)) as reference:
+                batch.ref_logp = forward_per_token(reference, seqs, self.groups, compute_entropy=False,
                                                    temperature=cfg.rollout.temperature, **kw)["logp"]
                 if cfg.kl_penalty == "full":  # the exact KL needs both models' logits: while the reference is here
-                    rollout.full_kl = forward_full_kl(self.models.actor, self.models.reference, seqs, self.groups,
-                                                      temperature=cfg.rollout.temperature, **kw)
-                if offload:
-                    move_module(self.models.reference, torch.device("cpu"))
-        updates = cfg.ppo_epochs * (cfg.num_responses_per_step // cfg.train.mini_batch_size)
-        if updates > 1 or cfg.add_token_level_kl or self.models.reference is not None:
+                    passes.full_kl = forward_full_kl(self.models.actor, reference, seqs, self.groups,
+                                                     temperature=cfg.rollout.temperature, **kw)
+        if cfg.needs_old_logp_pass():
             with timer("old_logp"):
                 batch.old_logp = forward_per_token(self.models.actor, seqs, self.groups, compute_entropy=False,
                                                    temperature=cfg.rollout.temperature, **kw)["logp"]
         else:
             batch.rollout_logp = rollout.rollout_logp  # the update's own pass gives the mismatch metric
-        values = None
         if self.models.critic is not None:
             with timer("values"):
-                values = forward_per_token(self.models.critic, seqs, self.groups, kind="critic", **kw)["values"]
-        return values
+                passes.values = forward_per_token(self.models.critic, seqs, self.groups, kind="critic", **kw)["values"]
+        return passes
 
-    def update(self, rollout: X.Rollout) -> Dict[str, float]:
+    def update(self, rollout: X.Rollout, step: int) -> Dict[str, float]:
+        """The actor's (and critic's) update of step `step` from the step's whole batch."""
         metrics: Dict[str, float] = {}
         if rollout.batch.old_logp is not None:
             metrics["rollout/logprob_abs_diff"] = logprob_abs_diff(rollout.rollout_logp, rollout.batch.old_logp,
                                                                    rollout.mask, allreduce=self.reducer.dp_sum)
         step_batch = gather_over_dp(rollout.batch, self.groups)
-        metrics.update(self.actor.update(step_batch, self.step))
+        metrics.update(self.actor.update(step_batch, step - 1))
         if self.critic is not None:
-            metrics.update(self.critic.update(step_batch, self.step))
+            metrics.update(self.critic.update(step_batch, step - 1))
         return metrics
 
-    def sync_weights(self) -> None:
-        """Push the actor's weights to the engine; it stays awake until the next rollout is done."""
+    def sync_weights(self, version: int) -> None:
+        """Push the actor's weights (those after step `version`) to the engine; it stays awake until the
+        next rollout is done."""
         if self.exporter is not None:
             if on_gpu():
                 torch.cuda.empty_cache()  # hand the training phase's cached blocks back before the engine wakes
             self.engine.wake()  # memory back first: loading into a sleeping engine would peak later
-            self.engine.update_weights(self.exporter.buckets(), weight_version=str(self.step))
+            self.engine.update_weights(self.exporter.buckets(), weight_version=str(version))
             if self.cfg.rollout.check_weight_sync:
                 if getattr(self.engine, "get_weight", None) is not None:
                     check_weights_equal(self.engine, self.exporter)  # exact: the engine shows its copy
@@ -420,7 +437,7 @@ class Trainer:
         self.engine.wake()
         runs = [(1, self._sampling(n=1, seed=0, greedy=True))]
         if ev.num_samples > 1:
-            runs.append((ev.num_samples, self._sampling(n=ev.num_samples, seed=_mix_seed(cfg.seed, self.step, 7))))
+            runs.append((ev.num_samples, self._sampling(n=ev.num_samples, seed=mix_seed(cfg.seed, self.step, 7))))
         metrics = {}
         for k, params in runs:
             generations = self.engine.generate(prompts, params)
@@ -436,22 +453,27 @@ class Trainer:
     def _sampling(self, *, n: int, seed: int, greedy: bool = False) -> SamplingParams:
         return sampling_params_from_config(self.cfg, greedy=greedy, n=n, seed=seed, stop_token_ids=self.eos_ids)
 
-    def _write_samples(self, rollout: X.Rollout, scores: torch.Tensor) -> None:
+    def _samples(self, step: int, rollout: X.Rollout, scores: torch.Tensor) -> List[Dict[str, Any]]:
+        """`logging.num_sample_completions` rows of step `step` for samples.jsonl: on rank 0 and on the
+        steps the console logs (every `logging.log_interval` and the last), else none."""
         k = self.cfg.logging.num_sample_completions
-        step = self.step + 1  # the step being taken, as in metrics.jsonl
         logged = step % self.cfg.logging.log_interval == 0 or step == self.cfg.max_steps
         if not is_main_rank() or k <= 0 or not logged:
-            return
+            return []
         prompts = self.tokenizer.batch_decode([row[:int(p)] for row, p in zip(rollout.batch.tokens[:k].tolist(),
                                                                               rollout.batch.prompt_lens[:k])])
+        return [{"step": step, "prompt": prompt, "response": text, "answer": answer, "reward": score}
+                for prompt, text, answer, score in zip(prompts, rollout.response_texts[:k], rollout.answers[:k],
+                                                       scores[:k].tolist())]
+
+    def _write_samples(self, rows: List[Dict[str, Any]]) -> None:
+        if not rows:
+            return
         with open(os.path.join(self.run_dir, SAMPLES_FILE), "a", encoding="utf-8") as f:
-            for prompt, text, answer, score in zip(prompts, rollout.response_texts[:k], rollout.answers[:k],
-                                                   scores[:k].tolist()):
-                f.write(json.dumps({"step": step, "prompt": prompt, "response": text, "answer": answer,
-                                    "reward": score}) + "\n")
+            f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
-def run_training(cfg: LitePPOConfig, layout) -> int:
+def run_training(cfg: LitePPOConfig) -> int:
     """Run training for `cfg` on this process; returns the exit status."""
     trainer = Trainer(cfg)
     try:

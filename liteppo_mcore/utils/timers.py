@@ -1,5 +1,5 @@
 """Wall-clock time per phase of a step, reported as `time/<phase>` metrics. A timed phase is also the
-process's current stage (utils/stage.py), which a failed collective reports."""
+process's current stage (parallel/stage.py), which a failed collective reports."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Dict, Iterator
 
 import torch
 
-from liteppo_mcore.utils.stage import stage
+from liteppo_mcore.parallel.stage import stage
 
 
 class PhaseTimer:

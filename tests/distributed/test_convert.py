@@ -76,14 +76,14 @@ def _config(extra):
 
 def _actor_logp(cfg, tokens, setup):
     """Log-probs of every next token, [B, S-1], on every rank, and the models built."""
+    from liteppo_mcore.checkpoint.pretrained import build_pretrained_models
     from liteppo_mcore.models.forward import SequenceBatch, forward_per_token
-    from liteppo_mcore.models.gpt import build_models
     from liteppo_mcore.parallel.mcore import initialize_model_parallel
 
     p = cfg.parallel
     groups = initialize_model_parallel(p.tp, p.pp, 1, seed=cfg.seed)
     setup(cfg)
-    models = build_models(cfg, groups)
+    models = build_pretrained_models(cfg, groups)
     b, s = tokens.shape
     batch = SequenceBatch(tokens, torch.ones(b, dtype=torch.long), torch.full((b,), s - 1))
     logp = forward_per_token(models.actor, batch, groups, vocab_size=VOCAB, micro_batch_size=1,
@@ -106,7 +106,7 @@ def _set(key, value):
 
 
 def tp1_worker(rank, ws, variants, root, tokens):
-    """HF -> megatron (TP=1), logits at TP=1 through build_models(model.load), megatron -> HF."""
+    """HF -> megatron (TP=1), logits at TP=1 through build_pretrained_models(model.load), megatron -> HF."""
     from liteppo_mcore.checkpoint import convert_hf_to_mcore, convert_mcore_to_hf
     from liteppo_mcore.parallel.mcore import destroy_model_parallel
 

@@ -52,16 +52,11 @@ def _fingerprint(trainer):
     kw = dict(vocab_size=trainer.vocab_size, micro_batch_size=4)
     out = {"actor": forward_per_token(trainer.models.actor, batch, trainer.groups, compute_entropy=False, **kw)["logp"]}
     if trainer.models.reference is not None:
-        from liteppo_mcore.parallel.device import compute_device
-        from liteppo_mcore.train.offload import move_module, offload_enabled
+        from liteppo_mcore.train.offload import module_on_device, offload_enabled
 
         offload = offload_enabled(trainer.cfg.train.offload_between_phases)  # kept on the host between uses
-        if offload:
-            move_module(trainer.models.reference, compute_device())
-        out["reference"] = forward_per_token(trainer.models.reference, batch, trainer.groups, compute_entropy=False,
-                                             **kw)["logp"]
-        if offload:
-            move_module(trainer.models.reference, torch.device("cpu"))
+        with module_on_device(trainer.models.reference, offload) as reference:
+            out["reference"] = forward_per_token(reference, batch, trainer.groups, compute_entropy=False, **kw)["logp"]
     if trainer.models.critic is not None:
         out["critic"] = forward_per_token(trainer.models.critic, batch, trainer.groups, kind="critic", **kw)["values"]
     return {k: v.tolist() for k, v in out.items()}

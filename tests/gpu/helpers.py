@@ -264,9 +264,9 @@ def run_trainer(overrides: Sequence[str], *, inspect=None, train_steps: Optional
             trainer.fit()
         else:
             for _ in range(train_steps):
-                metrics = trainer.train_step()
+                result = trainer.train_step(trainer.step + 1)
                 trainer.step += 1
-                rows.append({"step": trainer.step, **metrics})
+                rows.append({"step": trainer.step, **result.metrics})
         extra = inspect(trainer) if inspect is not None else None
     finally:
         trainer.close()

@@ -20,7 +20,7 @@ def test_host_syncs_of_one_step_are_recorded(process_group, tmp_path):
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                metrics = trainer.train_step()
+                metrics = trainer.train_step(trainer.step + 1).metrics
             finally:
                 torch.cuda.set_sync_debug_mode(0)
         trainer.step += 1

@@ -1,4 +1,4 @@
-"""Failed collectives explained (parallel/hang.py) and the stage record they report (utils/stage.py).
+"""Failed collectives explained (parallel/hang.py) and the stage record they report (parallel/stage.py).
 
 The synthetic cases raise real exceptions through functions compiled under the file names of the
 frames a failure passes through (our modules, torch.distributed, megatron), so the traceback walk is
@@ -13,7 +13,7 @@ import pytest
 
 import liteppo_mcore
 from liteppo_mcore.parallel.hang import analyse, describe_collective_failure
-from liteppo_mcore.utils import stage as S
+from liteppo_mcore.parallel import stage as S
 from liteppo_mcore.utils.timers import PhaseTimer
 from tests.distributed.spawn import run_gloo
 

@@ -2,8 +2,9 @@
 
 import pytest
 
-from liteppo_mcore.trainer.health import (BAD_STEP_KINDS, EXIT_HALTED, NonFiniteParameter, StepHealth,
-                                          TrainingHalted, bad_step_kinds, nonfinite_weights_error, step_ranges)
+from liteppo_mcore.halt import NonFiniteParameter, nonfinite_weights_error
+from liteppo_mcore.trainer.health import (BAD_STEP_KINDS, EXIT_HALTED, StepHealth,
+                                          TrainingHalted, bad_step_kinds, step_ranges)
 
 RESPONSES = 16
 UPDATES = 2

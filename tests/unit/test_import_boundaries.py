@@ -1,4 +1,7 @@
-"""The pure packages never import megatron or torch.distributed (checked by parsing, not importing)."""
+"""Which package of liteppo_mcore may import which (a table, checked for every module), and the pure
+packages never import megatron or torch.distributed (checked by parsing, not importing).
+
+`python -m pytest tests/unit/test_import_boundaries.py` prints the table."""
 
 import ast
 from pathlib import Path
@@ -53,6 +56,99 @@ def violations(package: str) -> list:
             if _is_forbidden(name):
                 found.append(f"{path.relative_to(PACKAGE.parent)} imports {name}")
     return found
+
+
+# Package (or top-level module) -> the other parts of liteppo_mcore it may import. Lower layers first;
+# nothing imports upwards, so there is no cycle. Imports inside functions count as well.
+ALLOWED = {
+    "halt": set(),                                   # the error that stops a run (exit 3): pure
+    "config": set(),                                 # schema, choices, loading, validation: pure
+    "algo": {"config"},                              # the PPO / GRPO maths on plain tensors
+    "data": {"config"},                              # prompt files, tokenizers, built-in task
+    "rewards": set(),                                # reward functions and their worker pool
+    "convert": set(),                                # Hugging Face <-> megatron names and layouts
+    "parallel": {"config"},                          # process groups, reducer, device, stages
+    "models": {"config", "convert", "parallel"},     # megatron GPT actor / critic / reference
+    "utils": {"models", "parallel"},                 # console, sinks, timers, FLOPs, seeds, benchmarks
+    "checkpoint": {"config", "convert", "models", "parallel"},
+    "rollout": {"config", "convert", "models", "parallel", "utils"},
+    "train": {"algo", "config", "halt", "models", "parallel", "utils"},
+    "trainer": {"algo", "checkpoint", "config", "convert", "data", "halt", "models", "parallel", "rewards",
+                "rollout", "train", "utils"},
+    "preflight": {"checkpoint", "data"},         # the dry run's checks of paths, tokenizer, data
+}
+
+
+def _part(path: Path) -> str:
+    """The package (or top-level module) of liteppo_mcore that `path` belongs to."""
+    relative = path.relative_to(PACKAGE)
+    return relative.parts[0] if len(relative.parts) > 1 else relative.stem
+
+
+def _imported_parts(path: Path) -> list:
+    """(line-free) the other parts of liteppo_mcore that the module at `path` imports."""
+    own = _part(path)
+    found = set()
+    for name in imported_modules(path.read_text(), _module_of(path), is_package=path.name == "__init__.py"):
+        pieces = name.split(".")
+        if pieces[0] == "liteppo_mcore" and len(pieces) > 1 and pieces[1] != own and pieces[1] in ALLOWED:
+            found.add(pieces[1])
+    return sorted(found)
+
+
+def _modules():
+    return [p for p in sorted(PACKAGE.rglob("*.py")) if p.name != "__init__.py" or p.parent != PACKAGE]
+
+
+def test_every_part_of_the_package_is_in_the_table():
+    parts = {_part(p) for p in _modules()}
+    assert parts == set(ALLOWED), (sorted(parts - set(ALLOWED)), sorted(set(ALLOWED) - parts))
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PACKAGE.parent)))
+def test_module_imports_only_what_its_package_may(path):
+    part = _part(path)
+    extra = [name for name in _imported_parts(path) if name not in ALLOWED[part]]
+    assert not extra, f"{path.relative_to(PACKAGE.parent)} ({part}) imports {extra}; the table allows {sorted(ALLOWED[part])}"
+
+
+def test_the_table_has_no_cycle_and_no_unused_permission():
+    order = []
+    remaining = dict(ALLOWED)
+    while remaining:
+        ready = sorted(k for k, deps in remaining.items() if deps <= set(order))
+        assert ready, f"a cycle among {sorted(remaining)}"
+        order += ready
+        for k in ready:
+            del remaining[k]
+    used = {part: set() for part in ALLOWED}
+    for path in _modules():
+        used[_part(path)].update(_imported_parts(path))
+    assert {k: sorted(v - used[k]) for k, v in ALLOWED.items() if v - used[k]} == {}  # keep the table tight
+
+
+def test_print_the_table(capsys):
+    width = max(map(len, ALLOWED))
+    with capsys.disabled():
+        print("\nliteppo_mcore: which part may import which (tests/unit/test_import_boundaries.py ALLOWED)")
+        for part, deps in ALLOWED.items():
+            print(f"  {part:<{width}} -> {', '.join(sorted(deps)) or '(nothing of the package)'}")
+    assert "models" in ALLOWED and "checkpoint" not in ALLOWED["models"]  # weights are loaded from above
+
+
+def test_the_readme_layout_table_matches_the_folders():
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Layout"):]
+    section = section[:section.index("\n## ", 4)]
+    import re
+
+    named = set(re.findall(r"`(liteppo_mcore/[\w/.]*)`", section))
+    for entry in named:
+        assert (PACKAGE.parent / entry).exists(), f"README's layout table names {entry}, which does not exist"
+    listed = {entry.split("/")[1].removesuffix(".py") for entry in named if entry.count("/") >= 1 and entry != "liteppo_mcore/"}
+    assert listed == set(ALLOWED), (sorted(set(ALLOWED) - listed), sorted(listed - set(ALLOWED)))
+    for folder in ("launch", "examples", "tools", "tests", "docs"):
+        assert f"`{folder}/`" in section, folder
 
 
 @pytest.mark.parametrize("package", PURE_PACKAGES)

@@ -6,7 +6,8 @@ import torch
 from liteppo_mcore.parallel import cpu_compat
 from liteppo_mcore.parallel.device import on_gpu
 from liteppo_mcore.parallel.strict_device import is_device
-from liteppo_mcore.train.offload import move_module, move_optimizer_state, offload_enabled
+from liteppo_mcore.train.offload import (module_on_device, move_module, move_optimizer_state, offload_enabled,
+                                        optimizer_state_on_device)
 
 
 class _Wrapped:  # the shape of a megatron optimizer: the torch optimizer in `.optimizer`
@@ -79,6 +80,27 @@ def test_the_reference_moves_the_same_way(strict, monkeypatch):
     move_module(model, torch.device("cuda", 0))
     assert all(is_device(t) for t in (model.weight, model.bias, model.scale))
     assert torch.equal(model.weight.cpu(), weight)
+
+
+def test_the_context_managers_bring_state_in_for_the_block_and_out_after_it(strict):
+    """On the device inside the block, on the host after it, also when the block raises; with offload off
+    nothing moves."""
+    model = torch.nn.Linear(3, 3)
+    p, opt = _adam_after_a_step()
+    wrapped = _Wrapped(opt)
+    with module_on_device(model, True) as inside, optimizer_state_on_device(wrapped, True):
+        assert inside is model and all(is_device(t) for t in model.parameters())
+        assert all(is_device(opt.state[p][k]) for k in ("exp_avg", "exp_avg_sq"))
+    assert not any(is_device(t) for t in model.parameters())
+    assert not any(is_device(opt.state[p][k]) for k in ("exp_avg", "exp_avg_sq"))
+    with pytest.raises(RuntimeError, match="in the block"):
+        with module_on_device(model, True), optimizer_state_on_device(wrapped, True):
+            raise RuntimeError("in the block")
+    assert not any(is_device(t) for t in model.parameters())
+    assert not any(is_device(opt.state[p][k]) for k in ("exp_avg", "exp_avg_sq"))
+    with module_on_device(model, False), optimizer_state_on_device(wrapped, False):
+        assert not any(is_device(t) for t in model.parameters())
+        assert not is_device(opt.state[p]["exp_avg"])
 
 
 @pytest.mark.gpu
