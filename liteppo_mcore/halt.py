@@ -1,6 +1,6 @@
 """The error that stops a run that cannot usefully go on (exit status 3), and its message for weights
 that went non-finite after an update. Pure logic (no torch, no megatron, no process groups), at the
-bottom of the package: the update (train/update.py) raises it, and so does the trainer's circuit
+bottom of the package: the update (update/updater.py) raises it, and so does the trainer's circuit
 breaker (trainer/health.py).
 """
 

@@ -16,7 +16,7 @@ from liteppo_mcore.algo.stats import STAT_DTYPE
 from liteppo_mcore.config.schema import LitePPOConfig
 from liteppo_mcore.parallel.reducer import Reducer
 from liteppo_mcore.rollout.engine import Generation
-from liteppo_mcore.train.batch import TrainBatch
+from liteppo_mcore.update.batch import TrainBatch
 
 
 @dataclass
@@ -63,14 +63,14 @@ def build_rollout(prompts: Sequence[Sequence[int]], answers: Sequence[str], gene
 
 def global_summary(x: Tensor, reducer: Reducer, prefix: str, mask: Optional[Tensor] = None) -> Dict[str, float]:
     """`{prefix}/mean, /std, /max, /min` of the valid entries of `x` over every DP rank."""
-    m = global_moments(x, mask, allreduce_sum=reducer.dp_sum)
+    moments = global_moments(x, mask, allreduce_sum=reducer.dp_sum)
     values = x.detach().to(STAT_DTYPE)
     valid = torch.ones_like(values, dtype=torch.bool) if mask is None else mask.bool()
     # max of x and of -x in one collective; -inf (neutral) on a rank without valid entries
     signed = torch.stack([torch.where(valid, values, -torch.inf), torch.where(valid, -values, -torch.inf)])
     local = signed.flatten(1).amax(dim=1) if values.numel() else torch.full((2,), -torch.inf, dtype=STAT_DTYPE)
     hi, neg_lo = reducer.dp_max(local).tolist()
-    return {f"{prefix}/mean": float(m.mean), f"{prefix}/std": float(m.var().sqrt()), f"{prefix}/max": hi,
+    return {f"{prefix}/mean": float(moments.mean), f"{prefix}/std": float(moments.var().sqrt()), f"{prefix}/max": hi,
             f"{prefix}/min": -neg_lo}
 
 
@@ -117,10 +117,10 @@ def advantages_and_returns(rollout: Rollout, normalized: Tensor, cfg: LitePPOCon
     batch.advantages, batch.returns = adv.float(), ret.float()
     if values is not None:
         batch.old_values = values
-    m = global_moments(adv, mask, allreduce_sum=reducer.dp_sum)
-    metrics.update({"adv/mean": float(m.mean), "adv/std": float(m.var().sqrt())})
+    moments = global_moments(adv, mask, allreduce_sum=reducer.dp_sum)
+    metrics.update({"adv/mean": float(moments.mean), "adv/std": float(moments.var().sqrt())})
     if cfg.advantage_clip is not None:
         hit = (mask & (adv.abs() >= cfg.advantage_clip)).sum().to(STAT_DTYPE)
-        metrics["adv/clip_frac"] = float(reducer.dp_sum(hit.reshape(1))) / max(float(m.count), 1.0)
+        metrics["adv/clip_frac"] = float(reducer.dp_sum(hit.reshape(1))) / max(float(moments.count), 1.0)
     return metrics
 

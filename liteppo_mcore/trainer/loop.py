@@ -37,9 +37,9 @@ from liteppo_mcore.rollout.engine import SamplingParams
 from liteppo_mcore.rollout.exporter import WeightExporter
 from liteppo_mcore.rollout.metrics import (PROBE_PROMPTS, PROBE_TOKENS, check_probe_logprobs, check_weights_equal,
                                           logprob_abs_diff, probe_tolerance)
-from liteppo_mcore.train import ModelUpdater, gather_over_dp
-from liteppo_mcore.train.offload import module_on_device, move_module, offload_enabled
-from liteppo_mcore.trainer import experience as X
+from liteppo_mcore.update import ModelUpdater, gather_over_dp
+from liteppo_mcore.update.offload import module_on_device, move_module, offload_enabled
+from liteppo_mcore.trainer import experience
 from liteppo_mcore.trainer.health import StepHealth
 from liteppo_mcore.utils.flops import mfu, train_flops
 from liteppo_mcore.utils.console import is_main_rank, print0, progress, run_summary, step_line
@@ -88,8 +88,9 @@ class Trainer:
 
     def _build(self) -> None:
         cfg = self.cfg
-        p = cfg.parallel
-        self.groups = initialize_model_parallel(p.tp, p.pp, p.cp, seed=cfg.seed, timeout_minutes=p.timeout_minutes)
+        parallel = cfg.parallel
+        self.groups = initialize_model_parallel(parallel.tp, parallel.pp, parallel.cp, seed=cfg.seed,
+                                                timeout_minutes=parallel.timeout_minutes)
         self.reducer = Reducer(self.groups.dp_group, self.groups.dp_cp_group)
         self.tokenizer = tokenizer_from_config(cfg.model, cfg.data)
         self.train_set, self.eval_set = build_datasets(cfg.data, self.tokenizer, prompt_length=cfg.prompt_length)
@@ -110,7 +111,7 @@ class Trainer:
                          if self.engine.needs_weight_sync else None)
         self.rewards = build_reward_runner(cfg.reward)
         self.kl_ctl = make_kl_controller(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
-        self.running = RunningMoments() if cfg.reward_norm == "running" else None
+        self.running_moments = RunningMoments() if cfg.reward_norm == "running" else None
         self.health = StepHealth.from_config(cfg)  # train.max_consecutive_bad_steps
         self.step = 0  # steps completed
         if is_main_rank():
@@ -191,7 +192,7 @@ class Trainer:
         saved = "checkpoint saved" if self.step else "nothing to save yet"
         print0(f"liteppo: stopped by a signal {when}; {saved}. Run the same command again to resume.")
 
-    def _model_work(self, rollout: X.Rollout) -> tuple:
+    def _model_work(self, rollout: experience.Rollout) -> tuple:
         """(tokens, model FLOPs) of the step over all DP ranks, Megatron's convention (utils/flops.py):
         every training pass over the non-padding tokens (forward-only passes count 1/3 of a training
         pass; updates count ppo_epochs times, for the critic too). Generation is not counted."""
@@ -254,14 +255,14 @@ class Trainer:
             return None
         scores, metrics = scored
         with stage("normalization"):
-            normalized = X.normalized_rewards(scores, cfg, self.reducer, self.running)
+            normalized = experience.normalized_rewards(scores, cfg, self.reducer, self.running_moments)
             metrics["reward/normalized_mean"] = float(global_moments(normalized, allreduce_sum=self.reducer.dp_sum).mean)
         passes = self.log_probs_and_values(rollout, timer)
         with stage("advantages"):
-            metrics.update(X.advantages_and_returns(rollout, normalized, cfg, self.reducer, kl_coef=self.kl_ctl.value,
+            metrics.update(experience.advantages_and_returns(rollout, normalized, cfg, self.reducer, kl_coef=self.kl_ctl.value,
                                                     values=passes.values, full_kl=passes.full_kl))
         with stage("metrics"):
-            metrics.update(X.rollout_metrics(rollout, self.reducer))
+            metrics.update(experience.rollout_metrics(rollout, self.reducer))
         with timer("train"):
             metrics.update(self.update(rollout, step))
         with timer("sync"):
@@ -273,7 +274,7 @@ class Trainer:
             metrics.update(timer.metrics())
             return StepResult(metrics, work=self._model_work(rollout), samples=self._samples(step, rollout, scores))
 
-    def rollout(self, step: int) -> X.Rollout:
+    def rollout(self, step: int) -> experience.Rollout:
         samples = shard_for_rank(self.train_set.select(self.sampler.next_batch()), self.groups.dp_rank,
                                  self.groups.dp_size)
         params = self._sampling(n=self.cfg.num_return_sequences_in_group,
@@ -286,9 +287,9 @@ class Trainer:
                                                on_progress=lambda k: bar.update(k * self.groups.dp_size))
             bar.update(total - bar.n)
         self.engine.sleep()
-        return X.build_rollout(prompts, [s.answer for s in samples], generations, self.tokenizer)
+        return experience.build_rollout(prompts, [s.answer for s in samples], generations, self.tokenizer)
 
-    def score(self, rollout: X.Rollout):
+    def score(self, rollout: experience.Rollout):
         """(scores, reward metrics); None when a stop signal came before or during scoring (the
         question is settled by every rank here, before the next collective)."""
         try:
@@ -298,12 +299,12 @@ class Trainer:
         if self._stop_requested():
             return None
         scores = torch.tensor(raw, dtype=torch.float64)
-        metrics = X.global_summary(scores, self.reducer, "reward")
+        metrics = experience.global_summary(scores, self.reducer, "reward")
         counts = self.reducer.dp_sum(torch.tensor([stats.get("reward/errors", 0.0), stats.get("reward/timeouts", 0.0)]))
         metrics["reward/errors"], metrics["reward/timeouts"] = float(counts[0]), float(counts[1])
         return scores, metrics
 
-    def log_probs_and_values(self, rollout: X.Rollout, timer: PhaseTimer) -> ForwardPasses:
+    def log_probs_and_values(self, rollout: experience.Rollout, timer: PhaseTimer) -> ForwardPasses:
         """The forward-only passes: reference and old log-probs (the latter only when something needs them
         before the update: `needs_old_logp_pass`), written into `rollout.batch`; the critic's values and
         the exact KL (kl_penalty: full), returned."""
@@ -333,7 +334,7 @@ class Trainer:
                 passes.values = forward_per_token(self.models.critic, seqs, self.groups, kind="critic", **kw)["values"]
         return passes
 
-    def update(self, rollout: X.Rollout, step: int) -> Dict[str, float]:
+    def update(self, rollout: experience.Rollout, step: int) -> Dict[str, float]:
         """The actor's (and critic's) update of step `step` from the step's whole batch."""
         metrics: Dict[str, float] = {}
         if rollout.batch.old_logp is not None:
@@ -368,7 +369,7 @@ class Trainer:
         params = SamplingParams(temperature=1.0, max_new_tokens=min(PROBE_TOKENS, self.cfg.response_length),
                                 greedy=True, stop_token_ids=self.eos_ids)
         generations = self.engine.generate(prompts, params)
-        probe = X.build_rollout(prompts, ["" for _ in prompts], generations, self.tokenizer)
+        probe = experience.build_rollout(prompts, ["" for _ in prompts], generations, self.tokenizer)
         trainer = forward_per_token(self.models.actor, probe.batch.sequences(), self.groups, compute_entropy=False,
                                     temperature=1.0, vocab_size=self.vocab_size,
                                     micro_batch_size=self.cfg.train.micro_batch_size,
@@ -390,7 +391,7 @@ class Trainer:
     def state_dict(self) -> Dict[str, Any]:
         """The trainer's own state (plain data, the same on every rank)."""
         return {"step": self.step, "kl_ctl": self.kl_ctl.state_dict(), "sampler": self.sampler.state_dict(),
-                "running": self.running.state_dict() if self.running is not None else None,
+                "running": self.running_moments.state_dict() if self.running_moments is not None else None,
                 "num_updates": {"actor": self.actor.num_updates,
                                 "critic": self.critic.num_updates if self.critic is not None else 0},
                 "health": self.health.state_dict()}
@@ -399,8 +400,8 @@ class Trainer:
         self.step = int(state["step"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.sampler.load_state_dict(state["sampler"])
-        if self.running is not None and state.get("running"):
-            self.running.load_state_dict(state["running"])
+        if self.running_moments is not None and state.get("running"):
+            self.running_moments.load_state_dict(state["running"])
         self.actor.num_updates = int(state["num_updates"]["actor"])
         if self.critic is not None:
             self.critic.num_updates = int(state["num_updates"]["critic"])
@@ -453,7 +454,7 @@ class Trainer:
     def _sampling(self, *, n: int, seed: int, greedy: bool = False) -> SamplingParams:
         return sampling_params_from_config(self.cfg, greedy=greedy, n=n, seed=seed, stop_token_ids=self.eos_ids)
 
-    def _samples(self, step: int, rollout: X.Rollout, scores: torch.Tensor) -> List[Dict[str, Any]]:
+    def _samples(self, step: int, rollout: experience.Rollout, scores: torch.Tensor) -> List[Dict[str, Any]]:
         """`logging.num_sample_completions` rows of step `step` for samples.jsonl: on rank 0 and on the
         steps the console logs (every `logging.log_interval` and the last), else none."""
         k = self.cfg.logging.num_sample_completions

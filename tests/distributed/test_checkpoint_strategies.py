@@ -45,7 +45,7 @@ def _build(ws, dist_opt, *, tp=1, pp=1, scramble=False, model=MODEL):
     from liteppo_mcore.config import load_config
     from liteppo_mcore.models.gpt import build_models
     from liteppo_mcore.parallel.mcore import initialize_model_parallel
-    from liteppo_mcore.train import ModelUpdater
+    from liteppo_mcore.update import ModelUpdater
 
     overrides = model + TRAIN + [f"parallel.tp={tp}", f"parallel.pp={pp}",
                                  f"train.use_distributed_optimizer={str(dist_opt).lower()}"]
@@ -63,7 +63,7 @@ def _build(ws, dist_opt, *, tp=1, pp=1, scramble=False, model=MODEL):
 
 def _batch(step, vocab=VOCAB):
     """The same random step batch on every rank (the trainer gathers it over DP)."""
-    from liteppo_mcore.train import TrainBatch
+    from liteppo_mcore.update import TrainBatch
 
     g = torch.Generator().manual_seed(100 + step)
     prompt_lens = torch.randint(2, 7, (N,), generator=g)

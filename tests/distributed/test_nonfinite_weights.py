@@ -23,7 +23,7 @@ def run_case(ws, overrides, data, *, checked=True, poison_tp_rank=None, poison_m
     from liteppo_mcore.models.gpt import build_models
     from liteppo_mcore.models.state import whole_state_dict
     from liteppo_mcore.parallel.mcore import destroy_model_parallel, initialize_model_parallel
-    from liteppo_mcore.train import ModelUpdater, TrainBatch, gather_over_dp
+    from liteppo_mcore.update import ModelUpdater, TrainBatch, gather_over_dp
     from liteppo_mcore.trainer.health import TrainingHalted
 
     cfg = load_config(overrides=BASE + overrides, world_size=ws)
@@ -153,7 +153,7 @@ def test_nonfinite_weights_halt_every_rank_and_the_check_changes_nothing_else():
 
 
 def test_count_nonfinite_is_exact_in_every_dtype():
-    from liteppo_mcore.train.optim import count_nonfinite, group_by_dtype
+    from liteppo_mcore.update.optim import count_nonfinite, group_by_dtype
 
     big16 = torch.full((4096,), 60000.0, dtype=torch.float16)  # finite; its L2 norm overflows fp16
     assert not torch.isfinite(torch.linalg.vector_norm(big16)) and int(count_nonfinite([[big16]])) == 0

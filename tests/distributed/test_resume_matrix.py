@@ -52,7 +52,7 @@ def _fingerprint(trainer):
     kw = dict(vocab_size=trainer.vocab_size, micro_batch_size=4)
     out = {"actor": forward_per_token(trainer.models.actor, batch, trainer.groups, compute_entropy=False, **kw)["logp"]}
     if trainer.models.reference is not None:
-        from liteppo_mcore.train.offload import module_on_device, offload_enabled
+        from liteppo_mcore.update.offload import module_on_device, offload_enabled
 
         offload = offload_enabled(trainer.cfg.train.offload_between_phases)  # kept on the host between uses
         with module_on_device(trainer.models.reference, offload) as reference:

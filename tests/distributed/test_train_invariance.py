@@ -3,7 +3,7 @@ batch, one optimizer step through megatron's schedules gives the same parameters
 single-process PyTorch computation of the loss formula, for every aggregation mode and layout.
 
 The plain reference uses the same megatron GPT forward (one process, TP=1, no schedule, no DDP) and
-writes the losses out from the formulas, independently of `liteppo_mcore.algo` and `train/`.
+writes the losses out from the formulas, independently of `liteppo_mcore.algo` and `liteppo_mcore.update`.
 """
 
 import math
@@ -165,9 +165,9 @@ def _whole_grads(model, groups):
     return grads
 
 
-# ---------------------------------------------------------------- the layouts, through train/
+# ---------------------------------------------------------------- the layouts, through update/
 def _train_batch(data, ref, rows=None):
-    from liteppo_mcore.train import TrainBatch
+    from liteppo_mcore.update import TrainBatch
 
     rows = torch.arange(N) if rows is None else rows
     return TrainBatch(tokens=data["tokens"][rows], prompt_lens=data["prompt_lens"][rows],
@@ -182,7 +182,7 @@ def run_update(ws, overrides, init, data, ref):
     from liteppo_mcore.models.gpt import build_models
     from liteppo_mcore.models.state import load_whole_state_dict, whole_state_dict
     from liteppo_mcore.parallel.mcore import destroy_model_parallel, initialize_model_parallel
-    from liteppo_mcore.train import ModelUpdater, gather_over_dp
+    from liteppo_mcore.update import ModelUpdater, gather_over_dp
 
     cfg = load_config(overrides=BASE + overrides, world_size=ws)
     groups = initialize_model_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, seed=cfg.seed)

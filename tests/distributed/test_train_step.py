@@ -25,7 +25,7 @@ def run_step(ws, overrides, data, init, *, with_old_logp=True, poison=False):
     from liteppo_mcore.models.gpt import build_models
     from liteppo_mcore.models.state import load_whole_state_dict, whole_state_dict
     from liteppo_mcore.parallel.mcore import destroy_model_parallel, initialize_model_parallel
-    from liteppo_mcore.train import ModelUpdater, TrainBatch, gather_over_dp
+    from liteppo_mcore.update import ModelUpdater, TrainBatch, gather_over_dp
 
     cfg = load_config(overrides=BASE + overrides, world_size=ws)
     groups = initialize_model_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, seed=cfg.seed)

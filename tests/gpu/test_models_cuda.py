@@ -29,7 +29,7 @@ def _config(*extra):
 
 def _batch(n=8, seed=0):
     """A host-built batch of prompt + response sequences of different lengths, one advantage each."""
-    from liteppo_mcore.train import TrainBatch
+    from liteppo_mcore.update import TrainBatch
 
     g = torch.Generator().manual_seed(seed)
     prompts = torch.randint(2, 9, (n,), generator=g)
@@ -52,7 +52,7 @@ def _host_parameters(model):
 @pytest.mark.parametrize("backend", H.attention_backends())
 def test_build_and_one_update(groups, backend, distributed_optimizer, dtype):
     from liteppo_mcore.models.gpt import build_models
-    from liteppo_mcore.train import ModelUpdater
+    from liteppo_mcore.update import ModelUpdater
 
     cfg = _config(f"model.attention_backend={backend}", f"model.dtype={dtype}",
                   f"train.use_distributed_optimizer={str(distributed_optimizer).lower()}")

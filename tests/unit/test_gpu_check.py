@@ -135,11 +135,11 @@ def test_step_problems_and_differences():
 
 def test_host_sync_summary():
     rec = [types.SimpleNamespace(message="called a synchronizing CUDA operation", filename=f, lineno=n)
-           for f, n in [("/x/liteppo_mcore/train/update.py", 10)] * 3 + [("/y/torch/nn/f.py", 5)]]
+           for f, n in [("/x/liteppo_mcore/update/updater.py", 10)] * 3 + [("/y/torch/nn/f.py", 5)]]
     rec.append(types.SimpleNamespace(message="something else", filename="/z.py", lineno=1))
     summary = H.summarize_sync_warnings(rec)
     assert summary["total"] == 4 and summary["distinct_sites"] == 2
-    assert summary["sites"][0] == {"site": "liteppo_mcore/train/update.py:10", "count": 3}
+    assert summary["sites"][0] == {"site": "liteppo_mcore/update/updater.py:10", "count": 3}
 
 
 def test_skip_and_require_rules(monkeypatch):

@@ -89,7 +89,7 @@ def test_a_gloo_timeout_names_collective_caller_stage_step_and_setting():
 
 def test_the_cpu_compat_mode_between_torch_frames_is_not_the_caller():
     c10d, logger = f"{TORCH}/distributed/distributed_c10d.py", f"{TORCH}/distributed/c10d_logger.py"
-    frames = [(_ours("trainer/loop.py"), "update"), (_ours("train/batch.py"), "gather_over_dp"),
+    frames = [(_ours("trainer/loop.py"), "update"), (_ours("update/batch.py"), "gather_over_dp"),
               (_ours("parallel/reducer.py"), "all_gather_padded"), (logger, "wrapper"), (c10d, "all_gather"),
               (f"{TORCH}/overrides.py", "handle_torch_function"),
               (_ours("parallel/cpu_compat.py"), "__torch_function__"), (logger, "wrapper"), (c10d, "all_gather")]
@@ -109,7 +109,7 @@ def test_megatron_coalesced_grad_sync_names_the_operation_and_megatron_line():
     def all_reduce():
         pass
 
-    frames = [(_ours("trainer/loop.py"), "update"), (_ours("train/optim.py"), "_finalize_summed_grads"),
+    frames = [(_ours("trainer/loop.py"), "update"), (_ours("update/optim.py"), "_finalize_summed_grads"),
               (f"{MEGATRON}/distributed/param_and_grad_buffer.py", "start_grad_sync"),
               (contextlib.__file__, "__exit__"), (f"{TORCH}/distributed/distributed_c10d.py", "_coalescing_manager")]
     S.set_step(7)
@@ -125,7 +125,7 @@ def test_megatron_coalesced_grad_sync_names_the_operation_and_megatron_line():
     assert found.caller.where() == "megatron/core/distributed/param_and_grad_buffer.py:14 (start_grad_sync)"
     msg = describe_collective_failure(exc, timeout_minutes=0.25, rank=0)
     assert "all_reduce (coalesced) timed out after 15 s in stage train of step 7, called at " \
-           "liteppo_mcore/train/optim.py:13 (_finalize_summed_grads)" in msg
+           "liteppo_mcore/update/optim.py:13 (_finalize_summed_grads)" in msg
     assert "the call into torch.distributed is at megatron/core/distributed/param_and_grad_buffer.py:14" in msg
 
 

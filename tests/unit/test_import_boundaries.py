@@ -11,7 +11,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "liteppo_mcore"
 PURE_PACKAGES = ("algo", "config", "data", "rewards", "convert")
 # Packages of this project that import megatron or torch.distributed, so importing them would too.
-HEAVY_SUBPACKAGES = ("parallel", "models", "train", "rollout", "checkpoint", "trainer")
+HEAVY_SUBPACKAGES = ("parallel", "models", "update", "rollout", "checkpoint", "trainer")
 FORBIDDEN_PREFIXES = ("megatron", "torch.distributed") + tuple(f"liteppo_mcore.{p}" for p in HEAVY_SUBPACKAGES)
 
 
@@ -72,9 +72,9 @@ ALLOWED = {
     "utils": {"models", "parallel"},                 # console, sinks, timers, FLOPs, seeds, benchmarks
     "checkpoint": {"config", "convert", "models", "parallel"},
     "rollout": {"config", "convert", "models", "parallel", "utils"},
-    "train": {"algo", "config", "halt", "models", "parallel", "utils"},
+    "update": {"algo", "config", "halt", "models", "parallel", "utils"},   # the PPO update (one step of a model)
     "trainer": {"algo", "checkpoint", "config", "convert", "data", "halt", "models", "parallel", "rewards",
-                "rollout", "train", "utils"},
+                "rollout", "update", "utils"},
     "preflight": {"checkpoint", "data"},         # the dry run's checks of paths, tokenizer, data
 }
 

@@ -159,7 +159,7 @@ def test_bug_a_module_with_a_cpu_created_parameter_fails_with_device_inputs():
 
 
 def test_bug_c_stacking_a_host_scalar_with_device_scalars_fails():
-    """train/loss.py built kl_loss with torch.zeros(()) and stacked it with device sums."""
+    """update/loss.py built kl_loss with torch.zeros(()) and stacked it with device sums."""
     pg_loss = torch.randn(4, device="cuda").sum()
     parts = [pg_loss.reshape(()), torch.ones((), device="cuda")]
     with pytest.raises(StrictDeviceError, match="aten.stack"):
@@ -170,7 +170,7 @@ def test_bug_c_stacking_a_host_scalar_with_device_scalars_fails():
 def test_bug_c_in_the_real_actor_loss():
     """actor_loss with use_kl_loss false, the LitePPO default: its sums must stack on the device."""
     from liteppo_mcore.config import load_config
-    from liteppo_mcore.train import loss as L
+    from liteppo_mcore.update import loss as L
 
     cfg = load_config(overrides=["use_kl_loss=false", "entropy_coef=0.0"])
     s = L.LossSettings.from_config(cfg)

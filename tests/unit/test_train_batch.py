@@ -7,7 +7,7 @@ import torch
 
 from liteppo_mcore.config import load_config
 from liteppo_mcore.models.forward import SequenceBatch, to_response_coords, to_sequence_coords
-from liteppo_mcore.train import (OptimSettings, TrainBatch, learning_rate, minibatch_indices, plan_micro_batches,
+from liteppo_mcore.update import (OptimSettings, TrainBatch, learning_rate, minibatch_indices, plan_micro_batches,
                                  rank_share)
 
 

@@ -139,21 +139,22 @@ def _pad_rows(batch: TrainBatch, rows: int) -> TrainBatch:
     return replace(batch, **out)
 
 
-def micro_batches(share: TrainBatch, plans: List[MicroPlan], groups: ParallelGroups,
+def micro_batches(rank_minibatch: TrainBatch, plans: List[MicroPlan], groups: ParallelGroups,
                   device: torch.device) -> Iterator[Dict[str, Tensor]]:
-    """Model inputs and per-position targets of each micro-batch, this CP rank's part, on `device`.
+    """Model inputs and per-position targets of each micro-batch of this DP rank's share of a mini-batch
+    (`plans` from plan_micro_batches), this CP rank's part, on `device`.
 
     Keys: `tokens`, `labels`, `mask` (positions predicting a response token) `[b, S/cp]`; each
     per-token tensor of the batch at those positions; `seq_token_counts [b]` (full response lengths,
     needed by seq-mean-token-mean when CP splits the tokens).
     """
     for plan in plans:
-        sub = _pad_rows(share.select(plan.rows), plan.num_rows)
-        seqs = sub.sequences()
+        rows = _pad_rows(rank_minibatch.select(plan.rows), plan.num_rows)
+        seqs = rows.sequences()
         tokens, labels, mask = shifted_labels_and_mask(seqs, plan.seq_len)
         item = {"tokens": tokens, "labels": labels, "mask": mask}
-        for key, value in sub.per_token().items():
+        for key, value in rows.per_token().items():
             item[key] = to_sequence_coords(value.float(), seqs, plan.seq_len)
         item = {k: cp_split(v, groups.cp_rank, groups.cp_size) for k, v in item.items()}
-        item["seq_token_counts"] = sub.response_lens.clone()
+        item["seq_token_counts"] = rows.response_lens.clone()
         yield {k: v.to(device) for k, v in item.items()}

@@ -7,7 +7,7 @@ megatron's pipeline schedule -> a guarded optimizer step per mini-batch.
 
 Gradient invariance (liteppo-semantics section 4): before each mini-batch the numbers of valid tokens
 and of valid sequences of the whole mini-batch are summed over DP (every CP rank holds whole
-sequences, so sequences and tokens are each counted once); the losses in `train/loss.py` divide by
+sequences, so sequences and tokens are each counted once); the losses in `update/loss.py` divide by
 them; megatron sums gradients over micro-batches and DP x CP ranks.
 
 Non-finite weights: after every applied optimizer step the parameters this rank holds are checked
@@ -39,12 +39,12 @@ from liteppo_mcore.models.forward import seq_multiple
 from liteppo_mcore.parallel.device import compute_device
 from liteppo_mcore.parallel.mcore import ParallelGroups
 from liteppo_mcore.parallel.reducer import Reducer, make_allreduce_max, make_allreduce_sum
-from liteppo_mcore.train.batch import (TrainBatch, micro_batches, minibatch_indices, plan_micro_batches,
+from liteppo_mcore.update.batch import (TrainBatch, micro_batches, minibatch_indices, plan_micro_batches,
                                        rank_share)
-from liteppo_mcore.train.loss import (ACTOR_SUMS, CRITIC_SUMS, Denominators, LossSettings, actor_loss,
+from liteppo_mcore.update.loss import (ACTOR_SUMS, CRITIC_SUMS, Denominators, LossSettings, actor_loss,
                                       critic_loss)
-from liteppo_mcore.train.offload import offload_enabled, optimizer_state_on_device
-from liteppo_mcore.train.optim import (OptimSettings, count_nonfinite, group_by_dtype, guarded_step, learning_rate,
+from liteppo_mcore.update.offload import offload_enabled, optimizer_state_on_device
+from liteppo_mcore.update.optim import (OptimSettings, count_nonfinite, group_by_dtype, guarded_step, learning_rate,
                                        set_learning_rate, wrap_for_training)
 from liteppo_mcore.halt import NonFiniteParameter, nonfinite_weights_error
 
@@ -115,20 +115,21 @@ class ModelUpdater:
         if missing:
             raise ValueError(f"the {self.kind} update needs TrainBatch.{', '.join(missing)}")
 
-    def _denominators(self, share: TrainBatch) -> Denominators:
-        local = torch.stack([share.response_lens.sum(), (share.response_lens > 0).sum()]).to(STAT_DTYPE)
+    def _denominators(self, rank_minibatch: TrainBatch) -> Denominators:
+        lens = rank_minibatch.response_lens
+        local = torch.stack([lens.sum(), (lens > 0).sum()]).to(STAT_DTYPE)
         num_tokens, num_seqs = self.reducer.dp_sum(local).unbind()
         return Denominators(num_tokens=num_tokens, num_seqs=num_seqs)
 
-    def _train_minibatch(self, share: TrainBatch, totals: _StepTotals, step: int) -> None:
+    def _train_minibatch(self, rank_minibatch: TrainBatch, totals: _StepTotals, step: int) -> None:
         g, t = self.groups, self.cfg.train
-        denominators = self._denominators(share)
-        plans = plan_micro_batches(share.prompt_lens + share.response_lens, micro_batch_size=t.micro_batch_size,
-                                   max_tokens=t.max_tokens_per_micro_batch, pipeline=g.pp_size > 1,
-                                   multiple=seq_multiple(g, self.cfg.parallel.sequence_parallel))
+        denominators = self._denominators(rank_minibatch)
+        plans = plan_micro_batches(rank_minibatch.prompt_lens + rank_minibatch.response_lens,
+                                   micro_batch_size=t.micro_batch_size, max_tokens=t.max_tokens_per_micro_batch,
+                                   pipeline=g.pp_size > 1, multiple=seq_multiple(g, self.cfg.parallel.sequence_parallel))
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        data = micro_batches(share, plans, g, compute_device())
+        data = micro_batches(rank_minibatch, plans, g, compute_device())
         store = get_forward_backward_func()(
             forward_step_func=partial(self._forward_step, denominators=denominators), data_iterator=data,
             model=[self.model], num_microbatches=len(plans), seq_length=max(p.seq_len for p in plans),
