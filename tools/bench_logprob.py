@@ -22,10 +22,13 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from liteppo_mcore.config import choices  # noqa: E402
 from liteppo_mcore.models.logprob import vocab_parallel_logprob_entropy  # noqa: E402
 from liteppo_mcore.utils.bench import emit, print_args  # noqa: E402
 
 SIZES = {"small": (2048, 32768), "full": (16384, 151936)}
+# --dtype -> torch dtype: one entry per config.choices.EXPLICIT_DTYPES (tests/unit/test_config_choices.py).
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GIB = float(1 << 30)
 
 
@@ -151,7 +154,7 @@ def measure_one(name: str, fn: Callable, same_loss: bool, x, pristine, inputs, a
 
 def measure(args) -> dict:
     device = torch.device(args.device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    dtype = DTYPES[args.dtype]
     n, v = SIZES[args.size]
     gen = torch.Generator(device=device).manual_seed(0)
     pristine = (torch.randn(n, v, generator=gen, device=device) * 2).to(dtype)
@@ -201,7 +204,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="full" if cuda else "small")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if cuda else "cpu")
-    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    parser.add_argument("--dtype", choices=list(choices.EXPLICIT_DTYPES), default="bf16")
     parser.add_argument("--temperature", type=float, default=0.99)
     parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk (default: automatic)")
     parser.add_argument("--warmup", type=int, default=None, help="default: 3 on cuda, 1 on cpu")

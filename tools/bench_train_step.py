@@ -39,6 +39,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from liteppo_mcore.config import choices  # noqa: E402
 from liteppo_mcore.utils.bench import (add_common_args, bench_device, device_name, emit,  # noqa: E402
                                        print_args, resolve_common_args, strict_virtual, time_calls)
 
@@ -125,7 +126,7 @@ def rl_lengths(total: int, seq_len: int, seed: int) -> Tuple["torch.Tensor", "to
 def rl_batch(prompts, responses, vocab: int, seed: int):
     """A TrainBatch of random tokens with one advantage per response (outcome reward, group-centred)."""
     import torch
-    from liteppo_mcore.train import TrainBatch
+    from liteppo_mcore.update import TrainBatch
 
     g = torch.Generator().manual_seed(seed + 1)
     n, width = prompts.numel(), int((prompts + responses).max())
@@ -278,7 +279,7 @@ def ours_builder(args, groups, sequences: int, micro: Optional[int], max_tokens:
     """A builder of our case: the actor as build_models makes it, ModelUpdater around it, update()."""
     def build() -> Callable[[], Dict]:
         from liteppo_mcore.models.gpt import build_models
-        from liteppo_mcore.train import ModelUpdater
+        from liteppo_mcore.update import ModelUpdater
 
         cfg = ours_config(args, sequences, micro, max_tokens, offload)
         models = build_models(cfg, groups)
@@ -301,7 +302,7 @@ def ours_builder(args, groups, sequences: int, micro: Optional[int], max_tokens:
 
 def padded_tokens(seq_lens, micro: Optional[int], max_tokens: Optional[int]) -> int:
     """Tokens the model computes, padding included, under the trainer's micro-batch plan."""
-    from liteppo_mcore.train import plan_micro_batches
+    from liteppo_mcore.update import plan_micro_batches
 
     plans = plan_micro_batches(seq_lens, micro_batch_size=micro or seq_lens.numel(), max_tokens=max_tokens,
                                pipeline=False, multiple=1)
@@ -408,7 +409,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_common_args(parser, SIZES)
     parser.add_argument("--sequences", type=int, default=None, help="baseline sequences per step (x seq_len tokens)")
     parser.add_argument("--seq-len", type=int, default=None)
-    parser.add_argument("--attention-backend", choices=["sdpa", "local", "te"], default="sdpa", help="ours")
+    parser.add_argument("--attention-backend", choices=list(choices.EXPLICIT_ATTENTION_BACKENDS), default="sdpa",
+                        help="ours")
     parser.add_argument("--micro-batches", type=int, nargs="+", choices=[2, 4], default=[2, 4],
                         help="the micro-batch sizes (and token bounds, in sequences) to run")
     parser.add_argument("--no-offload-row", dest="offload_row", action="store_false",

@@ -17,6 +17,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from liteppo_mcore.config import choices  # noqa: E402  (torch-free: --help stays quick)
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -24,7 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="run directory to write checkpoints/ into")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to convert at (default 1)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to convert at (default 1)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+    p.add_argument("--dtype", default=choices.AUTO, choices=list(choices.DTYPES),
                    help="dtype of the stored weights; auto: the one config.json names (default)")
     p.add_argument("--overwrite", action="store_true", help="replace iter_0000000 of --out (latest then names it)")
     return p.parse_args(argv)

@@ -18,12 +18,14 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from liteppo_mcore.config import choices  # noqa: E402  (torch-free: --help stays quick)
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="run directory, checkpoints/ folder or iter_* folder")
     p.add_argument("--out", required=True, help="Hugging Face directory to write")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+    p.add_argument("--dtype", default=choices.AUTO, choices=list(choices.DTYPES),
                    help="dtype of the written weights; auto: the one the stored config.json names (default)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace weights already in --out")

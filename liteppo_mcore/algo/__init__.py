@@ -6,12 +6,15 @@ valid response tokens (bool or 0/1 numbers). Statistics that must cover the glob
 whole batch), built by ``liteppo_mcore.parallel``. No process-group code lives here.
 """
 
-from .advantages import ADV_ESTIMATORS, compute_advantages, compute_gae, compute_returns, masked_whiten
-from .aggregation import AGG_MODES, aggregate
+from liteppo_mcore.config.choices import ADV_ESTIMATORS, KL_ESTIMATORS as KL_KINDS, LOSS_AGG_MODES as AGG_MODES
+from liteppo_mcore.config.choices import REWARD_NORMS
+
+from .advantages import compute_advantages, compute_gae, compute_returns, masked_whiten
+from .aggregation import aggregate
 from .controllers import AdaptiveKLController, FixedKLController, make_kl_controller
-from .kl import KL_KINDS, kl_estimate, mean_of_sequence_means, token_level_rewards
+from .kl import kl_estimate, mean_of_sequence_means, token_level_rewards
 from .losses import policy_loss, value_loss
-from .normalization import REWARD_NORMS, RunningMoments, normalize_rewards
+from .normalization import RunningMoments, normalize_rewards
 from .stats import AllReduceSum, Moments, as_bool_mask, global_moments
 
 __all__ = [

@@ -124,11 +124,14 @@ def compute_advantages(
     if missing:
         raise ValueError(f"adv_estimator={estimator!r} needs {', '.join(missing)}")
     if estimator == "gae":
+        assert token_rewards is not None and values is not None  # checked above (NEEDED_INPUTS)
         advantages, returns = compute_gae(token_rewards, values, mask, gamma=gamma, lambd=lambd)
     elif estimator == "reinforce":
+        assert token_rewards is not None
         returns = compute_returns(token_rewards, mask, gamma=gamma)
         advantages = returns
     else:
+        assert normalized_scores is not None
         valid = as_bool_mask(mask)
         if normalized_scores.shape != valid.shape[:1]:
             raise ValueError(

@@ -121,6 +121,8 @@ def _mean_and_std(
 ) -> tuple[Tensor, Tensor]:
     """Per-response ``mu_i`` and ``sigma_i`` (float64, shape [N]) for the chosen normalization."""
     if reward_norm == "running":
+        if running is None:
+            raise ValueError("reward_norm='running' needs a RunningMoments passed as running=")
         running.update(r, allreduce_sum=allreduce_sum)
         return torch.full_like(r, running.mean), torch.full_like(r, running.std)
     if reward_norm == "batch":

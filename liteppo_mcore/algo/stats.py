@@ -40,7 +40,7 @@ def reduce_sum(x: Tensor, allreduce_sum: Optional[AllReduceSum]) -> Tensor:
 class Moments(NamedTuple):
     """Count, mean and second central moment ``M2 = sum (x - mean)^2`` of a set of numbers (float64)."""
 
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # the number of values (shadows tuple.count)
     mean: Tensor
     m2: Tensor
 

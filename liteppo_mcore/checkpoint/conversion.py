@@ -20,7 +20,7 @@ import torch.distributed as dist
 from liteppo_mcore.checkpoint.paths import checkpoints_dir, iteration_dir, read_latest, resolve_iteration_dir
 from liteppo_mcore.checkpoint.pretrained import hf_shape, load_actor_from_hf, save_converted_actor
 from liteppo_mcore.checkpoint.store import hf_side_dir, load_model, read_checkpoint_config
-from liteppo_mcore.config import load_config
+from liteppo_mcore.config import choices, load_config
 from liteppo_mcore.config.schema import LitePPOConfig
 from liteppo_mcore.convert.hf_files import (CONFIG, WEIGHTS_INDEX, SafetensorsReader, ShardedSafetensorsWriter,
                                             config_dtype, copy_side_files, dtype_name, parse_size, read_config,
@@ -29,15 +29,18 @@ from liteppo_mcore.convert.layout import ConversionError, TensorLayout
 from liteppo_mcore.convert.weights import check_hf_tensors, hf_tensors
 from liteppo_mcore.models.shapes import ModelShape
 
+# --dtype -> torch dtype, one entry per config.choices.EXPLICIT_DTYPES, and back to model.dtype's value
+# (tests/unit/test_config_choices.py checks both).
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _CFG_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def _dtype(name: str, hf: Dict[str, Any]) -> torch.dtype:
-    if name == "auto":
+    if name == choices.AUTO:
         return config_dtype(hf)
     if name not in DTYPES:
-        raise ConversionError(f"dtype {name!r}: expected auto (the config's), bf16, fp16 or fp32.")
+        raise ConversionError(f"dtype {name!r}: expected {choices.AUTO} (the config's), "
+                              f"{choices.spoken(choices.EXPLICIT_DTYPES)}.")
     return DTYPES[name]
 
 

@@ -7,6 +7,7 @@ torch-free, can import it. The order of each tuple is the order error messages l
 
 `None` in a tuple is YAML's `null` (the key may be left unset). Where a key also takes `auto`, its
 `EXPLICIT_*` tuple holds the values `auto` can resolve to, for the code that does the resolving.
+`spoken` writes a tuple the way a message lists it ("auto, jsonl or parquet").
 """
 
 from __future__ import annotations
@@ -81,3 +82,7 @@ CHOICES_BY_KEY: Dict[str, Tuple[Optional[str], ...]] = {
 }
 """{key path: its allowed values} for every key with a fixed set of values (the tests walk it)."""
 
+
+def spoken(values: Tuple[str, ...]) -> str:
+    """The values as a message says them, in their order: ``a``, ``a or b``, ``a, b or c``."""
+    return ", ".join(values[:-1]) + " or " + values[-1] if len(values) > 1 else values[0]

@@ -10,7 +10,7 @@ import ast
 import dataclasses
 import inspect
 import typing
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 from liteppo_mcore.config import schema
 from liteppo_mcore.config.validate import fmt
@@ -28,10 +28,11 @@ def field_docs(cls: type) -> Dict[str, str]:
     return docs
 
 
-def _default(f: dataclasses.Field) -> object:
+def _default(f: "dataclasses.Field[Any]") -> object:
     if f.default is not dataclasses.MISSING:
         return f.default
-    return f.default_factory()  # type: ignore[misc]
+    factory: Any = f.default_factory  # MISSING or a callable; every field without a default has one
+    return factory()
 
 
 def config_rows(cls: type = schema.LitePPOConfig, prefix: str = "") -> List[Tuple[str, str, str]]:

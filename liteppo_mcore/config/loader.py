@@ -38,7 +38,7 @@ def valid_key_paths(cls: type = LitePPOConfig, prefix: str = "") -> List[str]:
     for name, tp in _field_types(cls).items():
         path = prefix + name
         paths.append(path)
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             paths.extend(valid_key_paths(tp, path + "."))
     return paths
 
@@ -80,7 +80,7 @@ def find_unknown_keys(tree: Dict[str, Any], cls: type = LitePPOConfig, prefix: s
             unknown.append(path)
             continue
         tp = types[key]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             if isinstance(value, dict):
                 unknown.extend(find_unknown_keys(value, tp, path + "."))
         elif _is_free_mapping(tp):

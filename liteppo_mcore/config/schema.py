@@ -18,35 +18,35 @@ from typing import Any, Dict, List, Optional
 @dataclass
 class ModelConfig:
     family: str = "qwen2"
-    """Model family: qwen2 (Qwen2/2.5, QKV bias), qwen3 (q/k norm) or llama (Llama 2/3)."""
+    """Model family: qwen2 (Qwen2/2.5, QKV bias), qwen3 (q/k norm) or llama (Llama 2/3); ignored when hf_path or load is set (their config.json's architecture decides)."""
     hf_path: Optional[str] = None
-    """Hugging Face model directory; when set, shapes (and weights) come from its config.json."""
+    """Hugging Face model directory (config.json, .safetensors files, tokenizer); when set, the shape comes from its config.json and, unless load is set, the starting weights too (converted once into output_dir/pretrained/); colocated sglang needs it."""
     load: Optional[str] = None
-    """Megatron checkpoint (run dir, checkpoints/ or iter_* folder) to initialize the actor from."""
+    """Megatron checkpoint (run dir, checkpoints/ or iter_* folder) whose actor weights start the actor, critic trunk and reference; wins over hf_path's weights, and its stored config.json gives the shape unless hf_path is set."""
     tokenizer_path: Optional[str] = None
     """Tokenizer directory; null: hf_path, or the built-in task's tokenizer."""
     num_layers: int = 2
-    """Transformer layers (ignored when hf_path is set)."""
+    """Transformer layers; parallel.pp must divide it (ignored when hf_path or load is set)."""
     hidden_size: int = 64
-    """Hidden size (ignored when hf_path is set)."""
+    """Width of the residual stream; a multiple of num_attention_heads, each head being hidden_size / num_attention_heads wide (ignored when hf_path or load is set)."""
     ffn_hidden_size: int = 256
-    """SwiGLU intermediate size (ignored when hf_path is set)."""
+    """Width of each layer's SwiGLU MLP (its gate and up projections) (ignored when hf_path or load is set)."""
     num_attention_heads: int = 4
-    """Query heads (ignored when hf_path is set)."""
+    """Query heads; num_query_groups and parallel.tp must divide it (ignored when hf_path or load is set)."""
     num_query_groups: int = 2
-    """Key/value heads for GQA (ignored when hf_path is set)."""
+    """Key/value heads (grouped-query attention; as many as num_attention_heads: plain multi-head); must divide num_attention_heads and be divisible by parallel.tp (ignored when hf_path or load is set)."""
     vocab_size: Optional[int] = None
-    """Vocabulary size before TP padding; null: the tokenizer's size."""
+    """Vocabulary size before TP padding; when set it also overrides config.json's; null: config.json's with hf_path or load, else the tokenizer's size."""
     max_position_embeddings: int = 32768
-    """Longest sequence the rotary embedding is built for."""
+    """Positions the rotary embedding is built for; the mcore and fast engines refuse a prompt plus response_length longer than this (ignored when hf_path or load is set)."""
     rope_theta: float = 1000000.0
-    """Rotary embedding base."""
+    """Base of the rotary embedding's frequencies (> 0); must be the value the weights were trained with (ignored when hf_path or load is set)."""
     rope_scaling: Optional[Dict[str, Any]] = None
-    """Llama-3 style rope scaling (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)."""
+    """Llama-3 style rope scaling (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings); null: none (ignored when hf_path or load is set)."""
     norm_epsilon: float = 1e-6
-    """RMSNorm epsilon."""
+    """Epsilon added to the mean square in every RMSNorm (> 0) (ignored when hf_path or load is set)."""
     tie_word_embeddings: bool = True
-    """Share the input embedding with the output layer."""
+    """Share the input embedding with the output layer (the critic always gets its own value head) (ignored when hf_path or load is set)."""
     dtype: str = "auto"
     """Parameter/compute dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32."""
     init_std: float = 0.02
@@ -54,21 +54,21 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     """The vocabulary is padded to a multiple of this times tp."""
     attention_backend: str = "auto"
-    """Core attention: auto (te if importable, else sdpa), sdpa, local (megatron's) or te."""
+    """Core attention: auto (te if importable, else sdpa), sdpa (torch's fused attention), local (megatron's, no context parallelism) or te (needs transformer_engine)."""
     recompute_granularity: Optional[str] = None
-    """Activation recompute: null, selective (attention core) or full (whole layers)."""
+    """Activation recompute, trading compute for memory: null (none), selective (the attention core) or full (whole layers, see recompute_method)."""
     recompute_method: str = "uniform"
-    """With full recompute: uniform or block."""
+    """With recompute_granularity=full: uniform (recompute every layer, in chunks of recompute_num_layers) or block (recompute only the first recompute_num_layers layers of each pipeline stage); ignored otherwise."""
     recompute_num_layers: int = 1
-    """With full recompute: layers per recompute chunk (uniform) or recomputed layers (block)."""
+    """With recompute_granularity=full (>= 1): layers per recompute chunk (uniform) or recomputed layers per pipeline stage (block); ignored otherwise."""
 
 
 @dataclass
 class ParallelConfig:
     tp: int = 1
-    """Tensor-parallel size."""
+    """Tensor-parallel size: ranks that split each layer's weights; must divide the attention heads and the key/value heads."""
     pp: int = 1
-    """Pipeline-parallel size."""
+    """Pipeline-parallel size: ranks that split the layers into consecutive stages; must divide the number of layers (kl_penalty=full needs 1)."""
     cp: int = 1
     """Context-parallel size; dp = WORLD_SIZE / (tp * pp * cp) is derived, never configured."""
     sequence_parallel: bool = False
@@ -84,31 +84,31 @@ class TrainConfig:
     optimizer: str = "adamw"
     """Optimizer of the actor and critic: adamw, adam (L2 weight decay) or sgd (plain, no momentum)."""
     lr: float = 1e-6
-    """Actor peak learning rate."""
+    """Actor learning rate reached after warm-up (>= 0): kept with lr_schedule=constant, the start of the decay to min_lr with cosine."""
     min_lr: float = 0.0
-    """Final learning rate of the cosine schedule."""
+    """Learning rate the cosine schedule ends at (<= lr; the critic's is capped at critic.lr); unused with constant."""
     lr_schedule: str = "constant"
-    """Learning-rate schedule after warm-up: constant or cosine (over max_steps optimizer steps)."""
+    """Learning-rate schedule after warm-up: constant (stays at lr) or cosine (from lr at the end of warm-up down to min_lr at the run's last optimizer step, max_steps x ppo_epochs x mini-batches per step)."""
     lr_warmup_steps: int = 0
-    """Linear warm-up, in optimizer steps."""
+    """Applied optimizer steps of linear warm-up from lr / lr_warmup_steps to lr, with either schedule; 0: no warm-up."""
     weight_decay: float = 0.0
-    """Decoupled weight decay."""
+    """Actor weight decay (>= 0): decoupled with adamw, an L2 term in the gradient with adam and sgd; biases and norm weights are exempt."""
     adam_beta1: float = 0.9
-    """Adam beta1."""
+    """Decay rate of Adam's running mean of the gradients, in [0, 1); higher: smoother, slower-turning steps; unused by sgd."""
     adam_beta2: float = 0.999
-    """Adam beta2."""
+    """Decay rate of Adam's running mean of the squared gradients, in [0, 1); higher: slower-adapting per-parameter step sizes; unused by sgd."""
     adam_eps: float = 1e-8
-    """Adam epsilon."""
+    """Added to the square root in Adam's denominator (> 0); larger damps the steps of parameters with tiny gradients; unused by sgd."""
     clip_grad: float = 1.0
-    """Global gradient-norm clip (0 disables)."""
+    """Largest global gradient L2 norm: a larger gradient is scaled down to it before the step (0 disables; the logged grad_norm is before clipping)."""
     mini_batch_size: int = 512
-    """Responses per optimizer step, global (the rollout batch of N responses splits into these)."""
+    """Responses per optimizer step over all ranks; must divide the step's B x n responses and be a multiple of dp."""
     micro_batch_size: int = 4
-    """Most responses per micro-batch per rank (a share's last micro-batch may hold fewer)."""
+    """Most responses per micro-batch per rank (a share's last micro-batch may hold fewer); memory and speed only: the mini-batch's gradient is the same, up to rounding, whatever the split."""
     max_tokens_per_micro_batch: Optional[int] = None
-    """Optional bound on tokens per micro-batch; long responses then go in smaller micro-batches."""
+    """Most padded tokens (rows x longest sequence) per micro-batch, so long responses go in smaller micro-batches; at least prompt_length + response_length; null: no bound."""
     use_distributed_optimizer: bool = False
-    """Shard optimizer states over data-parallel ranks (ZeRO-1)."""
+    """Shard optimizer states over data-parallel ranks (ZeRO-1): less memory per rank; adam or adamw only."""
     offload_between_phases: bool = True
     """On GPUs, move idle models' parameters and optimizer states to CPU between phases."""
     max_consecutive_bad_steps: int = 10
@@ -120,11 +120,11 @@ class RolloutConfig:
     engine: str = "auto"
     """Rollout engine: auto (sglang when importable and CUDA is present, else hf), mcore, hf, fast (static KV cache, CUDA graphs; fed like hf) or sglang."""
     temperature: float = 1.0
-    """Sampling temperature; log-probs everywhere are of softmax(logits / temperature)."""
+    """Sampling temperature (> 0); log-probs everywhere are of softmax(logits / temperature)."""
     top_p: float = 1.0
-    """Nucleus sampling (shapes sampling only; never renormalizes log-probs)."""
+    """Nucleus sampling, in (0, 1]: sample from the smallest set of tokens holding this much probability; 1 disables (shapes sampling only; never renormalizes log-probs)."""
     top_k: int = -1
-    """Top-k sampling; -1 disables."""
+    """Top-k sampling: sample from the k most likely tokens (a positive integer); -1 disables (shapes sampling only, like top_p)."""
     mode: str = "colocated"
     """SGLang placement: colocated (servers on the training GPUs) or disaggregated (server_urls)."""
     tp: int = 1
@@ -132,21 +132,21 @@ class RolloutConfig:
     server_urls: List[str] = field(default_factory=list)
     """Disaggregated mode: URLs of running SGLang servers (else the LITEPPO_SGLANG_URLS environment variable)."""
     mem_fraction_static: float = 0.5
-    """SGLang's static memory fraction on colocated GPUs."""
+    """Share of each GPU's memory, in (0, 1], that a colocated SGLang server takes for its weights and KV cache while generating (released while training); more: a larger KV cache, less room for anything else on the GPU then."""
     weight_sync_bucket_mb: int = 512
-    """Size of one weight-sync bucket, in MiB."""
+    """Most MiB of weights sent to the hf, fast or sglang engine in one piece after each update (a larger single tensor goes alone); larger: fewer transfers, more memory held at once."""
     check_weight_sync: bool = False
-    """After each sync, check that the engine's weights equal the trainer's."""
+    """After each weight sync, check it: hf and fast compare every tensor with the trainer's, sglang compares greedy log-probs of a few probe prompts (mcore shares the trainer's weights); a mismatch stops the run."""
     max_batch_size: Optional[int] = None
     """Most rows (prompt x sample) the hf and fast engines decode at once; null: all of a rank's rows. Bounds the fast engine's KV cache (rows x (prompt_length + response_length)) and its largest CUDA graph."""
     keep_cuda_graphs: Optional[bool] = None
     """fast engine on a GPU: keep weights, KV cache and CUDA graphs on the GPU across sleep (true), free them (false), or keep them when they take at most a quarter of the GPU's memory (null)."""
     request_timeout_s: float = 600.0
-    """Time limit of one request to a rollout server."""
+    """Seconds one request to an SGLang server may take before it fails (and is retried, see max_retries); raise it when long generations time out."""
     max_retries: int = 3
-    """Retries of a failed request before the error is raised."""
+    """Retries of an SGLang request after a connection error, a timeout or HTTP 500/502/503/504 (0: none) before the run stops with the error."""
     server_start_timeout_s: float = 600.0
-    """How long to wait for a launched server to report healthy."""
+    """Seconds to wait for an SGLang server (launched or in server_urls) to answer /health before the run stops; large models take minutes to load."""
     server_command: Optional[List[str]] = None
     """Colocated SGLang: the program that starts a server, e.g. [/opt/sglang/bin/python, -m, sglang.launch_server] (SGLang pins its own torch, so it may live in another environment); null: this Python's -m sglang.launch_server."""
 
@@ -160,11 +160,11 @@ class DataConfig:
     builtin_task: Optional[str] = None
     """Name of a built-in synthetic task that needs no files (the embedded default uses one)."""
     format: str = "auto"
-    """File format: auto (from the extension), jsonl or parquet."""
+    """File format: auto (from the extension: .jsonl, .json, .ndjson or .parquet, .pq), jsonl or parquet."""
     prompt_key: str = "prompt"
-    """Field holding the prompt text."""
+    """Field holding the prompt: a string, or a chat list of {role, content} messages; every record needs it."""
     answer_key: str = "answer"
-    """Field holding the reference answer."""
+    """Field holding the reference answer (a string or a number) that the reward function gets; every record needs it."""
     system_key: Optional[str] = None
     """Optional field holding a per-sample system prompt."""
     system_prompt: Optional[str] = None
@@ -172,7 +172,7 @@ class DataConfig:
     apply_chat_template: bool = True
     """Use the tokenizer's chat template when it has one."""
     shuffle: bool = True
-    """Shuffle prompts each epoch, deterministically from the seed."""
+    """Shuffle prompts each epoch, deterministically from the seed; false: file order."""
 
 
 @dataclass
@@ -180,19 +180,19 @@ class RewardConfig:
     name: str = "math"
     """Reward function: a registered name (math, a built-in task), module:function or path/to/file.py:function."""
     timeout_s: float = 10.0
-    """Per-sample time limit; past it the worker process is killed and replaced, the sample scores 0 and counts in reward/errors and reward/timeouts."""
+    """Per-sample time limit, in seconds; past it the worker process is killed and replaced, the sample scores 0 and counts in reward/errors and reward/timeouts."""
     num_workers: int = 4
-    """Worker processes scoring one batch (per data-parallel rank)."""
+    """Worker processes per data-parallel rank that score its responses in parallel; a batch runs in waves of this many samples."""
 
 
 @dataclass
 class CriticConfig:
     load: Optional[str] = None
-    """Checkpoint to start the critic trunk from; null: the actor's initial weights."""
+    """A checkpoint (run directory, its checkpoints/ or one iter_* folder) whose critic, value head included, the critic starts from (adv_estimator=gae); null: a copy of the actor's starting trunk with the value head at zero."""
     lr: float = 5e-6
-    """Critic peak learning rate (schedule and optimizer as train)."""
+    """Critic learning rate after warm-up (>= 0); optimizer, warm-up and schedule as train's, its cosine ending at min(train.min_lr, critic.lr)."""
     weight_decay: float = 0.0
-    """Critic weight decay."""
+    """Critic weight decay (>= 0), applied as train.weight_decay is for the actor (decoupled with adamw, L2 with adam and sgd)."""
 
 
 @dataclass
@@ -212,11 +212,11 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     log_interval: int = 1
-    """Print the step line every this many steps."""
+    """Print the step line (and write sample completions) every this many steps and at the last; metric files get every step."""
     tensorboard: bool = True
     """Write TensorBoard event files to the run directory."""
     num_sample_completions: int = 2
-    """Sample completions written each logging step."""
+    """Completions (prompt, response, answer, reward) appended to samples.jsonl on each step that prints a step line; 0: none."""
     wandb_project: Optional[str] = None
     """Also log to Weights & Biases when installed and this is set."""
     plot: bool = True
@@ -228,83 +228,83 @@ class LoggingConfig:
 @dataclass
 class EvalConfig:
     interval: int = 0
-    """Evaluate every this many steps (also at step 0 and at the end); 0: only at step 0 and the end."""
+    """Evaluate every this many steps and at the end (also at step 0 of a fresh run); 0: only at step 0 and the end."""
     num_samples: int = 1
     """Samples per held-out prompt: 1 gives greedy pass@1; k > 1 also gives sampled pass@k."""
     max_prompts: Optional[int] = None
-    """Use at most this many held-out prompts; null: all."""
+    """Use at most the first this many held-out prompts; null: all (either way rounded down to a multiple of dp)."""
     enabled: bool = True
-    """Run evaluation at all."""
+    """Evaluate when held-out prompts exist (eval_path or builtin_task); false: never, whatever interval says."""
 
 
 @dataclass
 class LitePPOConfig:
     # --- the published LitePPO block (section 0 of the semantics) ---
     rollout_batch_size: int = 512
-    """Prompts per step, global (B)."""
+    """Prompts per step over all ranks (B); must be divisible by dp; a step has B x n responses."""
     prompt_length: int = 2048
-    """Prompts longer than this many tokens are dropped at load."""
+    """Prompts longer than this many tokens (after the chat template) are dropped at load; prompt_length + response_length sizes the fast engine's KV cache."""
     response_length: int = 4096
-    """Most new tokens per response."""
+    """Most new tokens per response; a response stopped by it counts in response_length/clip_ratio; also the divisor of seq-mean-token-sum-norm."""
     num_return_sequences_in_group: int = 8
-    """Responses per prompt (n); the group of a prompt."""
+    """Responses sampled per prompt (n), the group that reward_norm=group normalizes within (>= 2 then)."""
     ppo_epochs: int = 1
-    """Passes over each step's batch."""
+    """Passes over each step's batch, each reshuffled into mini-batches of train.mini_batch_size, one optimizer step each: ppo_epochs x B x n / mini_batch_size steps per training step."""
     adv_estimator: str = "gae"
     """Advantages: gae (needs the critic, which then exists), reinforce or grpo."""
     reward_norm: Optional[str] = "group"
-    """Reward normalization: group, batch, running or null."""
+    """Reward normalization per response: group (centre on its prompt group's mean; std: see div_std_global), batch (the global batch's mean and std), running (mean and std of every reward so far) or null (raw scores)."""
     div_std_global: bool = True
     """With reward_norm=group: divide by the global batch std (LitePPO) instead of the group's (GRPO)."""
     reward_shift: bool = False
-    """Only centre rewards (r - mean), no division; exclusive with reward_scale."""
+    """Only centre rewards (r - mean), no division; exclusive with reward_scale; no effect with reward_norm=null."""
     reward_scale: bool = False
-    """Only scale rewards (r / std), no centring; exclusive with reward_shift."""
+    """Only scale rewards (r / std), no centring; exclusive with reward_shift; no effect with reward_norm=null."""
     reward_clip: Optional[float] = None
-    """Clamp normalized rewards to [-c, c]; null disables."""
+    """Clamp normalized rewards (raw scores with reward_norm=null) to [-c, c]; null disables."""
     whiten_advantages: bool = True
-    """Whiten advantages over all valid tokens of the global batch."""
+    """Whiten advantages (subtract the mean, divide by the std) over all valid tokens of the global batch, before advantage_clip."""
     advantage_clip: Optional[float] = 2.0
-    """Clamp advantages to [-c, c] after whitening; null disables."""
+    """Clamp advantages to [-c, c] (after whitening, when on); null disables."""
     token_level_loss: bool = True
-    """Token-mean loss aggregation (overrides loss_agg_mode)."""
+    """true: token-mean aggregation of the actor and critic losses, whatever loss_agg_mode says; false: loss_agg_mode decides."""
     loss_agg_mode: str = "seq-mean-token-sum"
-    """Aggregation when token_level_loss is false: token-mean, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm."""
+    """Aggregation of the actor and critic losses when token_level_loss is false: token-mean, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm."""
     pg_clip: float = 0.2
-    """PPO ratio clip epsilon."""
+    """PPO clip epsilon (> 0): the probability ratio is clipped to [1 - pg_clip, 1 + pg_clip]; smaller: smaller policy changes per update."""
     dual_clip_loss: bool = True
     """Dual clip for negative advantages (bound the loss by -dual_clip_ratio * A)."""
     value_clip: Optional[float] = None
-    """Critic value clip around the old values; null disables."""
+    """Keep the critic's new values within value_clip of the old ones in the value loss (the larger of the clipped and unclipped errors counts); null disables."""
     gamma: float = 1.0
-    """Discount."""
+    """Per-token discount of rewards, in [0, 1], for gae and reinforce (1: none; lower shrinks the final reward's weight on early tokens); grpo ignores it."""
     lambd: float = 0.95
-    """GAE lambda."""
+    """GAE's lambda, in [0, 1]: 1 gives returns minus the critic's values (more variance), 0 one-step TD errors (leans on the critic); only adv_estimator=gae reads it."""
     use_kl_loss: bool = True
-    """Add kl_loss_coef * KL(actor || reference) to the actor loss."""
+    """Add kl_loss_coef * KL(actor, reference), estimated by kl_loss_type, to the actor loss (a frozen reference, a copy of the starting actor, then exists)."""
     kl_loss_coef: float = 0.001
-    """Weight of the KL loss."""
+    """Weight of the KL loss (>= 0), used when use_kl_loss is true; higher holds the actor closer to the reference."""
     add_token_level_kl: bool = False
-    """Subtract beta * KL from the token-level rewards."""
+    """Subtract beta * KL from the token-level rewards (beta: init_kl_coef, adapted with target_kl; a reference then exists); no effect with grpo, whose advantage is the normalized reward alone."""
     kl_penalty: str = "kl"
-    """KL estimate in the reward: kl, abs, mse, k3 or full (exact, whole vocabulary)."""
+    """KL estimate in the reward (and the kl/mean metric): kl, abs, mse, k3 or full (exact, whole vocabulary; needs parallel.pp=1)."""
     init_kl_coef: float = 0.2
-    """Initial beta of the token-level KL."""
+    """beta of the token-level KL penalty (>= 0): fixed when target_kl is null, else its starting value."""
     target_kl: Optional[float] = None
-    """Adaptive KL controller target; null: fixed beta = init_kl_coef."""
+    """KL per token (each response's mean, averaged over the step) that the adaptive controller steers beta towards (> 0); null: fixed beta = init_kl_coef."""
     kl_horizon: int = 10000
-    """Adaptive KL controller horizon."""
+    """Adaptive KL controller horizon, in responses: each step changes beta by at most 20% x (B x n) / kl_horizon; larger: slower adaptation."""
     # --- added by this project ---
     dual_clip_ratio: float = 3.0
-    """Dual-clip constant c (> 1)."""
+    """Dual-clip constant c (> 1): for negative advantages the loss is capped at -c * A; larger: a looser cap; used when dual_clip_loss is true."""
     kl_loss_type: str = "k3"
-    """KL estimate of the KL loss: kl, abs, mse or k3."""
+    """KL estimate of the KL loss, from d = logp - ref_logp per token: kl (d), abs (abs(d)), mse (d^2 / 2) or k3 (exp(-d) + d - 1, never negative)."""
     entropy_coef: float = 0.0
     """Subtract entropy_coef * entropy from the actor loss; 0: entropy is only a metric."""
     seed: int = 42
     """Seed of every random stream (data order, init, mini-batch permutations, sampling)."""
     max_steps: int = 100
-    """Training steps."""
+    """Training steps (each: one rollout of B prompts and its update), counted across resumes; also sets the cosine schedule's length."""
     output_dir: str = "outputs/liteppo"
     """Run directory: metrics, TensorBoard, checkpoints, samples."""
     # --- sections ---

@@ -11,7 +11,7 @@ import os
 
 from typing import Any, Iterable, List, Optional, Sequence
 
-from liteppo_mcore.config import schema as S
+from liteppo_mcore.config import schema
 from liteppo_mcore.config.choices import (
     ADV_ESTIMATORS,
     ATTENTION_BACKENDS,
@@ -82,7 +82,7 @@ class _Checker:
             self.fail(key, value, f"must be in {rng}", f"Set {key} to a value in {rng}.")
 
 
-def validate(cfg: S.LitePPOConfig, world_size: int = 1) -> None:
+def validate(cfg: schema.LitePPOConfig, world_size: int = 1) -> None:
     """Raise ConfigError listing every broken rule of `cfg` for a job of `world_size` processes."""
     c = _Checker()
     _check_algorithm(c, cfg)
@@ -94,7 +94,7 @@ def validate(cfg: S.LitePPOConfig, world_size: int = 1) -> None:
         raise ConfigError(c.problems)
 
 
-def _check_algorithm(c: _Checker, cfg: S.LitePPOConfig) -> None:
+def _check_algorithm(c: _Checker, cfg: schema.LitePPOConfig) -> None:
     c.choice("reward_norm", cfg.reward_norm, REWARD_NORMS)
     c.choice("adv_estimator", cfg.adv_estimator, ADV_ESTIMATORS)
     c.choice("loss_agg_mode", cfg.loss_agg_mode, LOSS_AGG_MODES)
@@ -126,6 +126,9 @@ def _check_algorithm(c: _Checker, cfg: S.LitePPOConfig) -> None:
                "reward_norm=group needs num_return_sequences_in_group >= 2: with one response per prompt "
                "every normalized reward is 0",
                "Set num_return_sequences_in_group: 8, or reward_norm: batch.")
+    if cfg.critic.load and not cfg.has_critic:
+        c.fail("critic.load", cfg.critic.load, f"only adv_estimator=gae has a critic (here: {cfg.adv_estimator})",
+               "Remove critic.load, or set adv_estimator: gae.")
     if cfg.adv_estimator == "grpo" and cfg.reward_norm != "group":
         c.fail("reward_norm", cfg.reward_norm,
                "adv_estimator=grpo needs reward_norm=group (its advantage is the group-normalized reward)",
@@ -137,7 +140,7 @@ def _check_algorithm(c: _Checker, cfg: S.LitePPOConfig) -> None:
                "Set both to false for (r - mean) / std, or keep only one of them.")
 
 
-def _check_model(c: _Checker, m: S.ModelConfig, p: S.ParallelConfig) -> None:
+def _check_model(c: _Checker, m: schema.ModelConfig, p: schema.ParallelConfig) -> None:
     c.choice("model.family", m.family, MODEL_FAMILIES)
     c.choice("model.dtype", m.dtype, DTYPES)
     c.choice("model.attention_backend", m.attention_backend, ATTENTION_BACKENDS)
@@ -174,7 +177,7 @@ def _check_model(c: _Checker, m: S.ModelConfig, p: S.ParallelConfig) -> None:
                "Pick a pp that divides the number of layers.")
 
 
-def _check_parallel(c: _Checker, p: S.ParallelConfig, world_size: int) -> Optional[int]:
+def _check_parallel(c: _Checker, p: schema.ParallelConfig, world_size: int) -> Optional[int]:
     """Check the layout; return dp, or None when the layout itself is broken."""
     c.choice("parallel.backend", p.backend, PARALLEL_BACKENDS)
     c.positive("parallel.timeout_minutes", p.timeout_minutes, integer=False)
@@ -199,7 +202,7 @@ def _check_parallel(c: _Checker, p: S.ParallelConfig, world_size: int) -> Option
     return world_size // model_parallel
 
 
-def _check_batches(c: _Checker, cfg: S.LitePPOConfig, dp: Optional[int]) -> None:
+def _check_batches(c: _Checker, cfg: schema.LitePPOConfig, dp: Optional[int]) -> None:
     t = cfg.train
     c.positive("train.mini_batch_size", t.mini_batch_size)
     c.positive("train.micro_batch_size", t.micro_batch_size)
@@ -229,7 +232,7 @@ def _check_batches(c: _Checker, cfg: S.LitePPOConfig, dp: Optional[int]) -> None
                f"Set train.mini_batch_size to a multiple of {dp}.")
 
 
-def _check_sections(c: _Checker, cfg: S.LitePPOConfig) -> None:
+def _check_sections(c: _Checker, cfg: schema.LitePPOConfig) -> None:
     t, r, d = cfg.train, cfg.rollout, cfg.data
     c.choice("train.optimizer", t.optimizer, OPTIMIZERS)
     c.choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)

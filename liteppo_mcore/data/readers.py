@@ -11,6 +11,7 @@ import json
 import os
 from typing import Any, Dict, Iterator, Tuple
 
+from ..config import choices
 from .errors import DataError
 
 Record = Dict[str, Any]
@@ -18,16 +19,19 @@ FORMAT_BY_EXTENSION = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", 
 
 
 def detect_format(path: str, fmt: str = "auto") -> str:
-    """``jsonl`` or ``parquet``: ``fmt`` itself, or (auto) the one the extension names."""
-    if fmt in ("jsonl", "parquet"):
+    """``jsonl`` or ``parquet`` (config.choices.EXPLICIT_DATA_FORMATS): ``fmt`` itself, or (auto) the one
+    the extension names."""
+    if fmt in choices.EXPLICIT_DATA_FORMATS:
         return fmt
-    if fmt != "auto":
-        raise DataError(f"data.format={fmt!r} is not a known format. Set data.format: auto, jsonl or parquet.")
+    if fmt != choices.AUTO:
+        raise DataError(f"data.format={fmt!r} is not a known format. "
+                        f"Set data.format: {choices.spoken(choices.DATA_FORMATS)}.")
     ext = os.path.splitext(path)[1].lower()
     if ext not in FORMAT_BY_EXTENSION:
         raise DataError(
             f"{path}: cannot tell the format from the extension {ext or '(none)'!r} "
-            f"(known: {', '.join(sorted(FORMAT_BY_EXTENSION))}). Set data.format: jsonl or parquet."
+            f"(known: {', '.join(sorted(FORMAT_BY_EXTENSION))}). "
+            f"Set data.format: {choices.spoken(choices.EXPLICIT_DATA_FORMATS)}."
         )
     return FORMAT_BY_EXTENSION[ext]
 

@@ -28,6 +28,7 @@ from liteppo_mcore.models.spec import block_spec, choose_backend
 from liteppo_mcore.parallel.device import compute_device, on_gpu
 from liteppo_mcore.parallel.mcore import ParallelGroups
 
+# model.dtype -> torch dtype: one entry per config.choices.EXPLICIT_DTYPES (tests/unit/test_config_choices.py).
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -63,7 +64,7 @@ def transformer_config(shape: ModelShape, cfg: LitePPOConfig, dtype: torch.dtype
         deallocate_pipeline_outputs=False,
         cuda_graph_scope=[],  # megatron's default "full" means the same and warns that it is deprecated
         # Training losses arrive already divided by the GLOBAL token/sequence counts of the mini-batch
-        # (train/loss.py): megatron must neither average them over micro-batches nor over DP.
+        # (update/loss.py): megatron must neither average them over micro-batches nor over DP.
         calculate_per_token_loss=True)
 
 

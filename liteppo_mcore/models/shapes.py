@@ -13,7 +13,8 @@ from typing import Any, Dict, Optional
 
 from liteppo_mcore.config.schema import ModelConfig
 
-# Hugging Face architecture name -> our family.
+# Hugging Face architecture name -> our family: one entry per config.choices.MODEL_FAMILIES
+# (tests/unit/test_config_choices.py).
 HF_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",

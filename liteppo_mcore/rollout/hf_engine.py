@@ -37,6 +37,8 @@ from liteppo_mcore.parallel.mcore import ParallelGroups
 from liteppo_mcore.rollout.engine import (Generation, RolloutEngine, SamplingParams, WeightBucket, check_params,
                                           copy_weight_stream, finish, sampling_seed, share_within_replica)
 
+# model.family -> its transformers class: one entry per config.choices.MODEL_FAMILIES
+# (tests/unit/test_config_choices.py).
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
 
 

@@ -126,6 +126,8 @@ def add_common_args(parser, sizes) -> None:
     """--device, --size, --dtype, --warmup, --repeats and --out, the options every benchmark takes."""
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     parser.add_argument("--size", choices=sorted(sizes), default=None, help="default: full on cuda, small on cpu")
+    # A subset of config.choices.EXPLICIT_DTYPES on purpose: the benchmarks run bf16 (GPU) and fp32 (CPU)
+    # only, no fp16 (bench_rollout's dtype table has none); tests/unit/test_config_choices.py checks the subset.
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on cuda, fp32 on cpu")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: per device)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls (default: per device)")

@@ -23,6 +23,8 @@ import os
 import re
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
+from liteppo_mcore.config import choices  # torch-free, like this module
+
 REQUIRE_ENV = "LITEPPO_REQUIRE_GPU"
 ON_CPU_ENV = "LITEPPO_GPU_TESTS_ON_CPU"
 REPORT_ENV = "LITEPPO_GPU_REPORT_DIR"
@@ -112,16 +114,19 @@ def check_required(*, cuda_only: bool = False) -> Optional[str]:
 
 
 def dtypes() -> List[str]:
-    """bf16 and fp32 on a GPU; fp32 only on the CPU (megatron's bf16 optimizer refuses CPU parameters)."""
+    """bf16 and fp32 on a GPU; fp32 only on the CPU (megatron's bf16 optimizer refuses CPU parameters).
+    A subset of config.choices.EXPLICIT_DTYPES on purpose: fp16 is not part of the GPU check."""
     return ["bf16", "fp32"] if cuda_available() else ["fp32"]
 
 
 def attention_backends() -> List[str]:
-    """sdpa and local, and te where Transformer Engine imports."""
-    return ["sdpa", "local"] + (["te"] if _importable("transformer_engine") else [])
+    """Every explicit model.attention_backend (sdpa, local, te), te only where Transformer Engine imports."""
+    return [b for b in choices.EXPLICIT_ATTENTION_BACKENDS if b != "te" or _importable("transformer_engine")]
 
 
 # ------------------------------------------------------------------------------------------ trainer runs
+# A subset of config.choices.EXPLICIT_ROLLOUT_ENGINES on purpose: sglang needs SGLang installed and its
+# own server processes, so the trainer matrix leaves it out.
 ENGINES = ("hf", "fast", "mcore")
 # The algorithm variants of the trainer matrix (on top of tiny_cpu.yaml's LitePPO: no KL, no critic).
 VARIANTS: Dict[str, List[str]] = {

@@ -143,3 +143,93 @@ def test_rollout_uses_the_choices(monkeypatch):
     with pytest.raises(rollout.RolloutEngineError,
                        match=re.escape(f"Choose one of {', '.join(choices.ROLLOUT_ENGINES)}.")):
         rollout.resolve_engine_name("vllm")
+
+
+def test_spoken_lists_values_as_the_messages_do():
+    assert choices.spoken(("jsonl",)) == "jsonl"
+    assert choices.spoken(("jsonl", "parquet")) == "jsonl or parquet"
+    assert choices.spoken(choices.DATA_FORMATS) == "auto, jsonl or parquet"
+
+
+def _import_tool(name):
+    """tools/`name`.py as a module (the tools are scripts, not a package)."""
+    import importlib
+
+    tools = os.path.join(REPO, "tools")
+    if tools not in sys.path:
+        sys.path.insert(0, tools)
+    return importlib.import_module(name)
+
+
+def test_the_family_tables_have_one_entry_per_family():
+    from liteppo_mcore.models import shapes
+    from liteppo_mcore.rollout import hf_engine
+
+    assert set(hf_engine.ARCHITECTURES) == set(choices.MODEL_FAMILIES)
+    assert sorted(shapes.HF_ARCHITECTURES.values()) == sorted(choices.MODEL_FAMILIES)  # one class per family
+    assert {arch: family for family, arch in hf_engine.ARCHITECTURES.items()} == shapes.HF_ARCHITECTURES
+
+
+def test_the_dtype_tables_have_one_entry_per_explicit_dtype():
+    from liteppo_mcore.checkpoint import conversion
+    from liteppo_mcore.models import gpt
+
+    bench_logprob = _import_tool("bench_logprob")
+    for table in (gpt._DTYPES, conversion.DTYPES, bench_logprob.DTYPES):
+        assert set(table) == set(choices.EXPLICIT_DTYPES), table
+    assert gpt._DTYPES == conversion.DTYPES == bench_logprob.DTYPES
+    assert {dtype: name for name, dtype in conversion.DTYPES.items()} == conversion._CFG_DTYPE
+    for name in choices.EXPLICIT_DTYPES:
+        assert gpt.resolve_dtype(name) is conversion._dtype(name, {}) is conversion.DTYPES[name]
+    with pytest.raises(conversion.ConversionError) as err:
+        conversion._dtype("fp8", {})
+    assert str(err.value) == "dtype 'fp8': expected auto (the config's), bf16, fp16 or fp32."
+
+
+def test_the_data_readers_take_the_formats():
+    from liteppo_mcore.data import DataError, detect_format
+    from liteppo_mcore.data.readers import FORMAT_BY_EXTENSION
+
+    assert set(FORMAT_BY_EXTENSION.values()) == set(choices.EXPLICIT_DATA_FORMATS)
+    for name in choices.EXPLICIT_DATA_FORMATS:
+        assert detect_format("prompts.txt", name) == name
+    assert detect_format("prompts.parquet", choices.AUTO) == "parquet"
+    with pytest.raises(DataError) as err:
+        detect_format("prompts.jsonl", "csv")
+    assert str(err.value) == "data.format='csv' is not a known format. Set data.format: auto, jsonl or parquet."
+    with pytest.raises(DataError) as err:
+        detect_format("prompts.txt")
+    assert str(err.value).endswith("Set data.format: jsonl or parquet.")
+
+
+@pytest.mark.parametrize("tool, option, allowed", [
+    ("convert_hf_to_mcore", "--dtype", choices.DTYPES),
+    ("convert_mcore_to_hf", "--dtype", choices.DTYPES),
+    ("bench_logprob", "--dtype", choices.EXPLICIT_DTYPES),
+    ("bench_train_step", "--attention-backend", choices.EXPLICIT_ATTENTION_BACKENDS),
+])
+def test_the_tools_offer_the_choices(tool, option, allowed, capsys):
+    """The option's --help line lists exactly the allowed values, in their order."""
+    with pytest.raises(SystemExit) as done:
+        _import_tool(tool).parse_args(["--help"])
+    assert done.value.code == 0
+    assert f"{option} {{{','.join(allowed)}}}" in capsys.readouterr().out
+
+
+def test_the_deliberate_subsets_stay_inside_the_choices():
+    """The benchmarks' --dtype and the GPU tests' dtypes and engines are subsets on purpose; the GPU
+    tests' attention backends are all of them (te where Transformer Engine imports)."""
+    import argparse
+
+    from liteppo_mcore.utils.bench import add_common_args
+    from tests.gpu import helpers as H
+
+    parser = argparse.ArgumentParser()
+    add_common_args(parser, {"small": {}})
+    (dtype,) = [action for action in parser._actions if "--dtype" in action.option_strings]
+    assert set(dtype.choices) < set(choices.EXPLICIT_DTYPES)
+    assert set(H.dtypes()) < set(choices.EXPLICIT_DTYPES)
+    assert set(H.ENGINES) < set(choices.EXPLICIT_ROLLOUT_ENGINES)
+    backends = H.attention_backends()
+    assert backends == [b for b in choices.EXPLICIT_ATTENTION_BACKENDS if b in backends]
+    assert set(choices.EXPLICIT_ATTENTION_BACKENDS) - set(backends) <= {"te"}

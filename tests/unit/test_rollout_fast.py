@@ -17,6 +17,7 @@ import types
 import pytest
 import torch
 
+from liteppo_mcore.config import choices
 from liteppo_mcore.models.shapes import ModelShape
 from liteppo_mcore.parallel.mcore import ParallelGroups
 from liteppo_mcore.rollout.engine import SamplingParams
@@ -25,7 +26,7 @@ SINGLE = ParallelGroups(None, None, None, None, None, 0, 1, 0, 1, 0, 1, 0, 1)
 PROMPTS = [[1, 5, 6], [1, 7, 8, 9, 10, 11, 12], [1, 3]]  # different lengths: left padding is exercised
 NEVER = 10_000  # a stop id outside the vocabulary: generation runs to max_new_tokens
 LLAMA3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
-FAMILIES = ("qwen2", "qwen3", "llama")
+FAMILIES = choices.MODEL_FAMILIES
 DEVICE = "cpu" if torch.cuda.is_available() else None  # None: the engine's own (compute_device())
 
 
