@@ -87,6 +87,8 @@ def _checkpoints(cfg: Any) -> Optional[str]:
         if folder is None or not os.path.isdir(folder):
             folder = None
     problem = compatibility_problem(cfg, folder) if folder else None
+    if cfg.critic.load:  # a folder that is not a complete checkpoint raises CheckpointError, listed by the caller
+        resolve_iteration_dir(cfg.critic.load)
     lock = RunDirLock(cfg.output_dir)
     holder = lock.holder()
     if holder is not None and lock.stale_reason(holder) is None:

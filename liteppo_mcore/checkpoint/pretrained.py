@@ -130,7 +130,8 @@ def load_pretrained_actor(actor: torch.nn.Module, cfg: LitePPOConfig, groups: Pa
 def build_pretrained_models(cfg: LitePPOConfig, groups: ParallelGroups, *, vocab_size: Optional[int] = None):
     """The configuration's models with the actor's starting weights (collective): the actor is built,
     loaded (`model.load`, else `model.hf_path`, else left random), and then the critic and the reference
-    are derived from it, so both start from what the actor starts from. Returns models.gpt.Models."""
+    are derived from it, so both start from what the actor starts from; `critic.load` then replaces the
+    critic's weights with a checkpoint's critic. Returns models.gpt.Models."""
     # megatron's model classes are imported here, at first use: the conversion tools import this package
     # without building a model (and without megatron's import-time warnings)
     from liteppo_mcore.models.gpt import build_actor, derive_models
@@ -138,4 +139,7 @@ def build_pretrained_models(cfg: LitePPOConfig, groups: ParallelGroups, *, vocab
     shape = pretrained_shape(cfg, vocab_size)
     actor = build_actor(cfg, groups, shape)
     load_pretrained_actor(actor, cfg, groups, shape)
-    return derive_models(actor, cfg, groups, shape)
+    models = derive_models(actor, cfg, groups, shape)
+    if cfg.critic.load and models.critic is not None:  # a trained critic instead of the actor's trunk
+        load_model(models.critic, resolve_iteration_dir(cfg.critic.load), "critic")
+    return models

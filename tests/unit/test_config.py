@@ -111,6 +111,8 @@ def test_yaml_then_overrides_take_precedence(tmp_path):
     (["train.min_lr=1", "train.lr=0.1"], r"train.min_lr=1.0: must not exceed train.lr"),
     (["parallel.timeout_minutes=0"], r"parallel.timeout_minutes=0.0: must be a positive number"),
     (["eval.num_samples=0"], r"eval.num_samples=0: must be a positive integer"),
+    (["adv_estimator=reinforce", "critic.load=runs/ppo"],
+     r"critic.load=runs/ppo: only adv_estimator=gae has a critic \(here: reinforce\)"),
 ])
 def test_enum_and_range_rules(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
