@@ -6,8 +6,8 @@ breaker (trainer/health.py).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
 
 EXIT_HALTED = 3
 
@@ -18,14 +18,14 @@ class TrainingHalted(RuntimeError):
 
     exit_code = EXIT_HALTED
 
-    def __init__(self, message: str, *, step: Optional[int] = None) -> None:
+    def __init__(self, message: str, *, step: int | None = None) -> None:
         super().__init__(message)
         self.step = step
 
 
 def step_ranges(steps: Sequence[int]) -> str:
     """`[3, 4, 5, 8]` -> "3-5, 8"."""
-    parts: List[str] = []
+    parts: list[str] = []
     ordered = sorted(set(steps))
     i = 0
     while i < len(ordered):
@@ -49,7 +49,7 @@ class NonFiniteParameter:
     where: str  # "tp 1, pp 0, cp 0, dp 0"
 
 
-def nonfinite_weights_error(kind: str, *, step: int, update: int, first: Optional[NonFiniteParameter],
+def nonfinite_weights_error(kind: str, *, step: int, update: int, first: NonFiniteParameter | None,
                             bad_ranks: Sequence[int], world_size: int) -> TrainingHalted:
     """The error every rank raises when the weights of `kind` ("actor" or "critic") hold a NaN or an
     infinity after optimizer update `update` (1-based, per model) of step `step` (its number as logged)."""

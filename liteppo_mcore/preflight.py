@@ -19,12 +19,13 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import os
-from typing import Any, Callable, List, Optional
+from collections.abc import Callable
+from typing import Any
 
 FIRST_RECORDS = 5
 
 
-def _collect(problems: List[str], check: Callable[[], Optional[str]]) -> None:
+def _collect(problems: list[str], check: Callable[[], str | None]) -> None:
     try:
         problem = check()
     except Exception as e:  # every check reports its own failure, whatever its type
@@ -33,7 +34,7 @@ def _collect(problems: List[str], check: Callable[[], Optional[str]]) -> None:
         problems.append(problem)
 
 
-def _model(cfg: Any) -> Optional[str]:
+def _model(cfg: Any) -> str | None:
     from liteppo_mcore.checkpoint.paths import resolve_iteration_dir
     from liteppo_mcore.checkpoint.pretrained import pretrained_shape
 
@@ -47,14 +48,14 @@ def _model(cfg: Any) -> Optional[str]:
     return None
 
 
-def _tokenizer(cfg: Any) -> Optional[str]:
+def _tokenizer(cfg: Any) -> str | None:
     from liteppo_mcore.data import tokenizer_from_config
 
     tokenizer_from_config(cfg.model, cfg.data)
     return None
 
 
-def _data(cfg: Any, split: str) -> Optional[str]:
+def _data(cfg: Any, split: str) -> str | None:
     from liteppo_mcore.data.dataset import _raw_from_records
     from liteppo_mcore.data.errors import DataError
     from liteppo_mcore.data.readers import check_file, iter_records
@@ -75,11 +76,12 @@ def _data(cfg: Any, split: str) -> Optional[str]:
     return None
 
 
-def _checkpoints(cfg: Any) -> Optional[str]:
+def _checkpoints(cfg: Any) -> str | None:
     from liteppo_mcore.checkpoint.checkpointer import compatibility_problem
     from liteppo_mcore.checkpoint.lock import RunDirLock
     from liteppo_mcore.checkpoint.paths import checkpoints_dir, read_latest, resolve_iteration_dir
 
+    folder: str | None
     if cfg.checkpoint.load:
         folder = resolve_iteration_dir(cfg.checkpoint.load)
     else:
@@ -98,7 +100,7 @@ def _checkpoints(cfg: Any) -> Optional[str]:
     return problem
 
 
-def _sglang(cfg: Any) -> Optional[str]:
+def _sglang(cfg: Any) -> str | None:
     r = cfg.rollout
     if r.engine == "sglang" and not r.server_urls and importlib.util.find_spec("sglang") is None:
         return ("rollout.engine=sglang starts SGLang servers here, but sglang is not installed. Install it "
@@ -107,9 +109,9 @@ def _sglang(cfg: Any) -> Optional[str]:
     return None
 
 
-def preflight_problems(cfg: Any) -> List[str]:
+def preflight_problems(cfg: Any) -> list[str]:
     """Every problem the launch would hit with `cfg`'s inputs, each with its fix ([] when none)."""
-    problems: List[str] = []
+    problems: list[str] = []
     for check in (lambda: _model(cfg), lambda: _tokenizer(cfg), lambda: _data(cfg, "train"),
                   lambda: _data(cfg, "eval"), lambda: _checkpoints(cfg), lambda: _sglang(cfg)):
         _collect(problems, check)

@@ -17,8 +17,9 @@ import re
 import shlex
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,17 +46,17 @@ class Block:
         return f"{self.file}:{self.line}"
 
 
-def doc_files(repo: str = REPO) -> List[str]:
+def doc_files(repo: str = REPO) -> list[str]:
     """README.md and every docs/*.md, relative to the repository."""
     docs = sorted(os.path.relpath(p, repo) for p in glob.glob(os.path.join(repo, "docs", "*.md")))
     return ["README.md"] + docs
 
 
-def blocks_of(rel: str, repo: str = REPO) -> List[Block]:
+def blocks_of(rel: str, repo: str = REPO) -> list[Block]:
     """The fenced blocks of one Markdown file, in order."""
     with open(os.path.join(repo, rel), encoding="utf-8") as f:
         lines = f.read().splitlines()
-    out: List[Block] = []
+    out: list[Block] = []
     i = 0
     while i < len(lines):
         m = _OPEN.match(lines[i])
@@ -64,7 +65,7 @@ def blocks_of(rel: str, repo: str = REPO) -> List[Block]:
             continue
         indent, fence, info = m.group("indent"), m.group("fence"), m.group("info").strip()
         close = re.compile(r"^[ \t]*" + re.escape(fence[0]) + "{" + str(len(fence)) + r",}[ \t]*$")
-        body: List[str] = []
+        body: list[str] = []
         j = i + 1
         while j < len(lines) and not close.match(lines[j]):
             line = lines[j]
@@ -77,10 +78,10 @@ def blocks_of(rel: str, repo: str = REPO) -> List[Block]:
     return out
 
 
-def extract_blocks(repo: str = REPO) -> Dict[Tuple[str, str], Block]:
+def extract_blocks(repo: str = REPO) -> dict[tuple[str, str], Block]:
     """Every block of README.md and docs/*.md by (file, first non-empty line); a repeated first line in
     one file gets ' [2]', ' [3]', ... on its later blocks."""
-    found: Dict[Tuple[str, str], Block] = {}
+    found: dict[tuple[str, str], Block] = {}
     for rel in doc_files(repo):
         for block in blocks_of(rel, repo):
             key, n = (rel, block.first), 1
@@ -107,10 +108,10 @@ def text_after(block: Block, repo: str = REPO) -> str:
 # Bash blocks
 
 
-def logical_lines(text: str) -> List[str]:
+def logical_lines(text: str) -> list[str]:
     """The block's commands: backslash-continued lines joined, blank and comment-only lines dropped
     (a trailing comment stays; bash ignores it)."""
-    out: List[str] = []
+    out: list[str] = []
     pending = ""
     for raw in text.splitlines():
         line = pending + raw
@@ -125,12 +126,12 @@ def logical_lines(text: str) -> List[str]:
     return out
 
 
-def comments(text: str) -> List[str]:
+def comments(text: str) -> list[str]:
     """The block's comment-only lines, without the '#'."""
     return [ln.strip()[1:].strip() for ln in text.splitlines() if ln.strip().startswith("#")]
 
 
-def words(line: str) -> List[str]:
+def words(line: str) -> list[str]:
     """A logical line as the shell splits it (quotes removed, the trailing comment dropped)."""
     return shlex.split(line, comments=True)
 
@@ -138,9 +139,9 @@ def words(line: str) -> List[str]:
 _ASSIGN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 
 
-def split_env(argv: Sequence[str]) -> Tuple[Dict[str, str], List[str]]:
+def split_env(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
     """Leading VAR=value words (the command's environment) and the command."""
-    env: Dict[str, str] = {}
+    env: dict[str, str] = {}
     i = 0
     while i < len(argv) and _ASSIGN.match(argv[i]):
         key, _, value = argv[i].partition("=")
@@ -157,11 +158,11 @@ def torchrun_prefix(port: int) -> str:
 _COMMAND = re.compile(r"^((?:[A-Za-z_][A-Za-z0-9_]*=(?:'[^']*'|\"[^\"]*\"|\S)*\s+)*)(python|torchrun)(?=\s)")
 
 
-def localize(line: str, port: Optional[int] = None) -> str:
+def localize(line: str, port: int | None = None) -> str:
     """One logical line with the command word made concrete here: `python` -> this interpreter,
     `torchrun` -> `python -m torch.distributed.run --master_addr 127.0.0.1 --master_port PORT`.
     Everything else stays as written (bash expands the globs and the quotes)."""
-    def repl(m: "re.Match[str]") -> str:
+    def repl(m: re.Match[str]) -> str:
         if m.group(2) == "python":
             return m.group(1) + shlex.quote(sys.executable)
         from liteppo_mcore.parallel.setup import free_port
@@ -170,7 +171,7 @@ def localize(line: str, port: Optional[int] = None) -> str:
     return _COMMAND.sub(repl, line, count=1)
 
 
-def run_env(**extra: str) -> Dict[str, str]:
+def run_env(**extra: str) -> dict[str, str]:
     """The environment of a documented command: ours, one OpenMP thread, no launcher variables;
     PYTHON (read by the shell scripts) is this interpreter."""
     env = {k: v for k, v in os.environ.items()
@@ -182,14 +183,14 @@ def run_env(**extra: str) -> Dict[str, str]:
     return env
 
 
-def run_bash(script: str, cwd: str, timeout: float = 300, env: Optional[Dict[str, str]] = None
+def run_bash(script: str, cwd: str, timeout: float = 300, env: dict[str, str] | None = None
              ) -> subprocess.CompletedProcess:
     """`bash -c` the script (after `set -e`), capturing its output."""
     return subprocess.run(["bash", "-c", "set -e\n" + script], cwd=cwd, env=env or run_env(), capture_output=True,
                           text=True, timeout=timeout)
 
 
-def run_lines(lines: Sequence[str], cwd: str, timeout: float = 300, env: Optional[Dict[str, str]] = None
+def run_lines(lines: Sequence[str], cwd: str, timeout: float = 300, env: dict[str, str] | None = None
               ) -> subprocess.CompletedProcess:
     return run_bash("\n".join(localize(ln) for ln in lines), cwd, timeout=timeout, env=env)
 
@@ -208,7 +209,7 @@ _REPO_PATH = re.compile(r"(?<![\w./$-])((?:tools|launch|examples|tests|docs)/[\w
 SCRIPT_SUFFIXES = (".py", ".sh", ".sbatch")
 
 
-def repo_paths(text: str) -> List[str]:
+def repo_paths(text: str) -> list[str]:
     """The repository paths a block names (tools/..., launch/..., examples/..., tests/..., docs/...)."""
     return sorted(set(_REPO_PATH.findall(text)))
 
@@ -223,7 +224,7 @@ def is_repo_script(word: str) -> bool:
 
 _CASE_LABEL = re.compile(r"^\s*((?:-{1,2}[\w-]+\s*\|\s*)*-{1,2}[\w-]+)\)", re.M)
 _FLAG = re.compile(r"(?<![\w-])(--[A-Za-z][\w-]*)")
-_flag_cache: Dict[str, frozenset] = {}
+_flag_cache: dict[str, frozenset] = {}
 
 
 def accepted_flags(script: str, repo: str = REPO) -> frozenset:
@@ -235,7 +236,7 @@ def accepted_flags(script: str, repo: str = REPO) -> frozenset:
         script = "launch/pretrain_liteppo.py"
     if script not in _flag_cache:
         path = os.path.join(repo, script)
-        flags: List[str] = []
+        flags: list[str] = []
         if script.endswith(".py"):
             proc = subprocess.run([sys.executable, path, "--help"], capture_output=True, text=True, timeout=120,
                                   env=run_env(), cwd=repo)
@@ -257,7 +258,7 @@ def torchrun_flags() -> frozenset:
     return frozenset(k for k in run.get_args_parser()._option_string_actions if k.startswith("--"))
 
 
-def flag_problems(line: str, repo: str = REPO) -> List[str]:
+def flag_problems(line: str, repo: str = REPO) -> list[str]:
     """Flags a logical line passes that the program receiving them does not accept: those after one of
     our scripts (checked against the script), and torchrun's own (checked against torch's parser).
     Flags of other programs (sbatch, pip, python itself) are not ours to check."""
@@ -330,12 +331,12 @@ def write_tiny_hf_model(path: str, family: str = "qwen2", seed: int = 0) -> str:
     return path
 
 
-def safetensors_dtypes(folder: str) -> Dict[str, str]:
+def safetensors_dtypes(folder: str) -> dict[str, str]:
     """Tensor name -> dtype string ("F32", "BF16", ...) of every *.safetensors file in `folder`."""
     import json
     import struct
 
-    out: Dict[str, str] = {}
+    out: dict[str, str] = {}
     for fn in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
         with open(fn, "rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
@@ -348,16 +349,16 @@ def safetensors_dtypes(folder: str) -> Dict[str, str]:
 # YAML
 
 
-def deep_merge(base: Dict[str, Any], top: Dict[str, Any]) -> Dict[str, Any]:
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in top.items():
         out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
-def leaves(tree: Dict[str, Any], prefix: str = "") -> List[Tuple[str, Any]]:
+def leaves(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     """(dotted key, value) of every leaf of a YAML mapping."""
-    out: List[Tuple[str, Any]] = []
+    out: list[tuple[str, Any]] = []
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, dict) and value:
@@ -377,15 +378,15 @@ def attr_path(obj: Any, dotted: str) -> Any:
 # Directory listings like docs/conversion.md's
 
 
-def listing_entries(text: str, root_word: str) -> List[Tuple[str, str]]:
+def listing_entries(text: str, root_word: str) -> list[tuple[str, str]]:
     """(parent path, entry) for each name of an indented directory listing: the first line is the root
     (`root_word/...`), two spaces of indentation per level, names separated by ', ', '#' starts a
     comment, '...' means more files; a name ending in '/' is a folder that deeper lines are inside."""
     lines = [ln for ln in text.splitlines() if ln.strip()]
     root = lines[0].split("#")[0].strip().rstrip("/")
     assert root.startswith(root_word), lines[0]
-    stack: List[Tuple[int, str]] = [(-1, root)]
-    out: List[Tuple[str, str]] = []
+    stack: list[tuple[int, str]] = [(-1, root)]
+    out: list[tuple[str, str]] = []
     for line in lines[1:]:
         depth = len(line) - len(line.lstrip(" "))
         names = [n.strip() for n in line.split("#")[0].split(",") if n.strip() and n.strip() != "..."]

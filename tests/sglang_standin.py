@@ -147,8 +147,9 @@ import threading
 import time
 import urllib.parse
 import uuid
+from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 VERSIONS = ("0.5.20", "0.5.23")
 DEFAULT_VERSION = "0.5.23"
@@ -211,11 +212,11 @@ _TRUE = {"1", "on", "t", "true", "y", "yes"}
 _FALSE = {"0", "off", "f", "false", "n", "no"}
 
 
-def _perr(kind: str, loc: Tuple[Any, ...], msg: str, value: Any) -> Dict[str, Any]:
+def _perr(kind: str, loc: tuple[Any, ...], msg: str, value: Any) -> dict[str, Any]:
     return {"type": kind, "loc": ("body",) + tuple(loc), "msg": msg, "input": value}
 
 
-def _check(spec: Any, value: Any, loc: Tuple[Any, ...], errors: List[Dict[str, Any]]) -> Any:
+def _check(spec: Any, value: Any, loc: tuple[Any, ...], errors: list[dict[str, Any]]) -> Any:
     """One value against a type spec, pydantic's lax conversions; errors appended, the value returned."""
     if isinstance(spec, tuple):
         head = spec[0]
@@ -238,7 +239,7 @@ def _check(spec: Any, value: Any, loc: Tuple[Any, ...], errors: List[Dict[str, A
             return value
         if head == "union":
             for member in spec[1:]:
-                trial: List[Dict[str, Any]] = []
+                trial: list[dict[str, Any]] = []
                 out = _check(member, value, loc, trial)
                 if not trial:
                     return out
@@ -309,7 +310,7 @@ _BASE = {"rid": (("opt", "str"), None), "http_worker_ipc": (("opt", "str"), None
 _SELECTOR = (("literal", ("target", "draft", "all")), "all")
 
 
-def _req_schemas(version: str) -> Dict[str, Dict[str, Tuple[Any, Any]]]:
+def _req_schemas(version: str) -> dict[str, dict[str, tuple[Any, Any]]]:
     """Fields of the *ReqInput structs (io_struct) each modelled endpoint parses its body into."""
     old = version == "0.5.20"
     tensor = {"serialized_named_tensors": (("list", "b64bytes"), REQUIRED), "load_format": (("opt", "str"), None),
@@ -345,20 +346,20 @@ def _req_schemas(version: str) -> Dict[str, Dict[str, Tuple[Any, Any]]]:
     return {path: {**_BASE, **fields} for path, fields in schemas.items()}
 
 
-def _validation_error(errors: List[Dict[str, Any]]) -> HTTPAnswer:
+def _validation_error(errors: list[dict[str, Any]]) -> HTTPAnswer:
     """http_server's RequestValidationError handler: FastAPI's 422 as a 400 ErrorResponse."""
     return HTTPAnswer(400, {"object": "error", "message": str(errors), "type": "Bad Request", "param": None,
                             "code": 400})
 
 
-def validate_body(fields: Dict[str, Tuple[Any, Any]], body: Any, present: bool) -> Dict[str, Any]:
+def validate_body(fields: dict[str, tuple[Any, Any]], body: Any, present: bool) -> dict[str, Any]:
     """The body as the struct pydantic builds (defaults filled, unknown keys dropped), or a 400."""
     if not present:
         raise _validation_error([_perr("missing", (), "Field required", None)])
     if not isinstance(body, dict):
         raise _validation_error([_perr("dict_type", (), "Input should be a valid dictionary", body)])
-    errors: List[Dict[str, Any]] = []
-    out: Dict[str, Any] = {}
+    errors: list[dict[str, Any]] = []
+    out: dict[str, Any] = {}
     for name, (spec, default) in fields.items():
         if name in body:
             out[name] = _check(spec, body[name], (name,), errors)
@@ -372,7 +373,7 @@ def validate_body(fields: Dict[str, Tuple[Any, Any]], body: Any, present: bool) 
 
 
 # -- /generate: the GenerateReqInput dataclass (io_struct), the 0.5.23 contract (api_types) ---------
-_GEN_FIELDS: Dict[str, Any] = {  # the fields whose types matter here; the others are accepted as they are
+_GEN_FIELDS: dict[str, Any] = {  # the fields whose types matter here; the others are accepted as they are
     "rid": ("opt", ("union", "str", ("list", "str"))),
     "text": ("opt", ("union", ("list", "str"), "str")),
     "sampling_params": ("opt", ("union", ("list", ("dict", "str", "any")), ("dict", "str", "any"))),
@@ -384,7 +385,7 @@ _GEN_FIELDS: Dict[str, Any] = {  # the fields whose types matter here; the other
 }
 
 
-def _check_list_i64(value: Any) -> Optional[str]:
+def _check_list_i64(value: Any) -> str | None:
     """field_validators.validate_list_i64_1d."""
     if not isinstance(value, list):
         return f"must be list; got {type(value).__name__}"
@@ -400,7 +401,7 @@ def _check_list_i64(value: Any) -> Optional[str]:
     return None
 
 
-def _check_input_ids(value: Any) -> Optional[str]:
+def _check_input_ids(value: Any) -> str | None:
     """field_validators.validate_optional_list_i64_1d_2d (a PlainValidator): the error, or None."""
     if value is None:
         return None
@@ -419,13 +420,13 @@ def _check_input_ids(value: Any) -> Optional[str]:
     return f"elements must be int or list; got {type(value[0]).__name__}"
 
 
-def validate_generate_dataclass(body: Any, present: bool) -> Dict[str, Any]:
+def validate_generate_dataclass(body: Any, present: bool) -> dict[str, Any]:
     if not present:
         raise _validation_error([_perr("missing", (), "Field required", None)])
     if not isinstance(body, dict):
         raise _validation_error([_perr("dataclass_type", (), "Input should be a dictionary or an instance "
                                        "of GenerateReqInput", body)])
-    errors: List[Dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
     out = dict(body)
     for name, spec in _GEN_FIELDS.items():
         if name in body:
@@ -572,7 +573,7 @@ def _unknown_field(key: str, fields: Sequence[str]) -> ContractError:
     return ContractError(f"unknown field `{key}`, expected one of {listed}")
 
 
-def generate_contract_error(body: Any) -> Optional[str]:
+def generate_contract_error(body: Any) -> str | None:
     """sglang/srt/entrypoints/api_contract.py (0.5.23): the contract violation of a /generate body, or None.
     GenerateRequest ignores unknown keys; SamplingParams rejects them."""
     if not isinstance(body, dict):
@@ -599,7 +600,7 @@ _SRT_NUMERIC = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "fre
                 "presence_penalty", "repetition_penalty", "min_new_tokens", "n")
 
 
-def srt_sampling_params(raw: Dict[str, Any], version: str, vocab_size: Optional[int]) -> Dict[str, Any]:
+def srt_sampling_params(raw: dict[str, Any], version: str, vocab_size: int | None) -> dict[str, Any]:
     """SamplingParams(**kwargs), __post_init__ and verify(): the normalized parameters, a 500 for what
     raises TypeError (uncaught by http_server's generate handler), a 400 for verify's ValueErrors."""
     allowed = _SRT_SAMPLING_FIELDS + (("watermark",) if version != "0.5.20" else ())
@@ -663,7 +664,7 @@ def srt_sampling_params(raw: Dict[str, Any], version: str, vocab_size: Optional[
 # ==================================================================================================
 # The CPU wire format of pushed weights (see the module docstring)
 # ==================================================================================================
-def encode_cpu_bucket(named_tensors: Sequence[Tuple[str, Any]], *, kind: Optional[str] = CPU_WIRE_KIND) -> str:
+def encode_cpu_bucket(named_tensors: Sequence[tuple[str, Any]], *, kind: str | None = CPU_WIRE_KIND) -> str:
     """The wire string of one bucket (any mix of dtypes): what each serialized_named_tensors entry holds.
     The client's own encoder (liteppo_mcore/rollout/sglang/cpu_wire.py); `kind=None` leaves the marker out."""
     import io
@@ -680,7 +681,7 @@ def encode_cpu_bucket(named_tensors: Sequence[Tuple[str, Any]], *, kind: Optiona
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def decode_cpu_payload(data: bytes, load_format: Optional[str]) -> List[Tuple[str, Any]]:
+def decode_cpu_payload(data: bytes, load_format: str | None) -> list[tuple[str, Any]]:
     """Raw bytes of one entry (already base64-decoded by the HTTP layer) -> (name, tensor) pairs, as
     weight_updater `_update_weights_from_flattened_bucket` / FlattenedTensorBucket.reconstruct_tensors."""
     import io
@@ -698,7 +699,7 @@ def decode_cpu_payload(data: bytes, load_format: Optional[str]) -> List[Tuple[st
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - the real deserializer raises in the scheduler
-        raise _crash(f"cannot deserialize serialized_named_tensors entry: {type(exc).__name__}: {exc}")
+        raise _crash(f"cannot deserialize serialized_named_tensors entry: {type(exc).__name__}: {exc}") from exc
     if load_format == "flattened_bucket":
         if not isinstance(payload, dict) or "flattened_tensor" not in payload or "metadata" not in payload:
             raise _crash("load_format flattened_bucket needs {'flattened_tensor', 'metadata'}, got "
@@ -711,13 +712,13 @@ def decode_cpu_payload(data: bytes, load_format: Optional[str]) -> List[Tuple[st
                          "as uint8)")
         out = []
         for meta in payload["metadata"]:
-            get = (lambda k: meta[k]) if isinstance(meta, dict) else (lambda k: getattr(meta, k))
+            get = (lambda k, meta=meta: meta[k]) if isinstance(meta, dict) else (lambda k, meta=meta: getattr(meta, k))
             dtype = get("dtype")
             dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype))
             try:
                 tensor = flat[get("start_idx"):get("end_idx")].view(dtype).reshape(tuple(get("shape")))
             except RuntimeError as exc:
-                raise _crash(f"reconstructing {get('name')}: {exc}")
+                raise _crash(f"reconstructing {get('name')}: {exc}") from exc
             out.append((get("name"), tensor))
         return out
     if load_format in (None, "direct"):
@@ -737,21 +738,21 @@ class _FakeModel:
     """No model: tokens from the prompt, the seed and a digest of the pushed weights (0 before any)."""
 
     vocab_size = None
-    eos_token_ids: Tuple[int, ...] = ()
+    eos_token_ids: tuple[int, ...] = ()
     architecture = None
     context_len = 32768
 
-    def __init__(self, response_len: int, weights: Dict[str, Any]):
+    def __init__(self, response_len: int, weights: dict[str, Any]):
         self.response_len = response_len
-        self.tensors: Dict[str, Any] = {}
+        self.tensors: dict[str, Any] = {}
         self.values = dict(weights)   # /get_weights_by_name answers (legacy knob)
         self.digest = 0
         self.garbage = False
 
-    def param_names(self) -> List[str]:
+    def param_names(self) -> list[str]:
         return list(self.tensors) or list(self.values)
 
-    def load(self, named: Sequence[Tuple[str, Any]]) -> List[str]:
+    def load(self, named: Sequence[tuple[str, Any]]) -> list[str]:
         for name, tensor in named:
             self.tensors[name] = tensor.detach().clone()
             self.values[name] = tensor.detach().float().tolist()
@@ -763,11 +764,11 @@ class _FakeModel:
     def scramble(self) -> None:
         self.garbage = True
 
-    def weights_by_name(self, name: str, truncate: int) -> Optional[list]:
+    def weights_by_name(self, name: str, truncate: int) -> list | None:
         value = self.values.get(name)
         return None if value is None else value[:truncate]
 
-    def next_token(self, req: "_Req") -> Tuple[int, Optional[float]]:
+    def next_token(self, req: _Req) -> tuple[int, float | None]:
         k = len(req.out)
         if self.garbage:
             return -1, None
@@ -780,7 +781,7 @@ class _FakeModel:
 class _TorchModel:
     """A transformers causal LM of the family and shape of `model_path/config.json`, on the CPU."""
 
-    def __init__(self, model_path: str, dtype: str, seed: int, context_length: Optional[int]):
+    def __init__(self, model_path: str, dtype: str, seed: int, context_length: int | None):
         import torch
         import transformers
 
@@ -811,10 +812,10 @@ class _TorchModel:
         self.params = dict(self.model.named_parameters())
         self.garbage = False
 
-    def param_names(self) -> List[str]:
+    def param_names(self) -> list[str]:
         return list(self.params)
 
-    def load(self, named: Sequence[Tuple[str, Any]]) -> List[str]:
+    def load(self, named: Sequence[tuple[str, Any]]) -> list[str]:
         """Qwen2ForCausalLM/LlamaForCausalLM `load_weights` (sglang/srt/models/qwen2.py, llama.py): unknown
         names skipped with a warning, rotary buffers skipped, shapes asserted (default_weight_loader)."""
         import torch
@@ -847,7 +848,7 @@ class _TorchModel:
                 param.view(bits).copy_(noise.to(bits))
         self.garbage = True
 
-    def weights_by_name(self, name: str, truncate: int) -> Optional[list]:
+    def weights_by_name(self, name: str, truncate: int) -> list | None:
         """LlamaForCausalLM.get_weights_by_name (sglang/srt/models/llama.py); Qwen2/Qwen3 have none, so
         weight_exporter.get_weights_by_name returns None (400 "Get parameter by name failed")."""
         if self.architecture not in ("LlamaForCausalLM",):
@@ -859,7 +860,7 @@ class _TorchModel:
             return None
         return param.detach().float().tolist()[:truncate]
 
-    def next_token(self, req: "_Req") -> Tuple[int, Optional[float]]:
+    def next_token(self, req: _Req) -> tuple[int, float | None]:
         """One step of sglang/srt/layers/sampler.py on this model's logits."""
         import torch
 
@@ -912,15 +913,15 @@ class _TorchModel:
 # The server's state
 # ==================================================================================================
 class _Req:
-    def __init__(self, rid: str, prompt: List[int], sp: Dict[str, Any], return_logprob: bool, generator: Any):
+    def __init__(self, rid: str, prompt: list[int], sp: dict[str, Any], return_logprob: bool, generator: Any):
         self.rid, self.prompt, self.sp, self.return_logprob = rid, prompt, sp, return_logprob
         self.generator = generator
-        self.out: List[int] = []
-        self.logprobs: List[Optional[float]] = []
-        self.finish: Optional[Dict[str, Any]] = None
+        self.out: list[int] = []
+        self.logprobs: list[float | None] = []
+        self.finish: dict[str, Any] | None = None
         self.retractions = 0
         self.cached_tokens = 0
-        self.version_events: List[Tuple[str, int]] = []  # weight_versions.py WeightVersionEvent
+        self.version_events: list[tuple[str, int]] = []  # weight_versions.py WeightVersionEvent
         self.started = time.monotonic()
 
 
@@ -928,16 +929,16 @@ class StandIn:
     """The server's behaviour and its record of calls (see the module docstring)."""
 
     def __init__(self, *, healthy_after_s: float = 0.0, never_healthy: bool = False, delay_s: float = 0.0,
-                 fail: Optional[Dict[str, Tuple[int, int]]] = None, die_on: Optional[str] = None,
-                 exit_code: Optional[int] = None, version: str = DEFAULT_VERSION, tp_size: int = 1,
-                 answers: Optional[Dict[str, Any]] = None, weights: Optional[Dict[str, List[float]]] = None,
-                 response_len: int = 3, model_path: Optional[str] = None, enable_memory_saver: bool = False,
+                 fail: dict[str, tuple[int, int]] | None = None, die_on: str | None = None,
+                 exit_code: int | None = None, version: str = DEFAULT_VERSION, tp_size: int = 1,
+                 answers: dict[str, Any] | None = None, weights: dict[str, list[float]] | None = None,
+                 response_len: int = 3, model_path: str | None = None, enable_memory_saver: bool = False,
                  enable_weights_cpu_backup: bool = False, weight_version: str = "default",
                  disable_cuda_graph: bool = False, random_seed: int = 0, dtype: str = "auto",
-                 context_length: Optional[int] = None, token_delay_s: float = 0.0,
-                 health_check_timeout_s: Optional[float] = None,
-                 distributed_source: Optional[Callable[[List[str], List[str], List[List[int]]], List[Any]]] = None,
-                 server_args: Optional[Dict[str, Any]] = None, launch_command: Optional[str] = None):
+                 context_length: int | None = None, token_delay_s: float = 0.0,
+                 health_check_timeout_s: float | None = None,
+                 distributed_source: Callable[[list[str], list[str], list[list[int]]], list[Any]] | None = None,
+                 server_args: dict[str, Any] | None = None, launch_command: str | None = None):
         self.behaves_as = _behaviour_of(version)
         self.started = time.monotonic()
         self.startup_time = time.time()
@@ -976,35 +977,35 @@ class StandIn:
                             **dict(server_args or {})}
         self.launch_command = launch_command or "python -m sglang.launch_server"
         # -- record
-        self.calls: List[Tuple[str, Any]] = []
-        self.events: List[Dict[str, Any]] = []       # what happened (warnings, pushes, releases, ...)
-        self.state_file: Optional[str] = None         # process mode: state() written here after each event
+        self.calls: list[tuple[str, Any]] = []
+        self.events: list[dict[str, Any]] = []       # what happened (warnings, pushes, releases, ...)
+        self.state_file: str | None = None         # process mode: state() written here after each event
         self.weights_released_unpushed = False        # weights released (or resumed) and not pushed since
-        self.violations: List[Dict[str, Any]] = []   # what the real server would do wrong or crash on
-        self.generations: List[Dict[str, Any]] = []  # one record per finished request
+        self.violations: list[dict[str, Any]] = []   # what the real server would do wrong or crash on
+        self.generations: list[dict[str, Any]] = []  # one record per finished request
         # -- state
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
         self.model_lock = threading.Lock()
         self.tm_paused = False          # tokenizer_manager.is_pause
         self.engine_paused = False      # scheduler._engine_paused
-        self.pause_mode: Optional[str] = None
-        self.running: List[_Req] = []
-        self.waiting: List[_Req] = []
+        self.pause_mode: str | None = None
+        self.running: list[_Req] = []
+        self.waiting: list[_Req] = []
         self.readers = 0                # model_update_lock readers (requests in flight)
         self.stepping = 0               # generation steps being computed right now
         self.writers = 0
-        self.session: Optional[Dict[str, Any]] = None  # 0.5.23 weight-update session
+        self.session: dict[str, Any] | None = None  # 0.5.23 weight-update session
         self.offload_tags: set = set()
         self.stash_garbage = False      # released weights will come back as garbage
-        self.groups: Dict[str, Dict[str, Any]] = {}
+        self.groups: dict[str, dict[str, Any]] = {}
         self.tm_weight_version = weight_version     # tokenizer manager's (meta_info, /model_info)
         self.sched_weight_version = weight_version  # scheduler's (weight_versions spans)
         self.epoch = 0                  # bumps at every change of the weights' content
         self.param_state = {name: "initial" for name in self.model.param_names()}
-        self.tree_cache: List[Tuple[Tuple[int, ...], int]] = []  # (tokens, epoch) prefix-cache entries
+        self.tree_cache: list[tuple[tuple[int, ...], int]] = []  # (tokens, epoch) prefix-cache entries
         self.flush_pending = False
-        self.httpd: Optional[ThreadingHTTPServer] = None
+        self.httpd: ThreadingHTTPServer | None = None
         self._seed_counter = 0
 
     # -- lifecycle (thread mode) -------------------------------------------------------------------
@@ -1030,18 +1031,18 @@ class StandIn:
                 req.finish = req.finish or _abort_reason()
             self.cond.notify_all()
 
-    def paths(self) -> List[str]:
+    def paths(self) -> list[str]:
         with self.lock:
             return [path for path, _ in self.calls]
 
-    def payloads(self, path: str) -> List[Any]:
+    def payloads(self, path: str) -> list[Any]:
         with self.lock:
             return [payload for p, payload in self.calls if p == path]
 
-    def state(self) -> Dict[str, Any]:
+    def state(self) -> dict[str, Any]:
         """A JSON snapshot of the state and the records (also GET /_standin/state)."""
         with self.lock:
-            counts: Dict[str, int] = {}
+            counts: dict[str, int] = {}
             for value in self.param_state.values():
                 counts[value] = counts.get(value, 0) + 1
             return {"version": self.version, "behaves_as": self.behaves_as, "paused": self.tm_paused,
@@ -1090,7 +1091,7 @@ class StandIn:
         self._event("cache_flushed")
         return True
 
-    def _memory_fault(self, what: str, tags: Sequence[str] = MEMORY_TAGS) -> Optional[HTTPAnswer]:
+    def _memory_fault(self, what: str, tags: Sequence[str] = MEMORY_TAGS) -> HTTPAnswer | None:
         """Touching memory torch_memory_saver unmapped faults on the GPU; no saver, nothing is unmapped."""
         if not self.enable_memory_saver:
             return None
@@ -1101,7 +1102,7 @@ class StandIn:
         return _crash(f"{what} while {hit} memory is released (torch_memory_saver unmapped it; the GPU "
                       "faults): resume_memory_occupation first")
 
-    def _record_version_change(self, new_version: Optional[str]) -> None:
+    def _record_version_change(self, new_version: str | None) -> None:
         """scheduler.record_weight_version_change: live requests with output get an event."""
         if new_version is None or new_version == self.sched_weight_version:
             return
@@ -1136,7 +1137,7 @@ class StandIn:
                 self.cond.notify_all()
 
     # -- endpoints ---------------------------------------------------------------------------------
-    def routes(self) -> Dict[str, Tuple[Tuple[str, ...], Callable[..., Any]]]:
+    def routes(self) -> dict[str, tuple[tuple[str, ...], Callable[..., Any]]]:
         routes = {
             "/health": (("GET",), self.ep_health), "/health_generate": (("GET",), self.ep_health),
             "/ready": (("GET",), self.ep_ready),
@@ -1164,10 +1165,10 @@ class StandIn:
             routes["/end_weight_update"] = (("POST",), self.ep_end)
         return routes
 
-    def _parse(self, path: str, body: Any, present: bool) -> Dict[str, Any]:
+    def _parse(self, path: str, body: Any, present: bool) -> dict[str, Any]:
         return validate_body(self.schemas[path], body, present)
 
-    def injected_answer(self, path: str, body: Any, present: bool) -> Tuple[int, Any]:
+    def injected_answer(self, path: str, body: Any, present: bool) -> tuple[int, Any]:
         """The `answers` knob: the body is parsed as the real server parses it, then the injected answer
         is sent (400 when it says success: false, as the update endpoints do)."""
         if path in self.schemas:
@@ -1180,7 +1181,7 @@ class StandIn:
         answer = self.answers[path]
         return (400 if isinstance(answer, dict) and answer.get("success") is False else 200), answer
 
-    def ep_health(self, body: Any, query: Dict[str, str]) -> Tuple[int, Any]:
+    def ep_health(self, body: Any, query: dict[str, str]) -> tuple[int, Any]:
         """http_server health_generate: 503 while starting; else (SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION,
         default on) a one-token generation must get an answer within SGLANG_HEALTH_CHECK_TIMEOUT (20 s)."""
         if not self.healthy():
@@ -1198,10 +1199,10 @@ class StandIn:
             return 503, None
         return 200, None
 
-    def ep_ready(self, body: Any, query: Dict[str, str]) -> Tuple[int, Any]:
+    def ep_ready(self, body: Any, query: dict[str, str]) -> tuple[int, Any]:
         return (200 if self.healthy() and not self.tm_paused else 503), None
 
-    def ep_model_info(self, body: Any, query: Dict[str, str]) -> Tuple[int, Any]:
+    def ep_model_info(self, body: Any, query: dict[str, str]) -> tuple[int, Any]:
         """http_server model_info."""
         model = self.model
         info = {"model_path": self.model_path, "served_model_name": self.model_path,
@@ -1214,7 +1215,7 @@ class StandIn:
             info["disaggregation_mode"] = "null"
         return 200, info
 
-    def ep_server_info(self, body: Any, query: Dict[str, str]) -> Tuple[int, Any]:
+    def ep_server_info(self, body: Any, query: dict[str, str]) -> tuple[int, Any]:
         """http_server server_info: the resolved launch flags, the scheduler info, `version`."""
         info = {**self.server_args, "launch_command": self.launch_command,
                 "max_total_num_tokens": 4096, "max_req_input_len": self.model.context_len - 1,
@@ -1225,18 +1226,19 @@ class StandIn:
             info["frontend"] = "python"
         return 200, info
 
-    def ep_weight_version_gone(self, body: Any, query: Dict[str, str]) -> Tuple[int, Any]:
+    def ep_weight_version_gone(self, body: Any, query: dict[str, str]) -> tuple[int, Any]:
         """0.5.20 http_server weight_version: an HTTPException(404) through the ErrorResponse handler."""
         return 404, {"object": "error", "message": MSG_WEIGHT_VERSION_GONE, "type": "404", "param": None,
                      "code": 404}
 
-    def ep_flush_cache(self, body: Any, query: Dict[str, str]) -> Tuple[int, Any]:
+    def ep_flush_cache(self, body: Any, query: dict[str, str]) -> tuple[int, Any]:
         """http_server flush_cache + scheduler_components/flush_wrapper.py (text answers)."""
         try:
             timeout = float(query.get("timeout", "0") or 0)
         except ValueError:
             raise _validation_error([{"type": "float_parsing", "loc": ("query", "timeout"),
-                                      "msg": "Input should be a valid number", "input": query.get("timeout")}])
+                                      "msg": "Input should be a valid number",
+                                      "input": query.get("timeout")}]) from None
         if timeout < 0:
             raise _validation_error([{"type": "greater_than_equal", "loc": ("query", "timeout"),
                                       "msg": "Input should be greater than or equal to 0", "input": timeout}])
@@ -1256,7 +1258,7 @@ class StandIn:
             ok = self._flush()
         return (200, ("text", MSG_FLUSH_OK)) if ok else (400, ("text", MSG_FLUSH_FAILED))
 
-    def ep_pause(self, body: Any, query: Dict[str, str]) -> Tuple[int, Any]:
+    def ep_pause(self, body: Any, query: dict[str, str]) -> tuple[int, Any]:
         """tokenizer_manager.pause_generation + scheduler.pause_generation."""
         obj = self._parse("/pause_generation", body, query["__present__"] == "1")
         with self.cond:
@@ -1279,7 +1281,7 @@ class StandIn:
             self.cond.notify_all()
         return 200, {"message": "Generation paused successfully.", "status": "ok"}
 
-    def ep_continue(self, body: Any, query: Dict[str, str]) -> Tuple[int, Any]:
+    def ep_continue(self, body: Any, query: dict[str, str]) -> tuple[int, Any]:
         self._parse("/continue_generation", body, query["__present__"] == "1")
         with self.cond:
             self.tm_paused = False
@@ -1291,11 +1293,11 @@ class StandIn:
             self.cond.notify_all()
         return 200, {"message": "Generation continued successfully.", "status": "ok"}
 
-    def ep_begin(self, body: Any, query: Dict[str, str]) -> Tuple[int, Any]:
+    def ep_begin(self, body: Any, query: dict[str, str]) -> tuple[int, Any]:
         """0.5.23 weight_updater.begin_weight_update."""
         obj = self._parse("/begin_weight_update", body, query["__present__"] == "1")
 
-        def run() -> Tuple[int, Any]:
+        def run() -> tuple[int, Any]:
             if self.session is not None:
                 return 400, {"success": False, "message": MSG_SESSION_OPEN}
             self.session = {"selector": obj["selector"], "loaded_weights": False}
@@ -1303,10 +1305,10 @@ class StandIn:
             return 200, {"success": True, "message": "Success"}
         return self._update_section(run)
 
-    def ep_end(self, body: Any, query: Dict[str, str]) -> Tuple[int, Any]:
+    def ep_end(self, body: Any, query: dict[str, str]) -> tuple[int, Any]:
         self._parse("/end_weight_update", body, query["__present__"] == "1")
 
-        def run() -> Tuple[int, Any]:
+        def run() -> tuple[int, Any]:
             if self.session is None:
                 return 400, {"success": False, "message": MSG_SESSION_NONE}
             self.session = None
@@ -1314,7 +1316,7 @@ class StandIn:
             return 200, {"success": True, "message": "Success"}
         return self._update_section(run)
 
-    def _after_push(self, obj: Dict[str, Any], names: List[str], success_message: str) -> Tuple[int, Any]:
+    def _after_push(self, obj: dict[str, Any], names: list[str], success_message: str) -> tuple[int, Any]:
         """What follows a successful load (weight_updater): the version, then the flush the request asks."""
         self.epoch += 1
         if self.session is not None:
@@ -1332,14 +1334,14 @@ class StandIn:
         self._event("pushed", names=names, weight_version=obj.get("weight_version"), epoch=self.epoch)
         return (200 if success else 400), {"success": success, "message": message}
 
-    def ep_update_tensor(self, body: Any, query: Dict[str, str]) -> Tuple[int, Any]:
+    def ep_update_tensor(self, body: Any, query: dict[str, str]) -> tuple[int, Any]:
         """control_mixin.update_weights_from_tensor + weight_updater.update_weights_from_tensor."""
         obj = self._parse("/update_weights_from_tensor", body, query["__present__"] == "1")
         if obj["abort_all_requests"]:
             with self.cond:
                 self._abort_all()
 
-        def run() -> Tuple[int, Any]:
+        def run() -> tuple[int, Any]:
             if self.behaves_as != "0.5.20" and self.session is None:
                 return 400, {"success": False, "message": MSG_SESSION_TENSOR}
             entries = obj["serialized_named_tensors"]
@@ -1354,7 +1356,7 @@ class StandIn:
             return self._load(obj, ranks[0], "Success")
         return self._update_section(run)
 
-    def _check_ranks_agree(self, ranks: List[List[Tuple[str, Any]]]) -> None:
+    def _check_ranks_agree(self, ranks: list[list[tuple[str, Any]]]) -> None:
         import torch
 
         first = ranks[0]
@@ -1366,7 +1368,7 @@ class StandIn:
                 self._violation("tp_entries_differ", rank=rank,
                                 detail="TP ranks would load different weights: an incoherent model")
 
-    def _load(self, obj: Dict[str, Any], named: List[Tuple[str, Any]], message: str) -> Tuple[int, Any]:
+    def _load(self, obj: dict[str, Any], named: list[tuple[str, Any]], message: str) -> tuple[int, Any]:
         with self.model_lock:
             skipped = self.model.load(named)
         for name in skipped:
@@ -1378,14 +1380,14 @@ class StandIn:
             self.weights_released_unpushed = False
         return self._after_push(obj, names, message)
 
-    def ep_update_distributed(self, body: Any, query: Dict[str, str]) -> Tuple[int, Any]:
+    def ep_update_distributed(self, body: Any, query: dict[str, str]) -> tuple[int, Any]:
         """control_mixin.update_weights_from_distributed + weight_updater (receive, then load)."""
         obj = self._parse("/update_weights_from_distributed", body, query["__present__"] == "1")
         if obj["abort_all_requests"]:
             with self.cond:
                 self._abort_all()
 
-        def run() -> Tuple[int, Any]:
+        def run() -> tuple[int, Any]:
             if self.behaves_as != "0.5.20" and self.session is None:
                 return 400, {"success": False, "message": MSG_SESSION_DIST}
             group = obj["group_name"]
@@ -1417,7 +1419,7 @@ class StandIn:
             return self._load(obj, list(zip(names, tensors)), "Succeeded to update parameter online.")
         return self._update_section(run)
 
-    def ep_init_group(self, body: Any, query: Dict[str, str]) -> Tuple[int, Any]:
+    def ep_init_group(self, body: Any, query: dict[str, str]) -> tuple[int, Any]:
         obj = self._parse("/init_weights_update_group", body, query["__present__"] == "1")
         if obj["group_name"] == "":
             raise _crash("AssertionError: Group name cannot be empty")
@@ -1426,14 +1428,14 @@ class StandIn:
             self._event("group_init", group=obj["group_name"], rank_offset=obj["rank_offset"])
         return 200, {"success": True, "message": "Succeeded to initialize custom process group."}
 
-    def ep_destroy_group(self, body: Any, query: Dict[str, str]) -> Tuple[int, Any]:
+    def ep_destroy_group(self, body: Any, query: dict[str, str]) -> tuple[int, Any]:
         obj = self._parse("/destroy_weights_update_group", body, query["__present__"] == "1")
         with self.cond:
             if self.groups.pop(obj["group_name"], None) is None:
                 return 400, {"success": False, "message": "The group to be destroyed does not exist."}
         return 200, {"success": True, "message": "Succeeded to destroy custom process group."}
 
-    def ep_update_weight_version(self, body: Any, query: Dict[str, str]) -> Tuple[int, Any]:
+    def ep_update_weight_version(self, body: Any, query: dict[str, str]) -> tuple[int, Any]:
         """http_server update_weight_version (abort_all_requests defaults to True)."""
         obj = self._parse("/update_weight_version", body, query["__present__"] == "1")
         with self.cond:
@@ -1444,7 +1446,7 @@ class StandIn:
         return 200, {"success": True, "message": f"Weight version updated to {obj['new_version']}",
                      "new_version": obj["new_version"]}
 
-    def ep_get_weights(self, body: Any, query: Dict[str, str]) -> Tuple[int, Any]:
+    def ep_get_weights(self, body: Any, query: dict[str, str]) -> tuple[int, Any]:
         """http_server get_weights_by_name: the parameter's values, 400 "Get parameter by name failed"."""
         obj = self._parse("/get_weights_by_name", body, query["__present__"] == "1")
         with self.cond:
@@ -1457,7 +1459,7 @@ class StandIn:
             raise _error_response(400, "Get parameter by name failed")
         return 200, values
 
-    def ep_release(self, body: Any, query: Dict[str, str]) -> Tuple[int, Any]:
+    def ep_release(self, body: Any, query: dict[str, str]) -> tuple[int, Any]:
         """weight_updater.release_memory_occupation (answer: null)."""
         obj = self._parse("/release_memory_occupation", body, query["__present__"] == "1")
         with self.cond:
@@ -1476,7 +1478,7 @@ class StandIn:
             self._event("released", tags=list(tags))
         return 200, None
 
-    def ep_resume(self, body: Any, query: Dict[str, str]) -> Tuple[int, Any]:
+    def ep_resume(self, body: Any, query: dict[str, str]) -> tuple[int, Any]:
         """weight_updater.resume_memory_occupation: resuming a tag not released is a KeyError."""
         obj = self._parse("/resume_memory_occupation", body, query["__present__"] == "1")
         with self.cond:
@@ -1503,7 +1505,7 @@ class StandIn:
             self._event("resumed", tags=list(tags))
         return 200, None
 
-    def ep_abort(self, body: Any, query: Dict[str, str]) -> Tuple[int, Any]:
+    def ep_abort(self, body: Any, query: dict[str, str]) -> tuple[int, Any]:
         obj = self._parse("/abort_request", body, query["__present__"] == "1")
         with self.cond:
             if obj["abort_all"]:
@@ -1518,7 +1520,7 @@ class StandIn:
         return 200, ("text", "")
 
     # -- /generate -----------------------------------------------------------------------------------
-    def ep_generate(self, body: Any, query: Dict[str, str]) -> Tuple[int, Any]:
+    def ep_generate(self, body: Any, query: dict[str, str]) -> tuple[int, Any]:
         present = query["__present__"] == "1"
         obj = validate_generate_dataclass(body, present)
         if self.behaves_as != "0.5.20":
@@ -1544,7 +1546,7 @@ class StandIn:
         answers = [self._answer(req) for req in reqs]
         return 200, (answers[0] if single else answers)
 
-    def _normalize(self, obj: Dict[str, Any]) -> Tuple[bool, List[List[int]], List[Dict[str, Any]]]:
+    def _normalize(self, obj: dict[str, Any]) -> tuple[bool, list[list[int]], list[dict[str, Any]]]:
         """GenerateReqInput.normalize_batch_and_arguments and the tokenizer manager's checks."""
         if obj.get("text") is None and obj.get("input_ids") is None and obj.get("input_embeds") is None:
             raise _error_response(400, "Either text, input_ids or input_embeds should be provided.")
@@ -1597,7 +1599,7 @@ class StandIn:
             normalized = [sp for sp in normalized for _ in range(n)]
         return single, prompts, normalized
 
-    def _admit(self, prompts: List[List[int]], params: List[Dict[str, Any]], obj: Dict[str, Any]) -> List[_Req]:
+    def _admit(self, prompts: list[list[int]], params: list[dict[str, Any]], obj: dict[str, Any]) -> list[_Req]:
         import torch
 
         return_logprob = obj.get("return_logprob")
@@ -1619,7 +1621,7 @@ class StandIn:
             self.cond.notify_all()
         return reqs
 
-    def _match_prefix(self, prompt: List[int]) -> int:
+    def _match_prefix(self, prompt: list[int]) -> int:
         """The radix cache's longest cached prefix (at most len - 1 tokens); one cached under older weights
         is stale KV, which the real server would reuse silently."""
         best, best_epoch = 0, self.epoch
@@ -1636,7 +1638,7 @@ class StandIn:
                             detail="KV computed with older weights reused (no flush after the push)")
         return best
 
-    def _run(self, reqs: List[_Req]) -> None:
+    def _run(self, reqs: list[_Req]) -> None:
         """Step the requests of one /generate until each finishes (scheduler event loop, one step each)."""
         while True:
             with self.cond:
@@ -1676,7 +1678,7 @@ class StandIn:
         with self.cond:
             self._drop(reqs)
 
-    def _drop(self, reqs: List[_Req]) -> None:
+    def _drop(self, reqs: list[_Req]) -> None:
         self.running = [r for r in self.running if r not in reqs]
         self.waiting = [r for r in self.waiting if r not in reqs]
         self.cond.notify_all()
@@ -1713,11 +1715,11 @@ class StandIn:
             self._violation("generated_on_garbage_weights", rid=req.rid,
                             detail="weights released without --enable-weights-cpu-backup and not pushed since")
 
-    def _answer(self, req: _Req) -> Dict[str, Any]:
+    def _answer(self, req: _Req) -> dict[str, Any]:
         """tokenizer_manager._handle_batch_output (BatchTokenIDOutput, non-streaming)."""
         finish = req.finish or _abort_reason()
         spans = _weight_version_spans(req.version_events, self.sched_weight_version, len(req.out))
-        meta: Dict[str, Any] = {"id": req.rid, "finish_reason": finish, "prompt_tokens": len(req.prompt),
+        meta: dict[str, Any] = {"id": req.rid, "finish_reason": finish, "prompt_tokens": len(req.prompt),
                                 "weight_version": self.tm_weight_version, "num_retractions": req.retractions}
         if req.return_logprob:
             meta["input_token_logprobs"] = []
@@ -1731,18 +1733,18 @@ class StandIn:
         return {"output_ids": list(req.out), "meta_info": meta}
 
 
-def _abort_reason() -> Dict[str, Any]:
+def _abort_reason() -> dict[str, Any]:
     """schedule_batch FINISH_ABORT().to_json()."""
     return {"type": "abort", "message": "Aborted", "status_code": None, "err_type": None}
 
 
-def _finite(value: Optional[float]) -> Optional[float]:
+def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None  # orjson writes NaN as null
 
 
-def _weight_version_spans(events: List[Tuple[str, int]], current: str, n: int) -> List[Dict[str, Any]]:
+def _weight_version_spans(events: list[tuple[str, int]], current: str, n: int) -> list[dict[str, Any]]:
     """sglang/srt/utils/weight_versions.py compute_weight_version_spans."""
-    spans: List[Dict[str, Any]] = []
+    spans: list[dict[str, Any]] = []
     for version, end in events + [(current, n)]:
         end = min(end, n)
         if spans and end <= spans[-1]["end"]:
@@ -1847,7 +1849,7 @@ class _Handler(BaseHTTPRequestHandler):
             status, body = 500, {"error": {"message": f"stand-in internal error: {type(exc).__name__}: {exc}"}}
         self._send(status, body)
 
-    def _send(self, status: int, body: Any, allow: Optional[str] = None) -> None:
+    def _send(self, status: int, body: Any, allow: str | None = None) -> None:
         if isinstance(body, tuple) and len(body) == 2 and body[0] == "text":
             data, kind = body[1].encode(), "text/plain; charset=utf-8"
         elif body is None and status in (200, 503) and self.path.split("?")[0] in (
@@ -1880,9 +1882,9 @@ class _Handler(BaseHTTPRequestHandler):
 # ==================================================================================================
 # Process mode
 # ==================================================================================================
-def _recorded_flags(argv: Sequence[str]) -> Dict[str, Any]:
+def _recorded_flags(argv: Sequence[str]) -> dict[str, Any]:
     """Every `--flag [value]` of the command line, as ServerArgs fields (dashes -> underscores)."""
-    out: Dict[str, Any] = {}
+    out: dict[str, Any] = {}
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -1908,7 +1910,7 @@ def _recorded_flags(argv: Sequence[str]) -> Dict[str, Any]:
     return out
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description="A stand-in for python -m sglang.launch_server (tests only)")
     parser.add_argument("--port", type=int, required=True)

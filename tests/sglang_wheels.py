@@ -48,8 +48,9 @@ import tempfile
 import threading
 import types
 import zipfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Any
 
 SUPPORTED_VERSIONS = ("0.5.20", "0.5.23")  # the lowest and highest of pyproject's sglang>=0.5.20,<0.6
 CACHE_ENV = "LITEPPO_SGLANG_WHEEL_CACHE"
@@ -87,16 +88,16 @@ class SGLangSourceError(RuntimeError):
 
 # -- download and cache ---------------------------------------------------------------------------
 
-def wheels_required(env: Optional[Dict[str, str]] = None) -> bool:
+def wheels_required(env: dict[str, str] | None = None) -> bool:
     return (env if env is not None else os.environ).get(REQUIRE_ENV, "") not in ("", "0")
 
 
-def cache_dir(env: Optional[Dict[str, str]] = None) -> Path:
+def cache_dir(env: dict[str, str] | None = None) -> Path:
     configured = (env if env is not None else os.environ).get(CACHE_ENV, "")
     return Path(configured).expanduser() if configured else DEFAULT_CACHE.expanduser()
 
 
-def _wheel_version(zf: zipfile.ZipFile) -> Optional[str]:
+def _wheel_version(zf: zipfile.ZipFile) -> str | None:
     for name in zf.namelist():
         if name.endswith(".dist-info/METADATA") and name.count("/") == 1:
             for line in zf.read(name).decode(errors="replace").splitlines():
@@ -115,7 +116,7 @@ def _usable(path: Path, version: str) -> bool:
         return False
 
 
-def cached_wheel(version: str, directory: Optional[Path] = None, validate: bool = False) -> Optional[Path]:
+def cached_wheel(version: str, directory: Path | None = None, validate: bool = False) -> Path | None:
     """The cached wheel of `version`, or None. With `validate`, a corrupt or mismatched file is removed
     (otherwise `SGLangSource` checks the file it opens)."""
     directory = directory or cache_dir()
@@ -127,7 +128,7 @@ def cached_wheel(version: str, directory: Optional[Path] = None, validate: bool 
     return None
 
 
-def _pip_download(version: str, dest: str, extra: Sequence[str], timeout_s: float) -> Tuple[int, str]:
+def _pip_download(version: str, dest: str, extra: Sequence[str], timeout_s: float) -> tuple[int, str]:
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--disable-pip-version-check", "--no-input", "--progress-bar", "off",
                "--timeout", "30", "--retries", "2", "-d", dest, *extra, f"sglang=={version}"]
@@ -141,7 +142,7 @@ def _pip_download(version: str, dest: str, extra: Sequence[str], timeout_s: floa
     return done.returncode, done.stdout
 
 
-def download_wheel(version: str, directory: Optional[Path] = None,
+def download_wheel(version: str, directory: Path | None = None,
                    timeout_s: float = DOWNLOAD_TIMEOUT_S) -> Path:
     """The wheel of `version` in the cache, downloaded with `pip download --no-deps` when missing."""
     directory = directory or cache_dir()
@@ -200,12 +201,12 @@ def _summary(output: str) -> str:
     return " ".join(line[:300] for line in picked)
 
 
-_SOURCES: Dict[str, "SGLangSource"] = {}
-_FAILURES: Dict[str, SGLangWheelUnavailable] = {}
+_SOURCES: dict[str, SGLangSource] = {}
+_FAILURES: dict[str, SGLangWheelUnavailable] = {}
 _LOCK = threading.Lock()
 
 
-def source(version: str) -> "SGLangSource":
+def source(version: str) -> SGLangSource:
     """The parsed source of SGLang `version` (downloaded once per process; a failure is remembered)."""
     with _LOCK:
         if version in _SOURCES:
@@ -229,7 +230,7 @@ def source(version: str) -> "SGLangSource":
         return opened
 
 
-def source_for_test(version: str) -> "SGLangSource":
+def source_for_test(version: str) -> SGLangSource:
     """`source(version)`, or pytest.skip with the reason (pytest.fail when LITEPPO_REQUIRE_SGLANG_WHEELS=1)."""
     import pytest
 
@@ -258,7 +259,7 @@ class Field:
 
     name: str
     annotation: str
-    default: Optional[str]  # source of the default, "factory:<src>" for a default_factory; None: required
+    default: str | None  # source of the default, "factory:<src>" for a default_factory; None: required
     owner: str              # the class that declares it
     line: int
 
@@ -272,10 +273,10 @@ class Route:
     """One registered HTTP route of http_server.py."""
 
     path: str
-    methods: FrozenSet[str]
+    methods: frozenset[str]
     handler: str
-    body: Optional[str]           # the request class the handler parses its JSON body into
-    query: Tuple[str, ...]        # query parameters (FastAPI Query(...))
+    body: str | None           # the request class the handler parses its JSON body into
+    query: tuple[str, ...]        # query parameters (FastAPI Query(...))
     deprecated: bool              # the handler's docstring says so
     line: int
 
@@ -285,16 +286,16 @@ class Flag:
     """One command-line flag of `python -m sglang.launch_server`."""
 
     dest: str                     # the ServerArgs field it sets
-    names: Tuple[str, ...]        # the flag and its aliases
+    names: tuple[str, ...]        # the flag and its aliases
     kind: str                     # "store_true", "value", "list" (nargs +) or "action" (custom action)
-    nargs: Optional[str]
+    nargs: str | None
     value_type: str               # "int", "float" or "str" (what argparse converts the value with)
     required: bool
-    choices: Optional[Tuple[Any, ...]]
+    choices: tuple[Any, ...] | None
     origin: str                   # "field" (auto-derived from a ServerArgs field) or "manual"
 
 
-def _const_str(node: ast.AST) -> Optional[str]:
+def _const_str(node: ast.AST) -> str | None:
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
         return node.value
     return None
@@ -312,14 +313,14 @@ def _call_name(node: ast.AST) -> str:
     return ".".join(reversed(parts))
 
 
-def _keyword(call: ast.Call, name: str) -> Optional[ast.AST]:
+def _keyword(call: ast.Call, name: str) -> ast.AST | None:
     for kw in call.keywords:
         if kw.arg == name:
             return kw.value
     return None
 
 
-def _literal(node: Optional[ast.AST]) -> Any:
+def _literal(node: ast.AST | None) -> Any:
     if node is None:
         return None
     try:
@@ -328,7 +329,7 @@ def _literal(node: Optional[ast.AST]) -> Any:
         return None
 
 
-def _unwrap_annotated(node: ast.AST) -> Tuple[ast.AST, List[ast.AST]]:
+def _unwrap_annotated(node: ast.AST) -> tuple[ast.AST, list[ast.AST]]:
     """(inner annotation, metadata) of `Annotated[T, ...]` / `A[T, ...]`; (node, []) otherwise."""
     if isinstance(node, ast.Subscript) and _call_name(node.value).split(".")[-1] in ("Annotated", "A"):
         elts = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
@@ -336,7 +337,7 @@ def _unwrap_annotated(node: ast.AST) -> Tuple[ast.AST, List[ast.AST]]:
     return node, []
 
 
-def _unwrap_optional(node: ast.AST) -> Tuple[ast.AST, bool]:
+def _unwrap_optional(node: ast.AST) -> tuple[ast.AST, bool]:
     if isinstance(node, ast.Subscript) and _call_name(node.value).split(".")[-1] == "Optional":
         return node.slice, True
     members = _union_members(node)
@@ -347,7 +348,7 @@ def _unwrap_optional(node: ast.AST) -> Tuple[ast.AST, bool]:
     return node, False
 
 
-def _union_members(node: ast.AST) -> Optional[List[ast.AST]]:
+def _union_members(node: ast.AST) -> list[ast.AST] | None:
     if isinstance(node, ast.Subscript) and _call_name(node.value).split(".")[-1] == "Union":
         return list(node.slice.elts) if isinstance(node.slice, ast.Tuple) else [node.slice]
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
@@ -355,15 +356,15 @@ def _union_members(node: ast.AST) -> Optional[List[ast.AST]]:
     return None
 
 
-def _class_fields(tree: ast.Module, name: str, path: str) -> Dict[str, Field]:
+def _class_fields(tree: ast.Module, name: str, path: str) -> dict[str, Field]:
     """Annotated fields of class `name` in `tree`, those of its same-module bases first."""
     classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
     if name not in classes:
         raise SGLangSourceError(f"{path} defines no class {name}")
 
-    def collect(cls_name: str, seen: Tuple[str, ...]) -> Dict[str, Field]:
+    def collect(cls_name: str, seen: tuple[str, ...]) -> dict[str, Field]:
         node = classes[cls_name]
-        fields: Dict[str, Field] = {}
+        fields: dict[str, Field] = {}
         for base in node.bases:
             base_name = _call_name(base)
             if base_name in classes and base_name not in seen:
@@ -375,7 +376,7 @@ def _class_fields(tree: ast.Module, name: str, path: str) -> Dict[str, Field]:
                     isinstance(stmt.annotation, ast.Subscript)
                     and _call_name(stmt.annotation.value).split(".")[-1] == "ClassVar"):
                 continue
-            default: Optional[str]
+            default: str | None
             value = stmt.value
             if value is None:
                 default = None
@@ -402,8 +403,8 @@ class SGLangSource:
         self._zip = zipfile.ZipFile(self.wheel)  # kept open: reading its directory is the slow part
         self._zip_lock = threading.Lock()
         self.names = frozenset(self._zip.namelist())
-        self._text: Dict[str, str] = {}
-        self._trees: Dict[str, ast.Module] = {}
+        self._text: dict[str, str] = {}
+        self._trees: dict[str, ast.Module] = {}
         found = _wheel_version(self._zip)
         if HTTP_SERVER not in self.names or found != version:
             self._zip.close()
@@ -432,18 +433,18 @@ class SGLangSource:
             self._trees[path] = ast.parse(self.read(path), filename=self.where(path))
         return self._trees[path]
 
-    def metadata_version(self) -> Optional[str]:
+    def metadata_version(self) -> str | None:
         with self._zip_lock:
             return _wheel_version(self._zip)
 
     # (a) routes --------------------------------------------------------------------------------
     @functools.cached_property
-    def routes(self) -> List[Route]:
+    def routes(self) -> list[Route]:
         tree = self.tree(HTTP_SERVER)
         functions = {n.name: n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
-        routes: List[Route] = []
+        routes: list[Route] = []
 
-        def paths_of(node: ast.AST, env: Dict[str, List[str]]) -> List[str]:
+        def paths_of(node: ast.AST, env: dict[str, list[str]]) -> list[str]:
             text = _const_str(node)
             if text is not None:
                 return [text]
@@ -454,7 +455,7 @@ class SGLangSource:
                     return [_const_str(node.args[1])]
             return []
 
-        def register(call: ast.Call, handler: Optional[ast.AST], env: Dict[str, List[str]], line: int) -> None:
+        def register(call: ast.Call, handler: ast.AST | None, env: dict[str, list[str]], line: int) -> None:
             verb = call.func.attr
             path_node = call.args[0] if call.args else _keyword(call, "path")
             if path_node is None:
@@ -480,7 +481,7 @@ class SGLangSource:
             return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                     and node.func.attr in verbs and _call_name(node.func.value) in ("app", "router"))
 
-        def visit(node: ast.AST, env: Dict[str, List[str]]) -> None:
+        def visit(node: ast.AST, env: dict[str, list[str]]) -> None:
             if isinstance(node, ast.For) and isinstance(node.target, ast.Name):
                 values = _literal(node.iter)
                 if isinstance(values, (list, tuple)) and all(isinstance(v, str) for v in values):
@@ -501,7 +502,7 @@ class SGLangSource:
         visit(tree, {})
         return routes
 
-    def _handler_inputs(self, fn: Optional[ast.AST]) -> Tuple[Optional[str], Tuple[str, ...]]:
+    def _handler_inputs(self, fn: ast.AST | None) -> tuple[str | None, tuple[str, ...]]:
         if fn is None:
             return None, ()
         args = fn.args.args + fn.args.kwonlyargs
@@ -521,28 +522,28 @@ class SGLangSource:
                 body = name.split(".")[-1]
         return body, tuple(query)
 
-    def route(self, path: str) -> List[Route]:
+    def route(self, path: str) -> list[Route]:
         """Every registration of `path` (a path may be registered once per method)."""
         return [r for r in self.routes if r.path == path]
 
-    def methods(self, path: str) -> FrozenSet[str]:
+    def methods(self, path: str) -> frozenset[str]:
         return frozenset(m for r in self.route(path) for m in r.methods)
 
-    def route_for(self, method: str, path: str) -> Optional[Route]:
+    def route_for(self, method: str, path: str) -> Route | None:
         for r in self.route(path):
             if method.upper() in r.methods:
                 return r
         return None
 
     # (b) request classes -----------------------------------------------------------------------
-    def class_fields(self, path: str, name: str) -> Dict[str, Field]:
+    def class_fields(self, path: str, name: str) -> dict[str, Field]:
         return _class_fields(self.tree(path), name, path)
 
-    def classes(self, path: str) -> List[str]:
+    def classes(self, path: str) -> list[str]:
         return [n.name for n in self.tree(path).body if isinstance(n, ast.ClassDef)]
 
     @functools.cached_property
-    def req_inputs(self) -> Dict[str, Dict[str, Field]]:
+    def req_inputs(self) -> dict[str, dict[str, Field]]:
         """Every `*ReqInput` class of io_struct.py -> its fields (base-class fields included)."""
         return {name: self.class_fields(IO_STRUCT, name) for name in self.classes(IO_STRUCT)
                 if name.endswith("ReqInput")}
@@ -566,11 +567,11 @@ class SGLangSource:
 
     # (c) sampling params -----------------------------------------------------------------------
     @functools.cached_property
-    def sampling_params(self) -> Dict[str, Field]:
+    def sampling_params(self) -> dict[str, Field]:
         return self.class_fields(SAMPLING_PARAMS, "SamplingParams")
 
     @functools.cached_property
-    def sampling_params_api(self) -> Dict[str, Field]:
+    def sampling_params_api(self) -> dict[str, Field]:
         """The fields callers set: those before SamplingParams' "Internal fields" comment (all of them
         when there is no such comment)."""
         node = next(n for n in self.tree(SAMPLING_PARAMS).body
@@ -581,15 +582,15 @@ class SGLangSource:
         return {k: f for k, f in self.sampling_params.items() if marker is None or f.line < marker}
 
     # (d) server arguments ----------------------------------------------------------------------
-    def _server_args_sources(self) -> List[Tuple[str, str]]:
+    def _server_args_sources(self) -> list[tuple[str, str]]:
         """(module path, class) of every class ServerArgs collects its fields from, ServerArgs last."""
         tree = self.tree(SERVER_ARGS)
-        imported: Dict[str, str] = {}
+        imported: dict[str, str] = {}
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 for alias in node.names:
                     imported[alias.asname or alias.name] = node.module
-        sources: List[Tuple[str, str]] = []
+        sources: list[tuple[str, str]] = []
         for node in tree.body:
             if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
                     and node.targets[0].id == "_INPUT_NAMESPACES" and isinstance(node.value, (ast.List, ast.Tuple))):
@@ -602,9 +603,9 @@ class SGLangSource:
         return sources
 
     @functools.cached_property
-    def server_args_fields(self) -> Dict[str, Tuple[Field, ast.AST]]:
+    def server_args_fields(self) -> dict[str, tuple[Field, ast.AST]]:
         """Every ServerArgs field -> (Field, its annotation node)."""
-        out: Dict[str, Tuple[Field, ast.AST]] = {}
+        out: dict[str, tuple[Field, ast.AST]] = {}
         for path, cls in self._server_args_sources():
             tree = self.tree(path)
             node = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls), None)
@@ -618,13 +619,13 @@ class SGLangSource:
         return out
 
     @functools.cached_property
-    def cli_flags(self) -> Dict[str, Flag]:
+    def cli_flags(self) -> dict[str, Flag]:
         """Every flag `ServerArgs.add_cli_args` registers (each alias too) -> its `Flag`.
 
         Fields follow `add_cli_args_from_dataclass`: a field annotated `A[T, "help"]` or
         `A[T, Arg(...)]` becomes `Arg.cli_name or "--" + name.replace("_", "-")` plus `Arg.aliases`,
         unless `Arg(no_cli=True)`; bool -> store_true, List[...] -> nargs "+", else one value."""
-        flags: Dict[str, Flag] = {}
+        flags: dict[str, Flag] = {}
         for name, (field, annotation) in self.server_args_fields.items():
             flag = _field_flag(name, field, annotation)
             if flag is not None:
@@ -635,7 +636,7 @@ class SGLangSource:
                 flags[alias] = flag
         return flags
 
-    def _manual_flags(self) -> List[Flag]:
+    def _manual_flags(self) -> list[Flag]:
         tree = self.tree(SERVER_ARGS)
         cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ServerArgs")
         method = next((n for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
@@ -677,12 +678,12 @@ class SGLangSource:
         abbreviations are refused, errors raise ValueError."""
         parser = _RaisingParser(prog=f"sglang {self.version} launch_server", add_help=False, allow_abbrev=False,
                                 conflict_handler="resolve")
-        done: Set[int] = set()
+        done: set[int] = set()
         for flag in self.cli_flags.values():
             if id(flag) in done:
                 continue
             done.add(id(flag))
-            kwargs: Dict[str, Any] = {"dest": flag.dest}
+            kwargs: dict[str, Any] = {"dest": flag.dest}
             if flag.kind == "store_true":
                 kwargs["action"] = "store_true"
             elif flag.kind == "action":
@@ -698,14 +699,14 @@ class SGLangSource:
         return parser
 
     # (e) what /generate answers ------------------------------------------------------------------
-    def _answer_files(self) -> List[str]:
+    def _answer_files(self) -> list[str]:
         return [p for p in (TOKENIZER_MANAGER, DETOKENIZER_MANAGER) if self.has(p)]
 
     @functools.cached_property
-    def meta_info_keys(self) -> FrozenSet[str]:
+    def meta_info_keys(self) -> frozenset[str]:
         """Keys the server writes into an answer's `meta_info`: `meta_info["k"] = ...`,
         `meta_info = {"k": ...}` and `meta_info.update({...} / k=...)`."""
-        keys: Set[str] = set()
+        keys: set[str] = set()
         for path in self._answer_files():
             for node in ast.walk(self.tree(path)):
                 targets = node.targets if isinstance(node, ast.Assign) else (
@@ -727,9 +728,9 @@ class SGLangSource:
         return frozenset(keys)
 
     @functools.cached_property
-    def response_keys(self) -> FrozenSet[str]:
+    def response_keys(self) -> frozenset[str]:
         """Top-level keys of the answers built next to a "meta_info" key (the /generate items)."""
-        keys: Set[str] = set()
+        keys: set[str] = set()
         for path in self._answer_files():
             for node in ast.walk(self.tree(path)):
                 if isinstance(node, ast.Dict):
@@ -739,15 +740,15 @@ class SGLangSource:
         return frozenset(keys)
 
     @functools.cached_property
-    def finish_reasons(self) -> Dict[str, FrozenSet[str]]:
+    def finish_reasons(self) -> dict[str, frozenset[str]]:
         """The finish-reason classes' JSON (`to_json`) -> {class: keys}, with their "type" values in
         `finish_reason_types`."""
-        out: Dict[str, FrozenSet[str]] = {}
+        out: dict[str, frozenset[str]] = {}
         for node in self.tree(SCHEDULE_BATCH).body:
             if isinstance(node, ast.ClassDef) and node.name.startswith(("FINISH", "FINISHED")):
                 for fn in node.body:
                     if isinstance(fn, ast.FunctionDef) and fn.name == "to_json":
-                        keys: Set[str] = set()
+                        keys: set[str] = set()
                         for d in ast.walk(fn):
                             if isinstance(d, ast.Dict):
                                 keys.update(k for k in map(_const_str, [k for k in d.keys if k]) if k)
@@ -755,8 +756,8 @@ class SGLangSource:
         return out
 
     @functools.cached_property
-    def finish_reason_types(self) -> FrozenSet[str]:
-        types_: Set[str] = set()
+    def finish_reason_types(self) -> frozenset[str]:
+        types_: set[str] = set()
         for node in self.tree(SCHEDULE_BATCH).body:
             if isinstance(node, ast.ClassDef) and node.name.startswith(("FINISH", "FINISHED")):
                 for d in ast.walk(node):
@@ -766,7 +767,7 @@ class SGLangSource:
                                 types_.add(_const_str(v))
         return frozenset(types_)
 
-    def logprob_entry_order(self) -> Tuple[str, ...]:
+    def logprob_entry_order(self) -> tuple[str, ...]:
         """Where each element of an `output_token_logprobs` entry comes from, when the server does not
         decode text (our servers run --skip-tokenizer-init): e.g. ("token_logprobs_val",
         "token_logprobs_idx", "None") for `(logprob, token_id, None)`."""
@@ -791,13 +792,13 @@ class SGLangSource:
         raise SGLangSourceError(f"{TOKENIZER_MANAGER}: cannot read the order of a log-prob entry")
 
     # server info --------------------------------------------------------------------------------
-    def server_info_keys(self) -> Tuple[FrozenSet[str], bool]:
+    def server_info_keys(self) -> tuple[frozenset[str], bool]:
         """(explicit keys of /server_info's answer, whether it spreads the server arguments into it)."""
         fn = next((n for n in ast.walk(self.tree(HTTP_SERVER)) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
                    and n.name == "server_info"), None)
         if fn is None:
             raise SGLangSourceError(f"{HTTP_SERVER} has no server_info handler")
-        keys: Set[str] = set()
+        keys: set[str] = set()
         spreads_args = False
         for d in ast.walk(fn):
             if isinstance(d, ast.Dict):
@@ -809,12 +810,12 @@ class SGLangSource:
         return frozenset(keys), spreads_args
 
     # weight-update sessions ---------------------------------------------------------------------
-    def session_guards(self) -> Dict[str, str]:
+    def session_guards(self) -> dict[str, str]:
         """Scheduler weight-updater methods refused outside a begin/end_weight_update session ->
         the refusal message."""
         if not self.has(SCHEDULER_WEIGHT_UPDATER):
             return {}
-        out: Dict[str, str] = {}
+        out: dict[str, str] = {}
         for fn in ast.walk(self.tree(SCHEDULER_WEIGHT_UPDATER)):
             if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
@@ -826,7 +827,7 @@ class SGLangSource:
                     out[fn.name] = "".join(texts)
         return out
 
-    def sampling_seed_needs_deterministic(self) -> Optional[bool]:
+    def sampling_seed_needs_deterministic(self) -> bool | None:
         """True when the per-request sampling_seed reaches the sampler only under deterministic
         inference (an `... if enable_deterministic... else None` around it); None when not found."""
         if not self.has(SAMPLING_BATCH_INFO):
@@ -837,7 +838,7 @@ class SGLangSource:
                 return "deterministic" in ast.unparse(node.value.test)
         return None
 
-    def weight_version_recorders(self) -> FrozenSet[str]:
+    def weight_version_recorders(self) -> frozenset[str]:
         """Tokenizer-side methods that adopt an update request's `weight_version` (the value every later
         /generate answer reports in meta_info.weight_version)."""
         path = "sglang/srt/managers/tokenizer_control_mixin.py"
@@ -852,9 +853,9 @@ class SGLangSource:
                         names.add(fn.name)
         return frozenset(names)
 
-    def constants(self, path: str) -> Dict[str, Any]:
+    def constants(self, path: str) -> dict[str, Any]:
         """Top-level `NAME = <literal>` assignments of a module."""
-        out: Dict[str, Any] = {}
+        out: dict[str, Any] = {}
         for node in self.tree(path).body:
             if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
                 value = _literal(node.value)
@@ -872,7 +873,7 @@ class SGLangSource:
                 return _literal(stmt.value)
         return None
 
-    def function_source(self, path: str, qualname: str) -> Optional[str]:
+    def function_source(self, path: str, qualname: str) -> str | None:
         """The source of a function or "Class.method" of a module (None when absent)."""
         head, _, attr = qualname.partition(".")
         node = next((n for n in self.tree(path).body
@@ -887,7 +888,7 @@ class SGLangSource:
     def has_api_types(self) -> bool:
         return self.has(API_TYPES)
 
-    def api_struct_fields(self, name: str) -> Dict[str, Field]:
+    def api_struct_fields(self, name: str) -> dict[str, Field]:
         return self.class_fields(API_TYPES, name)
 
     def api_rejects_unknown_keys(self, name: str) -> bool:
@@ -899,7 +900,7 @@ class SGLangSource:
         return any(isinstance(n, ast.Call) and _call_name(n) == "_unknown_field" for n in ast.walk(fn))
 
     @functools.cached_property
-    def api_types_module(self) -> Optional[types.ModuleType]:
+    def api_types_module(self) -> types.ModuleType | None:
         """sglang/api/v1/api_types.py run on its own (None when the wheel has none). It may import only
         __future__, typing and msgspec; msgspec.Struct is replaced by a keyword-only record."""
         if not self.has_api_types:
@@ -936,19 +937,19 @@ class SGLangSource:
         return any(isinstance(n, ast.Call) and _call_name(n) == "generate_contract_error" for n in ast.walk(fn))
 
     # symbols ------------------------------------------------------------------------------------
-    def module_file(self, module: str) -> Optional[str]:
+    def module_file(self, module: str) -> str | None:
         base = module.replace(".", "/")
         for candidate in (base + ".py", base + "/__init__.py"):
             if self.has(candidate):
                 return candidate
         return None
 
-    def module_names(self, module: str, _depth: int = 0) -> FrozenSet[str]:
+    def module_names(self, module: str, _depth: int = 0) -> frozenset[str]:
         """Names a module defines or imports at top level (star imports followed)."""
         path = self.module_file(module)
         if path is None or _depth > 4:
             return frozenset()
-        names: Set[str] = set()
+        names: set[str] = set()
         package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
 
         def scan(stmts: Sequence[ast.stmt]) -> None:
@@ -984,7 +985,7 @@ class SGLangSource:
     def defines(self, module: str, name: str) -> bool:
         return name in self.module_names(module) or self.module_file(f"{module}.{name}") is not None
 
-    def _definition(self, module: str, name: str, _depth: int = 0) -> Optional[Tuple[str, ast.AST]]:
+    def _definition(self, module: str, name: str, _depth: int = 0) -> tuple[str, ast.AST] | None:
         """(module, node) where `module.name` is defined, following `from x import name` re-exports."""
         path = self.module_file(module)
         if path is None or _depth > 5:
@@ -1008,7 +1009,7 @@ class SGLangSource:
                 return found
         return None
 
-    def parameters(self, module: str, qualname: str) -> Optional[Tuple[Tuple[str, ...], bool]]:
+    def parameters(self, module: str, qualname: str) -> tuple[tuple[str, ...], bool] | None:
         """(parameter names, accepts **kwargs) of `module.qualname`: a function, a class (its __init__,
         or its fields for a dataclass/struct), or "Class.method"; None when not found."""
         head, _, attr = qualname.partition(".")
@@ -1048,7 +1049,7 @@ class _Struct:
         super().__init_subclass__()
 
     def __init__(self, **values: Any) -> None:
-        known: Set[str] = set()
+        known: set[str] = set()
         for klass in type(self).__mro__:
             known.update(getattr(klass, "__annotations__", {}))
         unknown = set(values) - known
@@ -1058,10 +1059,10 @@ class _Struct:
             object.__setattr__(self, key, value)
 
 
-def _field_flag(name: str, field: Field, annotation: ast.AST) -> Optional[Flag]:
+def _field_flag(name: str, field: Field, annotation: ast.AST) -> Flag | None:
     """The flag `add_cli_args_from_dataclass` makes of one ServerArgs field (None: no flag)."""
     inner, metadata = _unwrap_annotated(annotation)
-    arg: Optional[ast.Call] = None
+    arg: ast.Call | None = None
     has_help = False
     for meta in metadata:
         if isinstance(meta, ast.Call) and _call_name(meta).split(".")[-1] == "Arg":
@@ -1112,7 +1113,7 @@ def _field_flag(name: str, field: Field, annotation: ast.AST) -> Optional[Flag]:
 
 # -- values against annotations -------------------------------------------------------------------
 
-def value_matches(annotation: str, value: Any) -> Optional[bool]:
+def value_matches(annotation: str, value: Any) -> bool | None:
     """Whether a JSON `value` fits the annotation source (`Optional[int]`, `List[List[int]]`,
     `Literal["a"]`, `Annotated[List[bytes], Base64Bytes()]`...): True, False, or None when the
     annotation names a type this check does not know (a class, an alias)."""
@@ -1123,8 +1124,8 @@ def value_matches(annotation: str, value: Any) -> Optional[bool]:
     return _matches(node, value, b64=False)
 
 
-def _all(results: Iterable[Optional[bool]]) -> Optional[bool]:
-    out: Optional[bool] = True
+def _all(results: Iterable[bool | None]) -> bool | None:
+    out: bool | None = True
     for r in results:
         if r is False:
             return False
@@ -1133,7 +1134,7 @@ def _all(results: Iterable[Optional[bool]]) -> Optional[bool]:
     return out
 
 
-def _any(results: Iterable[Optional[bool]]) -> Optional[bool]:
+def _any(results: Iterable[bool | None]) -> bool | None:
     unknown = False
     for r in results:
         if r is True:
@@ -1143,7 +1144,7 @@ def _any(results: Iterable[Optional[bool]]) -> Optional[bool]:
     return None if unknown else False
 
 
-def _matches(node: ast.AST, value: Any, b64: bool) -> Optional[bool]:
+def _matches(node: ast.AST, value: Any, b64: bool) -> bool | None:
     if isinstance(node, ast.Constant):
         if node.value is None:
             return value is None

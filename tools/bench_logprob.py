@@ -16,7 +16,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, Tuple
+from collections.abc import Callable
 
 import torch
 
@@ -40,7 +40,7 @@ def naive(x: torch.Tensor, targets: torch.Tensor, temperature: float, entropy_gr
     return logp, ent if entropy_grad else ent.detach()
 
 
-def variants(args) -> Dict[str, Tuple[Callable, bool]]:
+def variants(args) -> dict[str, tuple[Callable, bool]]:
     """name -> (function, whether its loss has the entropy term, like the naive one, so grads compare)."""
     def ours(**kw):
         return lambda x, t: vocab_parallel_logprob_entropy(
@@ -68,7 +68,7 @@ class SavedBytes:
 
     def __init__(self, logits: torch.Tensor):
         self.own = logits.untyped_storage().data_ptr()
-        self.seen: Dict[int, int] = {}
+        self.seen: dict[int, int] = {}
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()

@@ -30,17 +30,24 @@ import gc
 import os
 import statistics
 import sys
-from typing import Callable, Dict, List
+from collections.abc import Callable
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from liteppo_mcore.utils.bench import (add_common_args, bench_device, device_name, emit,  # noqa: E402
-                                       print_args, resolve_common_args, strict_virtual, time_calls)
-
 from liteppo_mcore.models.shapes import ModelShape  # noqa: E402
 from liteppo_mcore.rollout.engine import SamplingParams  # noqa: E402
+from liteppo_mcore.utils.bench import (  # noqa: E402
+    add_common_args,
+    bench_device,
+    device_name,
+    emit,
+    print_args,
+    resolve_common_args,
+    strict_virtual,
+    time_calls,
+)
 
 # Qwen2.5-1.5B (qkv bias, tied, GQA 12/2, head_dim 128); the small shape keeps its kind.
 SIZES = {
@@ -79,12 +86,12 @@ def random_weights(shape: ModelShape, dtype: torch.dtype, device: torch.device):
     return model, stream
 
 
-def timed(fn: Callable[[], int], device: torch.device, warmup: int, repeats: int) -> List[float]:
+def timed(fn: Callable[[], int], device: torch.device, warmup: int, repeats: int) -> list[float]:
     """Seconds of `repeats` calls after `warmup` untimed ones; each call returns its new-token count."""
     return time_calls(fn, device, warmup, repeats)[0]
 
 
-def check_count(counts: List[int], new_tokens: int, name: str) -> int:
+def check_count(counts: list[int], new_tokens: int, name: str) -> int:
     """Every row must have produced exactly `new_tokens` (else the throughputs would not compare)."""
     if any(c != new_tokens for c in counts):
         raise RuntimeError(f"{name}: rows produced {sorted(set(counts))} tokens, expected {new_tokens} each")
@@ -92,7 +99,7 @@ def check_count(counts: List[int], new_tokens: int, name: str) -> int:
 
 
 # ---------------------------------------------------------------- engines
-def hf_runner(engine, prompts: List[List[int]], params: SamplingParams, stop: int) -> Callable[[], int]:
+def hf_runner(engine, prompts: list[list[int]], params: SamplingParams, stop: int) -> Callable[[], int]:
     """transformers `generate` with the hf engine's model and config, minus the engine's log-prob processor."""
     from liteppo_mcore.rollout.hf_engine import _rng_devices
 
@@ -110,7 +117,7 @@ def hf_runner(engine, prompts: List[List[int]], params: SamplingParams, stop: in
     return run
 
 
-def engine_runner(engine, prompts: List[List[int]], params: SamplingParams, name: str) -> Callable[[], int]:
+def engine_runner(engine, prompts: list[list[int]], params: SamplingParams, name: str) -> Callable[[], int]:
     """An engine of the rollout protocol: `generate`, counting the new tokens of every row."""
     def run() -> int:
         out = engine.generate(prompts, params)
@@ -136,7 +143,7 @@ def megatron_cpu_runner(shape: ModelShape, args, prompts, params: SamplingParams
     return engine_runner(engine, prompts, params, MEGATRON["cpu"])
 
 
-def _megatron_overrides(shape: ModelShape, args) -> List[str]:
+def _megatron_overrides(shape: ModelShape, args) -> list[str]:
     model = {k: getattr(shape, k) for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                                             "num_query_groups", "vocab_size", "max_position_embeddings")}
     return ([f"model.{k}={v}" for k, v in model.items()] +
@@ -151,7 +158,7 @@ class _IdTokenizer:
     def __init__(self, vocab_size: int):
         self.vocab_size, self.eod, self.bos = vocab_size, -1, None
 
-    def tokenize(self, text: str) -> List[int]:
+    def tokenize(self, text: str) -> list[int]:
         return [int(t) for t in text.split()]
 
     def detokenize(self, tokens, **_: object) -> str:
@@ -164,8 +171,7 @@ def megatron_cuda_runner(shape: ModelShape, args, prompts, params: SamplingParam
     from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
     from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import InferenceWrapperConfig
     from megatron.core.inference.sampling_params import SamplingParams as MSamplingParams
-    from megatron.core.inference.text_generation_controllers.text_generation_controller import (
-        TextGenerationController)
+    from megatron.core.inference.text_generation_controllers.text_generation_controller import TextGenerationController
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
@@ -206,7 +212,7 @@ def megatron_cuda_runner(shape: ModelShape, args, prompts, params: SamplingParam
 # ---------------------------------------------------------------- measurement
 def run_row(name: str, batch: int, build: Callable[[], Callable[[], int]], args, device) -> dict:
     """Build one engine for one batch size, time it, free it; an engine that fails leaves its error."""
-    row: Dict[str, object] = {"engine": name, "batch": batch}
+    row: dict[str, object] = {"engine": name, "batch": batch}
     try:
         run = build()
         times = timed(run, device, args.warmup, args.repeats)
@@ -244,12 +250,12 @@ def measure(args) -> dict:
     for batch in args.batches:
         prompts = torch.randint(0, shape.vocab_size, (batch, args.prompt_tokens), generator=gen).tolist()
 
-        def hf_build():
+        def hf_build(prompts=prompts):
             engine = HFEngine(shape, single, eos_token_ids=[stop], dtype=dtype, device=device, pad_token_id=0)
             engine.update_weights([stream])
             return hf_runner(engine, prompts, params, stop)
 
-        def fast_build():
+        def fast_build(prompts=prompts):
             engine = FastEngine(shape, single, eos_token_ids=[stop], dtype=dtype, device=device,
                                 use_cuda_graphs=graphs)
             engine.update_weights([stream])
@@ -260,7 +266,7 @@ def measure(args) -> dict:
         rows.append(run_row(BASELINE, batch, hf_build, args, device))
         if not args.skip_megatron:
             rows.append(run_row(MEGATRON["cuda" if real_gpu else "cpu"], batch,
-                                lambda: megatron(shape, args, prompts, params),
+                                lambda megatron=megatron, prompts=prompts: megatron(shape, args, prompts, params),
                                 args, device))
         rows.append(run_row(OURS, batch, fast_build, args, device))
     base = {r["batch"]: r.get("tokens_per_s") for r in rows if r["engine"] == BASELINE}

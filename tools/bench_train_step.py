@@ -34,14 +34,26 @@ import gc
 import os
 import statistics
 import sys
+from collections.abc import Callable
 from importlib.metadata import version
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from liteppo_mcore.config import choices  # noqa: E402
-from liteppo_mcore.utils.bench import (add_common_args, bench_device, device_name, emit,  # noqa: E402
-                                       print_args, resolve_common_args, strict_virtual, time_calls)
+from liteppo_mcore.utils.bench import (  # noqa: E402
+    add_common_args,
+    bench_device,
+    device_name,
+    emit,
+    print_args,
+    resolve_common_args,
+    strict_virtual,
+    time_calls,
+)
+
+if TYPE_CHECKING:
+    import torch
 
 GIB = float(1 << 30)
 GROUP = 8  # responses per prompt
@@ -67,7 +79,7 @@ OFFLOAD = {2: ("ours, micro-batch 2 + optimizer offload", 2, OURS[0][0]),
            4: ("ours, micro-batch 4 + optimizer offload", 4, OURS[1][0])}
 
 
-def selected_cases(micro_batches: List[int], offload_row: bool) -> Tuple[list, list]:
+def selected_cases(micro_batches: list[int], offload_row: bool) -> tuple[list, list]:
     """(baselines, ours) for the chosen micro-batch sizes; ours as (name, micro, bound, versus, offload)."""
     keep = set(micro_batches)
     baselines = [b for b in BASELINES if b[1] in keep]
@@ -78,8 +90,8 @@ def selected_cases(micro_batches: List[int], offload_row: bool) -> Tuple[list, l
     return baselines, ours
 
 
-def config_overrides(args, shape: dict, sequences: int, micro: Optional[int], max_tokens: Optional[int],
-                     offload: bool = False) -> List[str]:
+def config_overrides(args, shape: dict, sequences: int, micro: int | None, max_tokens: int | None,
+                     offload: bool = False) -> list[str]:
     """The LitePPO configuration (examples/liteppo.yaml's algorithm keys) for this shape and batch;
     the optimizer-state offload off unless asked for (the baseline makes no such copies)."""
     seq = args.seq_len
@@ -99,7 +111,7 @@ def config_overrides(args, shape: dict, sequences: int, micro: Optional[int], ma
     return model + algo + batch + optim
 
 
-def rl_lengths(total: int, seq_len: int, seed: int) -> Tuple["torch.Tensor", "torch.Tensor"]:
+def rl_lengths(total: int, seq_len: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt and response lengths of an RL batch with exactly `total` tokens, each sequence <= seq_len.
 
     Groups of GROUP responses share a prompt (length in [seq/32, seq/4]); response lengths are spread
@@ -126,6 +138,7 @@ def rl_lengths(total: int, seq_len: int, seed: int) -> Tuple["torch.Tensor", "to
 def rl_batch(prompts, responses, vocab: int, seed: int):
     """A TrainBatch of random tokens with one advantage per response (outcome reward, group-centred)."""
     import torch
+
     from liteppo_mcore.update import TrainBatch
 
     g = torch.Generator().manual_seed(seed + 1)
@@ -145,6 +158,7 @@ def build_stock(cfg, groups, shape, dtype, padded_vocab: int, device):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.transformer.module import Float16Module
+
     from liteppo_mcore.models.gpt import transformer_config
     from liteppo_mcore.models.layers import SDPACoreAttention
 
@@ -168,7 +182,7 @@ def build_stock(cfg, groups, shape, dtype, padded_vocab: int, device):
     return ddp, optimizer
 
 
-def stock_step_fn(ddp, optimizer, micro_batches: List[Dict]) -> Callable[[], Dict[str, float]]:
+def stock_step_fn(ddp, optimizer, micro_batches: list[dict]) -> Callable[[], dict[str, float]]:
     """One step: forward + backward of every micro-batch with megatron's cross-entropy, optimizer step."""
     import torch
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -185,7 +199,7 @@ def stock_step_fn(ddp, optimizer, micro_batches: List[Dict]) -> Callable[[], Dic
 
         return per_token, loss_func
 
-    def step() -> Dict[str, float]:
+    def step() -> dict[str, float]:
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
         b, s = micro_batches[0]["tokens"].shape
@@ -201,7 +215,7 @@ def stock_step_fn(ddp, optimizer, micro_batches: List[Dict]) -> Callable[[], Dic
     return step
 
 
-def stock_micro_batches(sequences: int, micro: int, seq_len: int, vocab: int, device, seed: int) -> List[Dict]:
+def stock_micro_batches(sequences: int, micro: int, seq_len: int, vocab: int, device, seed: int) -> list[dict]:
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -212,7 +226,7 @@ def stock_micro_batches(sequences: int, micro: int, seq_len: int, vocab: int, de
 
 
 # ---------------------------------------------------------------- timing
-def time_steps(step: Callable[[], Dict], device, warmup: int, repeats: int) -> Tuple[List[float], Dict]:
+def time_steps(step: Callable[[], dict], device, warmup: int, repeats: int) -> tuple[list[float], dict]:
     """Seconds of each of `repeats` steps after `warmup` untimed ones (CUDA events on GPU), and the
     last step's information."""
     return time_calls(step, device, warmup, repeats)
@@ -225,7 +239,7 @@ def matmul_tflops(device, dtype, n: int, repeats: int = 5) -> float:
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     inner = 20 if device.type == "cuda" else 3
 
-    def matmuls() -> Dict:
+    def matmuls() -> dict:
         for _ in range(inner):
             torch.mm(a, b)
         return {}
@@ -243,7 +257,7 @@ def free_memory(device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def run_case(name: str, build: Callable[[], Callable[[], Dict]], device, args) -> dict:
+def run_case(name: str, build: Callable[[], Callable[[], dict]], device, args) -> dict:
     """Build the case (weights, optimizer), time its step, free it. Peak memory spans build and steps.
     A step function's `info` attribute (how it was built) goes into the row."""
     import torch
@@ -266,7 +280,7 @@ def run_case(name: str, build: Callable[[], Callable[[], Dict]], device, args) -
 
 
 # ---------------------------------------------------------------- our update
-def ours_config(args, sequences: int, micro: Optional[int], max_tokens: Optional[int], offload: bool = False):
+def ours_config(args, sequences: int, micro: int | None, max_tokens: int | None, offload: bool = False):
     """The validated configuration one of our cases runs with."""
     from liteppo_mcore.config import load_config
 
@@ -274,10 +288,10 @@ def ours_config(args, sequences: int, micro: Optional[int], max_tokens: Optional
                                                   offload), world_size=1)
 
 
-def ours_builder(args, groups, sequences: int, micro: Optional[int], max_tokens: Optional[int], batch,
+def ours_builder(args, groups, sequences: int, micro: int | None, max_tokens: int | None, batch,
                  offload: bool = False) -> Callable:
     """A builder of our case: the actor as build_models makes it, ModelUpdater around it, update()."""
-    def build() -> Callable[[], Dict]:
+    def build() -> Callable[[], dict]:
         from liteppo_mcore.models.gpt import build_models
         from liteppo_mcore.update import ModelUpdater
 
@@ -286,7 +300,7 @@ def ours_builder(args, groups, sequences: int, micro: Optional[int], max_tokens:
         updater = ModelUpdater(models.actor, "actor", cfg, groups, vocab_size=models.shape.vocab_size)
         counter = iter(range(1 << 30))
 
-        def step() -> Dict:
+        def step() -> dict:
             metrics = updater.update(batch, step=next(counter))
             if metrics["actor/skipped_updates"]:
                 raise RuntimeError(f"the update was skipped: {metrics}")
@@ -300,7 +314,7 @@ def ours_builder(args, groups, sequences: int, micro: Optional[int], max_tokens:
     return build
 
 
-def padded_tokens(seq_lens, micro: Optional[int], max_tokens: Optional[int]) -> int:
+def padded_tokens(seq_lens, micro: int | None, max_tokens: int | None) -> int:
     """Tokens the model computes, padding included, under the trainer's micro-batch plan."""
     from liteppo_mcore.update import plan_micro_batches
 
@@ -322,7 +336,7 @@ def setup(args):
     return cfg, initialize_model_parallel(1, 1, 1, seed=cfg.seed)
 
 
-def add_rates(row: dict, shape, seq_lens: List[int], peak_tflops: float, **extra) -> dict:
+def add_rates(row: dict, shape, seq_lens: list[int], peak_tflops: float, **extra) -> dict:
     from liteppo_mcore.utils.flops import mfu, tflops_per_second, train_flops
 
     flops, seconds = train_flops(shape, seq_lens), row["median_s"]
@@ -334,6 +348,7 @@ def add_rates(row: dict, shape, seq_lens: List[int], peak_tflops: float, **extra
 
 def measure(args) -> dict:
     import torch
+
     from liteppo_mcore.models.gpt import resolve_dtype
     from liteppo_mcore.models.shapes import shape_from_config
 
@@ -347,8 +362,8 @@ def measure(args) -> dict:
     baselines, ours = selected_cases(args.micro_batches, args.offload_row)
     for name, micro in baselines:
         data = stock_micro_batches(args.sequences, micro, args.seq_len, shape.vocab_size, device, cfg.seed)
-        row = run_case(name, lambda: stock_step_fn(*build_stock(cfg, groups, shape, dtype, padded_vocab, device),
-                                                   data), device, args)
+        row = run_case(name, lambda data=data: stock_step_fn(*build_stock(cfg, groups, shape, dtype, padded_vocab,
+                                                                          device), data), device, args)
         rows.append(add_rates(row, shape, [args.seq_len] * args.sequences, peak, kind="baseline",
                               micro_batch=micro, max_tokens=None, padded_tokens=total))
         del data
@@ -375,7 +390,7 @@ def measure(args) -> dict:
             "torch": torch.__version__, "megatron_core": version("megatron-core"), "rows": rows}
 
 
-def add_ratios(rows: List[dict]) -> None:
+def add_ratios(rows: list[dict]) -> None:
     """ours / its baseline: throughput (tokens/s), model TFLOP/s and peak memory."""
     by_name = {r["case"]: r for r in rows}
     for row in rows:
@@ -400,8 +415,8 @@ def print_table(result: dict) -> None:
         peak = f"{r['peak_bytes'] / GIB:.1f}" if cuda else "-"
         ratio = f"{r['ratio_tokens_per_s']:.2f}x" if "ratio_tokens_per_s" in r else "-"
         mem = f"{r['ratio_peak_memory']:.2f}x" if r.get("ratio_peak_memory") is not None else "-"
-        print(f"{r['case']:<40} {r['median_s']:>8.4f} {r['min_s']:>8.4f} {r['tokens_per_s']:>10.0f} {r['tflops']:>8.3f} "
-              f"{100 * r['mfu']:>5.1f}% {100 * pad:>4.0f}% {peak:>9}  {ratio:>18} {mem:>5}")
+        print(f"{r['case']:<40} {r['median_s']:>8.4f} {r['min_s']:>8.4f} {r['tokens_per_s']:>10.0f} "
+              f"{r['tflops']:>8.3f} {100 * r['mfu']:>5.1f}% {100 * pad:>4.0f}% {peak:>9}  {ratio:>18} {mem:>5}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

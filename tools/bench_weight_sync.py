@@ -37,13 +37,23 @@ import os
 import statistics
 import subprocess
 import sys
-from typing import Callable, List, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from liteppo_mcore.utils.bench import add_common_args, device_name, emit, resolve_common_args  # noqa: E402
-from liteppo_mcore.utils.bench import print_args, strict_virtual  # noqa: E402
+from liteppo_mcore.utils.bench import (  # noqa: E402
+    add_common_args,
+    device_name,
+    emit,
+    print_args,
+    resolve_common_args,
+    strict_virtual,
+)
 from liteppo_mcore.utils.bench import time_calls as bench_time_calls  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
 
 MIB = 1 << 20
 GIB = float(1 << 30)
@@ -60,7 +70,7 @@ SIZES = {
 TARGET_S = 0.5  # the whole 1.5B actor exported and loaded (tracker issue 10)
 
 
-def config_overrides(args) -> List[str]:
+def config_overrides(args) -> list[str]:
     """A qwen2-shaped actor alone (no critic, no reference), at this layout and dtype."""
     shape = SIZES[args.size]["shape"]
     return [f"model.{k}={v}" for k, v in shape.items()] + [
@@ -70,7 +80,7 @@ def config_overrides(args) -> List[str]:
         "parallel.backend=auto"]  # nccl with CUDA, gloo without (the strict mode's virtual GPU too)
 
 
-def relaunch_under_torchrun(argv: List[str], nproc: int) -> int:
+def relaunch_under_torchrun(argv: list[str], nproc: int) -> int:
     """Run this very script under torchrun with `nproc` processes; its return code."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            os.path.abspath(__file__)] + argv
@@ -80,6 +90,7 @@ def relaunch_under_torchrun(argv: List[str], nproc: int) -> int:
 def setup(args):
     """Process group, megatron's groups and the actor, as the trainer builds them."""
     import torch.distributed as dist
+
     from liteppo_mcore.config import load_config
     from liteppo_mcore.models.gpt import build_models
     from liteppo_mcore.parallel.mcore import initialize_model_parallel
@@ -95,7 +106,7 @@ def setup(args):
 
 
 # ---------------------------------------------------------------- timing and memory
-def time_calls(fn: Callable[[], None], device, warmup: int, repeats: int) -> List[float]:
+def time_calls(fn: Callable[[], None], device, warmup: int, repeats: int) -> list[float]:
     """Seconds of each of `repeats` calls after `warmup` untimed ones (CUDA events on GPU), the slowest
     rank's when several ranks take part (the stream is collective: the sync is done when all are)."""
     import torch.distributed as dist
@@ -103,7 +114,7 @@ def time_calls(fn: Callable[[], None], device, warmup: int, repeats: int) -> Lis
     return bench_time_calls(fn, device, warmup, repeats, before=dist.barrier)[0]
 
 
-def run_case(name: str, build: Callable[[], Callable[[], Optional[int]]], device, args, nbytes: int) -> dict:
+def run_case(name: str, build: Callable[[], Callable[[], int | None]], device, args, nbytes: int) -> dict:
     """Build the case (its buffers count as its extra memory), time it, free it; GB/s of `nbytes`."""
     import torch
 
@@ -127,7 +138,7 @@ def run_case(name: str, build: Callable[[], Callable[[], Optional[int]]], device
 
 
 # ---------------------------------------------------------------- the cases
-def baseline_tensors(model, shape) -> List["torch.Tensor"]:
+def baseline_tensors(model, shape) -> list[torch.Tensor]:
     """This rank's parameters as `model.state_dict()` holds them, the embedding (and an untied output
     layer) trimmed to the real vocabulary as views, a tied output layer's second copy left out: the
     same bytes the exporter sends (with TP, this rank's shards)."""
@@ -207,6 +218,7 @@ def model_bytes(model, groups, shape, padded_vocab: int) -> int:
     padding trimmed: what the stream must carry, counted from megatron's parameters alone."""
     import torch
     import torch.distributed as dist
+
     from liteppo_mcore.parallel.device import collective_device
 
     tied = bool(getattr(model, "share_embeddings_and_output_weights", False))
@@ -225,7 +237,7 @@ def model_bytes(model, groups, shape, padded_vocab: int) -> int:
     return int(box.item())
 
 
-def loaded_matches(engine, model, groups) -> Optional[bool]:
+def loaded_matches(engine, model, groups) -> bool | None:
     """On one process: does the engine hold the actor's embedding and last MLP weight after a load?"""
     if groups.tp_size * groups.pp_size > 1 or engine.model is None:
         return None
@@ -242,6 +254,7 @@ def loaded_matches(engine, model, groups) -> Optional[bool]:
 def measure(args) -> dict:
     import torch
     import torch.distributed as dist
+
     from liteppo_mcore.rollout.exporter import WeightExporter
     from liteppo_mcore.rollout.hf_engine import HFEngine
 
@@ -276,7 +289,7 @@ def measure(args) -> dict:
             "torch": torch.__version__, "rows": rows}
 
 
-def add_ratios(rows: List[dict]) -> None:
+def add_ratios(rows: list[dict]) -> None:
     """Each case against the state_dict copy: time ratio (x its time) and rate ratio (x its GB/s)."""
     base = rows[0]
     for row in rows:

@@ -40,8 +40,9 @@ import os
 import random
 import re
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any
 
 FORMATS = ("gsm8k", "math", "dapo", "verl", "plain")
 JSON_EXTENSIONS = (".jsonl", ".ndjson", ".json")
@@ -57,7 +58,7 @@ DAPO_HEAD = (
 )
 DAPO_TAIL = 'Remember to put your answer on its own line after "Answer:".'
 
-Prompt = Union[str, List[Dict[str, str]]]
+Prompt = str | list[dict[str, str]]
 
 
 class PrepareError(Exception):
@@ -75,7 +76,7 @@ class Skip(Exception):
 
 @dataclass
 class Options:
-    instruction: Optional[str] = None
+    instruction: str | None = None
     strip_template: bool = False
     prompt_field: str = "prompt"
     answer_field: str = "answer"
@@ -101,7 +102,7 @@ def gsm8k_answer(text: str) -> str:
     return number
 
 
-def last_boxed(text: str) -> Optional[str]:
+def last_boxed(text: str) -> str | None:
     """Content of the last ``\\boxed{...}`` or ``\\fbox{...}`` in ``text``, with nested braces.
 
     ``None`` when there is none. ``\\boxed 5`` (no braces) gives ``5``. Escaped braces ``\\{`` ``\\}``
@@ -144,7 +145,7 @@ def last_boxed(text: str) -> Optional[str]:
 # Row conversion: record -> (prompt, answer), raising Skip
 
 
-def _missing(record: Dict[str, Any], needed: Sequence[str], fmt: str) -> Skip:
+def _missing(record: dict[str, Any], needed: Sequence[str], fmt: str) -> Skip:
     present = ", ".join(sorted(map(str, record))) or "none"
     return Skip("missing fields",
                 f"missing field(s) {', '.join(repr(k) for k in needed)} for --format {fmt} "
@@ -171,7 +172,7 @@ def _nonempty(value: str, what: str) -> str:
     return value.strip() if what == "answer" else value
 
 
-def _messages(value: Any, name: str) -> List[Dict[str, str]]:
+def _messages(value: Any, name: str) -> list[dict[str, str]]:
     if not value:
         raise Skip("bad messages", f"field {name!r} is an empty list of messages; give the prompt")
     out = []
@@ -191,19 +192,19 @@ def _prompt(value: Any, name: str) -> Prompt:
     return _nonempty(_text(value, name), "prompt")
 
 
-def _require(record: Dict[str, Any], keys: Sequence[str], fmt: str) -> None:
+def _require(record: dict[str, Any], keys: Sequence[str], fmt: str) -> None:
     absent = [k for k in keys if record.get(k) is None]
     if absent:
         raise _missing(record, absent, fmt)
 
 
-def convert_gsm8k(record: Dict[str, Any], opts: Options) -> Tuple[Prompt, str]:
+def convert_gsm8k(record: dict[str, Any], opts: Options) -> tuple[Prompt, str]:
     _require(record, ("question", "answer"), "gsm8k")
     prompt = _nonempty(_text(record["question"], "question"), "prompt")
     return prompt, gsm8k_answer(_text(record["answer"], "answer", number_ok=True))
 
 
-def convert_math(record: Dict[str, Any], opts: Options) -> Tuple[Prompt, str]:
+def convert_math(record: dict[str, Any], opts: Options) -> tuple[Prompt, str]:
     _require(record, ("problem",), "math")
     prompt = _nonempty(_text(record["problem"], "problem"), "prompt")
     answer = record.get("answer")
@@ -219,7 +220,7 @@ def convert_math(record: Dict[str, Any], opts: Options) -> Tuple[Prompt, str]:
     return prompt, _nonempty(boxed, "answer")
 
 
-def _ground_truth(record: Dict[str, Any], fmt: str) -> str:
+def _ground_truth(record: dict[str, Any], fmt: str) -> str:
     reward_model = record.get("reward_model")
     if not isinstance(reward_model, dict) or reward_model.get("ground_truth") is None:
         raise _missing(record, ("reward_model.ground_truth",), fmt)
@@ -248,7 +249,7 @@ def strip_dapo_template(prompt: Prompt) -> str:
     return _nonempty(stripped[len(DAPO_HEAD):-len(DAPO_TAIL)].strip(), "prompt")
 
 
-def convert_dapo(record: Dict[str, Any], opts: Options) -> Tuple[Prompt, str]:
+def convert_dapo(record: dict[str, Any], opts: Options) -> tuple[Prompt, str]:
     _require(record, ("prompt",), "dapo")
     prompt = _prompt(record["prompt"], "prompt")
     answer = _ground_truth(record, "dapo")
@@ -257,18 +258,18 @@ def convert_dapo(record: Dict[str, Any], opts: Options) -> Tuple[Prompt, str]:
     return prompt, answer
 
 
-def convert_verl(record: Dict[str, Any], opts: Options) -> Tuple[Prompt, str]:
+def convert_verl(record: dict[str, Any], opts: Options) -> tuple[Prompt, str]:
     _require(record, ("prompt",), "verl")
     return _prompt(record["prompt"], "prompt"), _ground_truth(record, "verl")
 
 
-def convert_plain(record: Dict[str, Any], opts: Options) -> Tuple[Prompt, str]:
+def convert_plain(record: dict[str, Any], opts: Options) -> tuple[Prompt, str]:
     _require(record, (opts.prompt_field, opts.answer_field), "plain")
     prompt = _prompt(record[opts.prompt_field], opts.prompt_field)
     return prompt, _nonempty(_text(record[opts.answer_field], opts.answer_field, number_ok=True), "answer")
 
 
-CONVERTERS: Dict[str, Callable[[Dict[str, Any], Options], Tuple[Prompt, str]]] = {
+CONVERTERS: dict[str, Callable[[dict[str, Any], Options], tuple[Prompt, str]]] = {
     "gsm8k": convert_gsm8k, "math": convert_math, "dapo": convert_dapo, "verl": convert_verl, "plain": convert_plain,
 }
 
@@ -279,7 +280,7 @@ def _prompt_text(prompt: Any) -> str:
     return str(prompt)
 
 
-def detect_shape(record: Dict[str, Any]) -> Optional[str]:
+def detect_shape(record: dict[str, Any]) -> str | None:
     """The input shape a record has, or None."""
     reward_model = record.get("reward_model")
     if "prompt" in record and isinstance(reward_model, dict) and "ground_truth" in reward_model:
@@ -303,7 +304,7 @@ SHAPES_HELP = (
 # ---------------------------------------------------------------------------------------------------
 # Readers: (location, record or Skip)
 
-Row = Tuple[str, Union[Dict[str, Any], Skip]]
+Row = tuple[str, dict[str, Any] | Skip]
 
 
 def _is_saved_dataset(path: str) -> bool:
@@ -339,7 +340,7 @@ def iter_input(path: str, split: str) -> Iterator[Row]:
 def _open_text(path: str):
     if path.lower().endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8-sig")
-    return open(path, "r", encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")
 
 
 def _iter_jsonl(path: str) -> Iterator[Row]:
@@ -469,10 +470,10 @@ def _iter_saved(path: str, split: str) -> Iterator[Row]:
 @dataclass
 class Stats:
     read: int = 0
-    skipped: Dict[str, int] = field(default_factory=dict)
-    examples: List[str] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)
+    examples: list[str] = field(default_factory=list)
     duplicates: int = 0
-    formats: List[Tuple[str, str, str]] = field(default_factory=list)  # (file, format, how)
+    formats: list[tuple[str, str, str]] = field(default_factory=list)  # (file, format, how)
     messages: int = 0
     instruction_not_applied: int = 0
 
@@ -486,11 +487,11 @@ class Stats:
         return sum(self.skipped.values())
 
 
-def parse_eval_size(text: str) -> Union[int, float]:
+def parse_eval_size(text: str) -> int | float:
     """``--split-eval``: a count (``500``) or a share of the distinct prompts (``0.05``)."""
     try:
         if re.fullmatch(r"\d+", text.strip()):
-            value: Union[int, float] = int(text)
+            value: int | float = int(text)
             if value >= 1:
                 return value
         else:
@@ -511,14 +512,14 @@ def default_eval_out(out: str) -> str:
     return stem + "_eval" + (ext or ".jsonl")
 
 
-def collect(inputs: Sequence[str], fmt: str, opts: Options, *, split: str, limit: Optional[int], dedup: bool,
-            stats: Stats) -> List[Tuple[str, str]]:
+def collect(inputs: Sequence[str], fmt: str, opts: Options, *, split: str, limit: int | None, dedup: bool,
+            stats: Stats) -> list[tuple[str, str]]:
     """Every usable record as (prompt key, JSON line), in input order."""
-    rows: List[Tuple[str, str]] = []
+    rows: list[tuple[str, str]] = []
     # line -> the same line, prompt -> the same prompt: repeated records share their strings (the original
     # DAPO-Math-17k file holds about 1.79M rows for about 17.4k distinct problems).
-    seen: Dict[str, str] = {}
-    prompt_keys: Dict[str, str] = {}
+    seen: dict[str, str] = {}
+    prompt_keys: dict[str, str] = {}
     for path in inputs:
         if limit is not None and len(rows) >= limit:
             break
@@ -569,10 +570,10 @@ def collect(inputs: Sequence[str], fmt: str, opts: Options, *, split: str, limit
     return rows
 
 
-def split_rows(rows: List[Tuple[str, str]], size: Union[int, float], seed: int) -> Tuple[List[str], List[str]]:
+def split_rows(rows: list[tuple[str, str]], size: int | float, seed: int) -> tuple[list[str], list[str]]:
     """(train lines, eval lines): ``size`` distinct prompts drawn with ``seed`` are held out, each once, and
     every copy of them leaves the training lines, so no held-out prompt is trained on."""
-    order: Dict[str, str] = {}
+    order: dict[str, str] = {}
     for key, line in rows:
         order.setdefault(key, line)
     keys = list(order)
@@ -703,7 +704,7 @@ def run(args: argparse.Namespace) -> int:
         raise PrepareError(f"no usable records in {', '.join(args.inputs)}: nothing written. "
                            "Check the input files and --format.")
 
-    eval_lines: List[str] = []
+    eval_lines: list[str] = []
     if args.split_eval is not None:
         train_lines, eval_lines = split_rows(rows, args.split_eval, args.seed)
     else:
@@ -730,7 +731,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Iterator, List
+from collections.abc import Iterator
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -41,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def record_texts(paths: List[str], prompt_key: str, answer_key: str) -> Iterator[str]:
+def record_texts(paths: list[str], prompt_key: str, answer_key: str) -> Iterator[str]:
     """Every prompt (a string, or each message's content) and answer of the files, in order."""
     from liteppo_mcore.data import iter_records
 

@@ -6,8 +6,9 @@ valid response tokens (bool or 0/1 numbers). Statistics that must cover the glob
 whole batch), built by ``liteppo_mcore.parallel``. No process-group code lives here.
 """
 
-from liteppo_mcore.config.choices import ADV_ESTIMATORS, KL_ESTIMATORS as KL_KINDS, LOSS_AGG_MODES as AGG_MODES
-from liteppo_mcore.config.choices import REWARD_NORMS
+from liteppo_mcore.config.choices import ADV_ESTIMATORS, REWARD_NORMS
+from liteppo_mcore.config.choices import KL_ESTIMATORS as KL_KINDS
+from liteppo_mcore.config.choices import LOSS_AGG_MODES as AGG_MODES
 
 from .advantages import compute_advantages, compute_gae, compute_returns, masked_whiten
 from .aggregation import aggregate

@@ -14,8 +14,6 @@ positions never reach a valid position. Recursions run in float64; outputs keep 
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 from torch import Tensor
 
@@ -52,7 +50,7 @@ def _reverse_discounted_sum(x: Tensor, valid: Tensor, discount: float) -> Tensor
 
 def compute_gae(
     rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, lambd: float
-) -> Tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """Masked GAE: ``(advantages, returns)``, both [B, T], 0 at padding (module docstring).
 
     ``rewards`` and ``values`` are [B, T]; values at padding (including ``V[i, L_i]``) are treated as 0,
@@ -79,7 +77,7 @@ def compute_returns(rewards: Tensor, mask: Tensor, *, gamma: float) -> Tensor:
 
 
 def masked_whiten(
-    x: Tensor, mask: Tensor, *, allreduce_sum: Optional[AllReduceSum] = None, eps: float = 1e-8
+    x: Tensor, mask: Tensor, *, allreduce_sum: AllReduceSum | None = None, eps: float = 1e-8
 ) -> Tensor:
     """``(x - mu) / sqrt(var + eps) * m`` with the token-weighted mean and unbiased variance of the
     valid entries over all ranks (float64). Returns ``x * m`` unchanged when fewer than 2 entries are
@@ -99,15 +97,15 @@ def compute_advantages(
     estimator: str,
     mask: Tensor,
     *,
-    token_rewards: Optional[Tensor] = None,
-    values: Optional[Tensor] = None,
-    normalized_scores: Optional[Tensor] = None,
+    token_rewards: Tensor | None = None,
+    values: Tensor | None = None,
+    normalized_scores: Tensor | None = None,
     gamma: float = 1.0,
     lambd: float = 1.0,
     whiten: bool = False,
-    advantage_clip: Optional[float] = None,
-    allreduce_sum: Optional[AllReduceSum] = None,
-) -> Tuple[Tensor, Tensor]:
+    advantage_clip: float | None = None,
+    allreduce_sum: AllReduceSum | None = None,
+) -> tuple[Tensor, Tensor]:
     """``(advantages, returns)`` [B, T] for ``estimator`` in "gae" | "reinforce" | "grpo".
 
     Needs ``token_rewards`` [B, T] (gae, reinforce), ``values`` [B, T] (gae) and ``normalized_scores``

@@ -21,8 +21,6 @@ A response without valid tokens contributes 0 in every mode. ``token_level_loss:
 
 from __future__ import annotations
 
-from typing import Optional, Union
-
 import torch
 from torch import Tensor
 
@@ -30,10 +28,10 @@ from liteppo_mcore.config.choices import LOSS_AGG_MODES as AGG_MODES
 
 from .stats import as_bool_mask
 
-Count = Union[int, float, Tensor]
+Count = int | float | Tensor
 
 
-def _at_least_one(n: Count, dtype: torch.dtype) -> Union[float, Tensor]:
+def _at_least_one(n: Count, dtype: torch.dtype) -> float | Tensor:
     """A denominator that turns an empty mini-batch into 0 instead of NaN (its numerator is 0)."""
     if isinstance(n, Tensor):
         return n.detach().to(dtype).clamp(min=1.0)
@@ -47,8 +45,8 @@ def aggregate(
     mode: str,
     num_tokens: Count,
     num_seqs: Count,
-    response_length: Optional[int] = None,
-    seq_token_counts: Optional[Tensor] = None,
+    response_length: int | None = None,
+    seq_token_counts: Tensor | None = None,
 ) -> Tensor:
     """This micro-batch's share of ``Agg(x)`` (module table); ``x``, ``mask`` [B, T]; 0-d, ``x``'s dtype.
 

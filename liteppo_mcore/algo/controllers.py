@@ -12,11 +12,11 @@ Both controllers are state (``beta``) that goes into the checkpoint.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Union
+from typing import Any
 
 from torch import Tensor
 
-Number = Union[float, int, Tensor]
+Number = float | int | Tensor
 
 
 class FixedKLController:
@@ -30,10 +30,10 @@ class FixedKLController:
     def update(self, current_kl: Number, n_steps: int) -> None:
         """No-op: a fixed coefficient ignores the measured KL."""
 
-    def state_dict(self) -> Dict[str, float]:
+    def state_dict(self) -> dict[str, float]:
         return {"value": self.value}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         if "value" not in state:
             raise ValueError("KL controller state is missing 'value'")
         self.value = float(state["value"])
@@ -58,7 +58,7 @@ class AdaptiveKLController(FixedKLController):
 
 
 def make_kl_controller(
-    init_kl_coef: float, target_kl: Optional[float], horizon: float
+    init_kl_coef: float, target_kl: float | None, horizon: float
 ) -> FixedKLController:
     """The controller the configuration asks for: fixed when ``target_kl`` is None, else adaptive."""
     if target_kl is None:

@@ -14,12 +14,11 @@ computed where the logits live (vocab-parallel, in ``models/``), not here.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
-from liteppo_mcore.config.choices import KL_ESTIMATORS as KL_KINDS, KL_PENALTIES
+from liteppo_mcore.config.choices import KL_ESTIMATORS as KL_KINDS
+from liteppo_mcore.config.choices import KL_PENALTIES
 
 from .stats import STAT_DTYPE, AllReduceSum, as_bool_mask, reduce_sum
 
@@ -42,7 +41,7 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
 
 
 def token_level_rewards(
-    normalized_scores: Tensor, mask: Tensor, *, kl: Optional[Tensor] = None, kl_coef: float = 0.0
+    normalized_scores: Tensor, mask: Tensor, *, kl: Tensor | None = None, kl_coef: float = 0.0
 ) -> Tensor:
     """Token rewards ``R[i,t] = r~_i [t = L_i - 1] - kl_coef * kl[i,t]`` on valid tokens, 0 on padding.
 
@@ -66,7 +65,7 @@ def token_level_rewards(
 
 
 def mean_of_sequence_means(
-    x: Tensor, mask: Tensor, *, allreduce_sum: Optional[AllReduceSum] = None
+    x: Tensor, mask: Tensor, *, allreduce_sum: AllReduceSum | None = None
 ) -> Tensor:
     """``mean_i (sum_t m x / sum_t m)`` over responses with a valid token, all ranks; float64 0-d.
 

@@ -20,8 +20,6 @@ Aggregating the per-token loss into a scalar is ``aggregation.aggregate``'s job.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
-
 import torch
 from torch import Tensor
 
@@ -51,8 +49,8 @@ def policy_loss(
     mask: Tensor,
     *,
     clip: float,
-    dual_clip_ratio: Optional[float] = None,
-) -> Tuple[Tensor, Dict[str, Tensor]]:
+    dual_clip_ratio: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped (optionally dual-clipped) PPO surrogate per token; shapes ``[B, T]``.
 
     Metrics (sums over valid tokens unless noted):
@@ -99,8 +97,8 @@ def value_loss(
     returns: Tensor,
     mask: Tensor,
     *,
-    clip: Optional[float] = None,
-) -> Tuple[Tensor, Dict[str, Tensor]]:
+    clip: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Critic loss per token ``0.5 * e`` (module docstring), shapes ``[B, T]``; ``clip=None``: no clip.
 
     Metrics (sums over valid tokens): ``vf_clipfrac_sum`` (tokens where the clipped error is the larger

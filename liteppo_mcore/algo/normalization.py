@@ -23,7 +23,7 @@ ranks, so group means are local; only batch-wide statistics need the collective.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -61,7 +61,7 @@ class RunningMoments:
         """Unbiased standard deviation of everything seen; 0 for fewer than 2 values."""
         return math.sqrt(self.var)
 
-    def update(self, x: Tensor, *, allreduce_sum: Optional[AllReduceSum] = None) -> None:
+    def update(self, x: Tensor, *, allreduce_sum: AllReduceSum | None = None) -> None:
         """Fold this step's rewards (this rank's share of ``x``; the batch is global) into the state."""
         self.merge(global_moments(x.reshape(-1), allreduce_sum=allreduce_sum))
 
@@ -77,10 +77,10 @@ class RunningMoments:
         self.m2 += float(batch.m2) + delta * delta * n_a * n_b / n
         self.count = n
 
-    def state_dict(self) -> Dict[str, float]:
+    def state_dict(self) -> dict[str, float]:
         return {"count": self.count, "mean": self.mean, "m2": self.m2}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         missing = {"count", "mean", "m2"} - set(state)
         if missing:
             raise ValueError(f"RunningMoments state is missing {sorted(missing)}")
@@ -88,8 +88,8 @@ class RunningMoments:
 
 
 def _validate(
-    scores: Tensor, group_size: int, reward_norm: Optional[str], reward_shift: bool,
-    reward_scale: bool, reward_clip: Optional[float], running: Optional[RunningMoments],
+    scores: Tensor, group_size: int, reward_norm: str | None, reward_shift: bool,
+    reward_scale: bool, reward_clip: float | None, running: RunningMoments | None,
 ) -> None:
     if scores.dim() != 1:
         raise ValueError(f"scores must be a 1-D tensor [N] of response scores, got shape {tuple(scores.shape)}")
@@ -117,7 +117,7 @@ def _validate(
 
 def _mean_and_std(
     r: Tensor, group_size: int, reward_norm: str, div_std_global: bool,
-    running: Optional[RunningMoments], allreduce_sum: Optional[AllReduceSum],
+    running: RunningMoments | None, allreduce_sum: AllReduceSum | None,
 ) -> tuple[Tensor, Tensor]:
     """Per-response ``mu_i`` and ``sigma_i`` (float64, shape [N]) for the chosen normalization."""
     if reward_norm == "running":
@@ -141,13 +141,13 @@ def normalize_rewards(
     scores: Tensor,
     *,
     group_size: int,
-    reward_norm: Optional[str],
+    reward_norm: str | None,
     div_std_global: bool = True,
     reward_shift: bool = False,
     reward_scale: bool = False,
-    reward_clip: Optional[float] = None,
-    running: Optional[RunningMoments] = None,
-    allreduce_sum: Optional[AllReduceSum] = None,
+    reward_clip: float | None = None,
+    running: RunningMoments | None = None,
+    allreduce_sum: AllReduceSum | None = None,
     eps: float = 1e-6,
 ) -> Tensor:
     """Normalized response rewards ``r~`` [N] from this rank's raw scores [N] (see the module table).

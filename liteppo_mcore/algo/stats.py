@@ -16,7 +16,8 @@ on a collective another rank skipped.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -32,7 +33,7 @@ def as_bool_mask(mask: Tensor) -> Tensor:
     return mask if mask.dtype == torch.bool else mask != 0
 
 
-def reduce_sum(x: Tensor, allreduce_sum: Optional[AllReduceSum]) -> Tensor:
+def reduce_sum(x: Tensor, allreduce_sum: AllReduceSum | None) -> Tensor:
     """``allreduce_sum(x)``, or ``x`` itself when this process holds the whole batch."""
     return x if allreduce_sum is None else allreduce_sum(x)
 
@@ -56,7 +57,7 @@ class Moments(NamedTuple):
 
 
 def global_moments(
-    x: Tensor, mask: Optional[Tensor] = None, *, allreduce_sum: Optional[AllReduceSum] = None
+    x: Tensor, mask: Tensor | None = None, *, allreduce_sum: AllReduceSum | None = None
 ) -> Moments:
     """Count, mean and ``M2`` of the valid entries of ``x`` over all ranks, in float64.
 

@@ -2,12 +2,28 @@
 ways, and the actor's pretrained starting point (see paths.py for the on-disk layout)."""
 
 from liteppo_mcore.checkpoint.conversion import convert_hf_to_mcore, convert_mcore_to_hf
-from liteppo_mcore.checkpoint.paths import (CheckpointError, checkpoints_dir, iter_name, iteration_dir,
-                                            read_latest, resolve_iteration_dir, write_latest)
-from liteppo_mcore.checkpoint.pretrained import (load_actor_from_hf, load_pretrained_actor, pretrained_shape,
-                                                 save_converted_actor)
-from liteppo_mcore.checkpoint.store import (load_model, read_checkpoint_config, save_checkpoint,
-                                            sharded_model_state, write_hf_side)
+from liteppo_mcore.checkpoint.paths import (
+                                            CheckpointError,
+                                            checkpoints_dir,
+                                            iter_name,
+                                            iteration_dir,
+                                            read_latest,
+                                            resolve_iteration_dir,
+                                            write_latest,
+)
+from liteppo_mcore.checkpoint.pretrained import (
+                                            load_actor_from_hf,
+                                            load_pretrained_actor,
+                                            pretrained_shape,
+                                            save_converted_actor,
+)
+from liteppo_mcore.checkpoint.store import (
+                                            load_model,
+                                            read_checkpoint_config,
+                                            save_checkpoint,
+                                            sharded_model_state,
+                                            write_hf_side,
+)
 
 __all__ = [
     "CheckpointError", "checkpoints_dir", "convert_hf_to_mcore", "convert_mcore_to_hf", "iter_name", "iteration_dir",

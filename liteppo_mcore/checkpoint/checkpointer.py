@@ -28,7 +28,8 @@ import re
 import shutil
 import sys
 import time
-from typing import Any, Callable, List, Optional, Tuple
+from collections.abc import Callable
+from typing import Any
 
 import torch.distributed as dist
 from omegaconf import OmegaConf
@@ -36,8 +37,16 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from liteppo_mcore.checkpoint import manifest as M
 from liteppo_mcore.checkpoint.lock import RunDirLock, RunDirLocked, being_read, reading
-from liteppo_mcore.checkpoint.paths import (HF_SUBDIR, CheckpointError, checkpoints_dir, iteration_dir, iteration_of,
-                                            read_latest, resolve_iteration_dir, write_latest)
+from liteppo_mcore.checkpoint.paths import (
+    HF_SUBDIR,
+    CheckpointError,
+    checkpoints_dir,
+    iteration_dir,
+    iteration_of,
+    read_latest,
+    resolve_iteration_dir,
+    write_latest,
+)
 from liteppo_mcore.checkpoint.store import write_hf_side
 from liteppo_mcore.checkpoint.trainer_state import checkpoint_common, read_trainer_state, write_trainer_state
 from liteppo_mcore.config.loader import to_yaml
@@ -59,7 +68,7 @@ def warn(message: str) -> None:
         print(f"liteppo: warning: {message}", file=sys.stderr, flush=True)
 
 
-def _agree(ok: bool, detail: Optional[str]) -> List[str]:
+def _agree(ok: bool, detail: str | None) -> list[str]:
     """Every rank's failure detail (empty when all ranks are fine): a collective, so that a failure
     on one rank sends every rank down the same path instead of into a barrier that never returns."""
     parts = M._gather(None if ok else (detail or "failed"))
@@ -75,7 +84,7 @@ def is_disk_full(exc: BaseException) -> bool:
     """Whether `exc` (or anything in its chain, or a DCP CheckpointException's per-rank failures)
     comes from a full disk or quota."""
     seen = set()
-    todo: List[Any] = [exc]
+    todo: list[Any] = [exc]
     while todo:
         e = todo.pop()
         if e is None or id(e) in seen:
@@ -97,7 +106,7 @@ def is_disk_full(exc: BaseException) -> bool:
 # Folders
 
 
-def complete_checkpoints(ckpts: str) -> List[str]:
+def complete_checkpoints(ckpts: str) -> list[str]:
     """The `iter_*` folders of `ckpts` that megatron finished writing, by iteration."""
     if not os.path.isdir(ckpts):
         return []
@@ -114,10 +123,10 @@ def saved_at(folder: str) -> float:
     return float(found["saved_at"]) if found and "saved_at" in found else os.path.getmtime(folder)
 
 
-def recover_interrupted_replacements(ckpts: str) -> List[str]:
+def recover_interrupted_replacements(ckpts: str) -> list[str]:
     """Rename `iter_N.replaced` folders back when `iter_N` is missing (a kill between the two
     renames of a re-save); remove those whose replacement is complete. Returns what was restored."""
-    restored = []
+    restored: list[str] = []
     if not os.path.isdir(ckpts):
         return restored
     for name in sorted(os.listdir(ckpts)):
@@ -149,8 +158,8 @@ class Checkpointer:
         self.ckpts = checkpoints_dir(self.run_dir)
         self.state = train_state
         self.lock = RunDirLock(self.run_dir)
-        self.loaded_from: Optional[str] = None
-        self.last_saved_step: Optional[int] = None
+        self.loaded_from: str | None = None
+        self.last_saved_step: int | None = None
         """The step of the newest checkpoint this run saved or resumed from."""
 
     # ---------------------------------------------------------------- lock
@@ -181,7 +190,7 @@ class Checkpointer:
         interval = self.c.save_interval
         return step == self.cfg.max_steps or bool(interval and step % interval == 0)
 
-    def save(self, step: int, *, before_final: Optional[Callable[[float], None]] = None) -> str:
+    def save(self, step: int, *, before_final: Callable[[float], None] | None = None) -> str:
         """Save the trainer at `step`; returns the iteration folder once `latest` names it.
         `before_final(seconds)` runs on rank 0 once the checkpoint is complete on disk and before it
         becomes final, with the seconds the save took so far."""
@@ -245,7 +254,7 @@ class Checkpointer:
             shutil.rmtree(replaced)
         self._apply_retention(keep=final)
 
-    def _failed_save(self, partial: str, failures: List[str], exc: Optional[BaseException]) -> None:
+    def _failed_save(self, partial: str, failures: list[str], exc: BaseException | None) -> None:
         latest = M._broadcast(read_latest(self.ckpts) if _rank() == 0 else None)
         full = M._gather(exc is not None and is_disk_full(exc))
         if _rank() == 0:
@@ -284,11 +293,11 @@ class Checkpointer:
             shutil.rmtree(folder, ignore_errors=True)
 
     # ---------------------------------------------------------------- load
-    def _candidates(self) -> Tuple[List[str], bool, List[str]]:
+    def _candidates(self) -> tuple[list[str], bool, list[str]]:
         """(folders to try in order, explicit, notes on what was skipped)."""
         if self.c.load:
             return [resolve_iteration_dir(self.c.load)], True, []
-        notes: List[str] = []
+        notes: list[str] = []
         try:
             latest = read_latest(self.ckpts)
         except CheckpointError as e:
@@ -301,9 +310,9 @@ class Checkpointer:
         older = [f for f in complete_checkpoints(self.ckpts) if iteration_of(f) < newest]
         return [latest] + list(reversed(older)), False, notes
 
-    def _problems(self, folder: str) -> List[str]:
+    def _problems(self, folder: str) -> list[str]:
         """What is wrong with `folder` as a checkpoint (collective); [] when it looks intact."""
-        def missing() -> Optional[str]:
+        def missing() -> str | None:
             if not os.path.isdir(folder):
                 return f"{folder} does not exist"
             if not os.path.isfile(os.path.join(folder, "metadata.json")):
@@ -321,13 +330,13 @@ class Checkpointer:
             return []
         return problems
 
-    def load(self) -> Optional[str]:
+    def load(self) -> str | None:
         """Resume from `checkpoint.load`, else from the run directory's latest intact checkpoint (none:
         a fresh start); a checkpoint of another model or algorithm is refused. Returns the folder loaded."""
         candidates, explicit, notes = M._broadcast(self._candidates() if _rank() == 0 else None)
         for note in notes:
             warn(f"{note} Looking for the newest intact checkpoint instead.")
-        rejected: List[str] = []
+        rejected: list[str] = []
         for folder in candidates:
             problems = self._problems(folder)
             if not problems:
@@ -351,7 +360,7 @@ class Checkpointer:
                 "away to start this run over, or set checkpoint.load to a good checkpoint.")
         return None
 
-    def _read(self, folder: str) -> List[str]:
+    def _read(self, folder: str) -> list[str]:
         models, optimizers = self.state.checkpointed()
         ok, detail = True, None
         try:
@@ -381,7 +390,7 @@ class Checkpointer:
             raise CheckpointError(problem)
 
 
-def compatibility_problem(cfg: Any, folder: str) -> Optional[str]:
+def compatibility_problem(cfg: Any, folder: str) -> str | None:
     """Why `folder`'s checkpoint cannot continue `cfg`'s run (another model or algorithm), else None."""
     stored = checkpoint_common(folder).get("config")
     if not stored:

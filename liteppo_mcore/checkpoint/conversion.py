@@ -12,7 +12,8 @@ import contextlib
 import glob
 import os
 import shutil
-from typing import Any, Dict, Iterator, List
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,9 +23,18 @@ from liteppo_mcore.checkpoint.pretrained import hf_shape, load_actor_from_hf, sa
 from liteppo_mcore.checkpoint.store import hf_side_dir, load_model, read_checkpoint_config
 from liteppo_mcore.config import choices, load_config
 from liteppo_mcore.config.schema import LitePPOConfig
-from liteppo_mcore.convert.hf_files import (CONFIG, WEIGHTS_INDEX, SafetensorsReader, ShardedSafetensorsWriter,
-                                            config_dtype, copy_side_files, dtype_name, parse_size, read_config,
-                                            write_json_atomic)
+from liteppo_mcore.convert.hf_files import (
+    CONFIG,
+    WEIGHTS_INDEX,
+    SafetensorsReader,
+    ShardedSafetensorsWriter,
+    config_dtype,
+    copy_side_files,
+    dtype_name,
+    parse_size,
+    read_config,
+    write_json_atomic,
+)
 from liteppo_mcore.convert.layout import ConversionError, TensorLayout
 from liteppo_mcore.convert.weights import check_hf_tensors, hf_tensors
 from liteppo_mcore.models.shapes import ModelShape
@@ -35,7 +45,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _CFG_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-def _dtype(name: str, hf: Dict[str, Any]) -> torch.dtype:
+def _dtype(name: str, hf: dict[str, Any]) -> torch.dtype:
     if name == choices.AUTO:
         return config_dtype(hf)
     if name not in DTYPES:
@@ -105,7 +115,7 @@ def convert_hf_to_mcore(hf_dir: str, out: str, *, tp: int = 1, pp: int = 1, dtyp
         return save_converted_actor(actor, out, hf_dir)
 
 
-def _old_weights(out: str, overwrite: bool) -> List[str]:
+def _old_weights(out: str, overwrite: bool) -> list[str]:
     old = glob.glob(os.path.join(out, "*.safetensors")) + glob.glob(os.path.join(out, WEIGHTS_INDEX))
     if old and not overwrite:
         raise ConversionError(f"{out} already holds Hugging Face weights. Pass --overwrite to replace them, "
@@ -113,8 +123,8 @@ def _old_weights(out: str, overwrite: bool) -> List[str]:
     return old
 
 
-def _write_hf(actor: torch.nn.Module, layout: TensorLayout, hf: Dict[str, Any], iter_dir: str, out: str,
-              dtype: torch.dtype, shard_bytes: int) -> List[str]:
+def _write_hf(actor: torch.nn.Module, layout: TensorLayout, hf: dict[str, Any], iter_dir: str, out: str,
+              dtype: torch.dtype, shard_bytes: int) -> list[str]:
     writer = ShardedSafetensorsWriter(out, shard_bytes)
     for name, tensor in hf_tensors(actor.named_parameters(), layout):
         writer.add(name, tensor.to(dtype))
@@ -130,11 +140,12 @@ def _write_hf(actor: torch.nn.Module, layout: TensorLayout, hf: Dict[str, Any], 
 
 
 def convert_mcore_to_hf(ckpt: str, out: str, *, dtype: str = "auto", max_shard_size: str = "5GB",
-                        overwrite: bool = False) -> List[str]:
+                        overwrite: bool = False) -> list[str]:
     """The `actor.` part of a checkpoint (run directory, checkpoints/ or iter_* folder; saved at any
     layout) -> a Hugging Face directory. Returns the safetensors file names written."""
     iter_dir = resolve_iteration_dir(ckpt)
     hf = read_checkpoint_config(iter_dir)
+    assert hf is not None  # required (the default): raises instead of returning None
     shape = hf_shape(hf, os.path.join(hf_side_dir(iter_dir), CONFIG))
     layout = TensorLayout.from_shape(shape)
     torch_dtype = _dtype(dtype, hf)

@@ -22,8 +22,9 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
-from typing import Any, Dict, Iterator, Optional
+from typing import Any
 
 from liteppo_mcore.checkpoint.paths import CheckpointError
 
@@ -37,7 +38,7 @@ class RunDirLocked(CheckpointError):
     """Another live run holds the run directory."""
 
 
-def process_start_time(pid: int) -> Optional[str]:
+def process_start_time(pid: int) -> str | None:
     """The start time of process `pid` in clock ticks since boot (field 22 of /proc/PID/stat), or
     None when the process does not exist (or /proc is not there)."""
     try:
@@ -49,7 +50,7 @@ def process_start_time(pid: int) -> Optional[str]:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
-def _alive(pid: int, start: Optional[str]) -> bool:
+def _alive(pid: int, start: str | None) -> bool:
     now = process_start_time(pid)
     if now is not None:
         return start is None or now == start
@@ -62,7 +63,7 @@ def _alive(pid: int, start: Optional[str]) -> bool:
     return not os.path.isdir("/proc")
 
 
-def _describe(holder: Dict[str, Any]) -> str:
+def _describe(holder: dict[str, Any]) -> str:
     job = f", SLURM job {holder['slurm_job']}" if holder.get("slurm_job") else ""
     return f"host {holder.get('host')}, PID {holder.get('pid')}{job}, started {holder.get('started')}"
 
@@ -73,19 +74,19 @@ class RunDirLock:
     def __init__(self, run_dir: str) -> None:
         self.run_dir = run_dir
         self.path = os.path.join(run_dir, LOCK_FILE)
-        self._mine: Optional[Dict[str, Any]] = None
+        self._mine: dict[str, Any] | None = None
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-        self.took_over: Optional[str] = None
+        self._thread: threading.Thread | None = None
+        self.took_over: str | None = None
         """When a stale lock was replaced: why it was stale (for the log)."""
 
-    def _record(self) -> Dict[str, Any]:
+    def _record(self) -> dict[str, Any]:
         pid = os.getpid()
         return {"host": socket.gethostname(), "pid": pid, "pid_start": process_start_time(pid),
                 "slurm_job": os.environ.get("SLURM_JOB_ID"),
                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
-    def holder(self) -> Optional[Dict[str, Any]]:
+    def holder(self) -> dict[str, Any] | None:
         """The current lock file's content (None when there is none); an unreadable one is {}."""
         try:
             with open(self.path, encoding="utf-8") as f:
@@ -95,7 +96,7 @@ class RunDirLock:
         except (OSError, ValueError):
             return {}
 
-    def stale_reason(self, holder: Dict[str, Any]) -> Optional[str]:
+    def stale_reason(self, holder: dict[str, Any]) -> str | None:
         """Why the lock described by `holder` no longer protects a live run (None: it does)."""
         try:
             age = time.time() - os.path.getmtime(self.path)
@@ -112,7 +113,7 @@ class RunDirLock:
             return f"its holder ({_describe(holder)}) has not renewed it for {age:.0f} s"
         return None
 
-    def acquire(self) -> "RunDirLock":
+    def acquire(self) -> RunDirLock:
         os.makedirs(self.run_dir, exist_ok=True)
         record = self._record()
         for _ in range(3):
@@ -128,7 +129,7 @@ class RunDirLock:
                         f"output_dir={self.run_dir} is in use by another run ({_describe(holder)}; lock file "
                         f"{self.path}). Two runs on one directory overwrite each other's checkpoints and metrics: "
                         "wait for that run to end or stop it, or choose another output_dir. If that process is "
-                        f"gone (it ran on another host), delete {self.path}.")
+                        f"gone (it ran on another host), delete {self.path}.") from None
                 # Move the stale file aside under a name of our own, so that of two processes that
                 # both found it stale only one removes it, and neither removes a fresh lock.
                 aside = f"{self.path}.stale.{os.getpid()}"
@@ -168,7 +169,7 @@ class RunDirLock:
                 pass
         self._mine = None
 
-    def __enter__(self) -> "RunDirLock":
+    def __enter__(self) -> RunDirLock:
         return self.acquire()
 
     def __exit__(self, *exc: Any) -> None:
@@ -181,7 +182,8 @@ def reading(folder: str) -> Iterator[None]:
     path = os.path.join(folder, f"{READ_MARKER}{socket.gethostname()}.{os.getpid()}")
     try:
         with open(path, "w", encoding="utf-8") as f:
-            json.dump({"host": socket.gethostname(), "pid": os.getpid(), "pid_start": process_start_time(os.getpid())}, f)
+            holder = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": process_start_time(os.getpid())}
+            json.dump(holder, f)
     except OSError:
         path = ""  # a read-only checkpoint: nobody can delete it from here either
     try:

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch.distributed as dist
 
@@ -33,7 +33,7 @@ def file_sha256(path: str) -> str:
             h.update(block)
 
 
-def list_files(folder: str) -> List[str]:
+def list_files(folder: str) -> list[str]:
     """Every file under `folder`, relative and sorted, the manifest and read markers excepted."""
     out = []
     for root, _, files in os.walk(folder):
@@ -44,16 +44,16 @@ def list_files(folder: str) -> List[str]:
     return sorted(out)
 
 
-def _share(items: List[Any]) -> List[Any]:
+def _share(items: list[Any]) -> list[Any]:
     """This rank's share of `items`: every world-th one."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     return items[rank::world]
 
 
-def _gather(value: Any) -> List[Any]:
+def _gather(value: Any) -> list[Any]:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [value]
-    out: List[Any] = [None] * dist.get_world_size()
+    out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, value)
     return out
 
@@ -66,13 +66,13 @@ def _broadcast(value: Any) -> Any:
     return box[0]
 
 
-def write_manifest(folder: str, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def write_manifest(folder: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Hash every file of `folder` (collective: call on every rank once all files are written);
     rank 0 writes the manifest. Returns it (on every rank)."""
     files = _broadcast(list_files(folder) if not dist.is_initialized() or dist.get_rank() == 0 else None)
     mine = {rel: {"size": os.path.getsize(os.path.join(folder, rel)), "sha256": file_sha256(os.path.join(folder, rel))}
             for rel in _share(files)}
-    entries: Dict[str, Any] = {}
+    entries: dict[str, Any] = {}
     for part in _gather(mine):
         entries.update(part)
     manifest = {"format": 1, "algorithm": "sha256", "saved_at": time.time(), **(extra or {}),
@@ -87,7 +87,7 @@ def write_manifest(folder: str, extra: Optional[Dict[str, Any]] = None) -> Dict[
     return manifest
 
 
-def read_manifest(folder: str) -> Optional[Dict[str, Any]]:
+def read_manifest(folder: str) -> dict[str, Any] | None:
     """The manifest of `folder`; None when it has none. Raises ValueError when it is unreadable."""
     path = os.path.join(folder, MANIFEST)
     if not os.path.isfile(path):
@@ -101,7 +101,7 @@ def read_manifest(folder: str) -> Optional[Dict[str, Any]]:
     return manifest
 
 
-def _check_one(folder: str, rel: str, entry: Dict[str, Any]) -> Optional[str]:
+def _check_one(folder: str, rel: str, entry: dict[str, Any]) -> str | None:
     path = os.path.join(folder, rel)
     try:
         size = os.path.getsize(path)
@@ -114,10 +114,10 @@ def _check_one(folder: str, rel: str, entry: Dict[str, Any]) -> Optional[str]:
     return None
 
 
-def verify(folder: str) -> Tuple[Optional[List[str]], Optional[Dict[str, Any]]]:
+def verify(folder: str) -> tuple[list[str] | None, dict[str, Any] | None]:
     """(problems, manifest) of `folder` (collective; every rank gets the same answer). problems is
     [] when every listed file is intact and None when there is no manifest to check against."""
-    def local() -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
+    def local() -> tuple[str | None, dict[str, Any] | None]:
         try:
             return None, read_manifest(folder)
         except ValueError as e:

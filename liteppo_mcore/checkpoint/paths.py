@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Optional
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -50,7 +49,7 @@ def write_latest(ckpts_dir: str, iteration: int) -> None:
     os.replace(tmp, path)
 
 
-def read_latest(ckpts_dir: str) -> Optional[str]:
+def read_latest(ckpts_dir: str) -> str | None:
     """The iteration folder `latest` names (None when there is no `latest`)."""
     path = os.path.join(ckpts_dir, LATEST)
     if not os.path.isfile(path):
@@ -76,12 +75,13 @@ def resolve_iteration_dir(path: str) -> str:
         raise CheckpointError(f"{path}: no such directory. Give a run directory, its checkpoints/ folder "
                               "or an iter_NNNNNNN folder.")
     if _is_iteration_dir(path):
-        found: Optional[str] = path
+        found = path
     else:
-        found = read_latest(path) or read_latest(checkpoints_dir(path))
-        if found is None:
+        latest = read_latest(path) or read_latest(checkpoints_dir(path))
+        if latest is None:
             raise CheckpointError(f"{path}: no checkpoint here (no {LATEST} file in it or in {CHECKPOINTS}/). "
                                   "Give a run directory, its checkpoints/ folder or an iter_NNNNNNN folder.")
+        found = latest
     if not os.path.isfile(os.path.join(found, "metadata.json")):
         raise CheckpointError(f"{found}: not a complete megatron distributed checkpoint (no metadata.json). "
                               "Point at a complete iter_* folder, or convert the model again.")

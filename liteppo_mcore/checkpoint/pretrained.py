@@ -12,18 +12,27 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import replace
-from typing import Any, Dict, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from liteppo_mcore.checkpoint.paths import (CheckpointError, checkpoints_dir, iteration_dir, read_latest,
-                                            resolve_iteration_dir)
-from liteppo_mcore.checkpoint.store import (load_model, read_checkpoint_config, read_source, save_checkpoint,
-                                            sharded_model_state)
+from liteppo_mcore.checkpoint.paths import (
+    CheckpointError,
+    checkpoints_dir,
+    iteration_dir,
+    read_latest,
+    resolve_iteration_dir,
+)
+from liteppo_mcore.checkpoint.store import (
+    load_model,
+    read_checkpoint_config,
+    read_source,
+    save_checkpoint,
+    sharded_model_state,
+)
 from liteppo_mcore.config.schema import LitePPOConfig
-from liteppo_mcore.convert.hf_files import (CONFIG, SafetensorsReader, normalize_config, read_config,
-                                            weights_fingerprint)
+from liteppo_mcore.convert.hf_files import CONFIG, SafetensorsReader, normalize_config, read_config, weights_fingerprint
 from liteppo_mcore.convert.layout import TensorLayout
 from liteppo_mcore.convert.weights import MegatronView, check_hf_tensors
 from liteppo_mcore.models.shapes import ModelShape, resolve_shape, shape_from_hf_config
@@ -33,12 +42,12 @@ from liteppo_mcore.parallel.mcore import ParallelGroups
 PRETRAINED_SUBDIR = "pretrained"
 
 
-def hf_shape(hf_config: Dict[str, Any], where: str = CONFIG) -> ModelShape:
+def hf_shape(hf_config: dict[str, Any], where: str = CONFIG) -> ModelShape:
     """The shape of a Hugging Face config, whichever way transformers wrote its rope settings."""
     return shape_from_hf_config(normalize_config(hf_config), where)
 
 
-def pretrained_shape(cfg: LitePPOConfig, vocab_size: Optional[int] = None) -> ModelShape:
+def pretrained_shape(cfg: LitePPOConfig, vocab_size: int | None = None) -> ModelShape:
     """The shape to build: hf_path's config.json, else the config stored in model.load's checkpoint,
     else the YAML section (also for a checkpoint that stores no config)."""
     m = cfg.model
@@ -55,7 +64,7 @@ def pretrained_shape(cfg: LitePPOConfig, vocab_size: Optional[int] = None) -> Mo
     return replace(shape, vocab_size=m.vocab_size) if m.vocab_size else shape
 
 
-def source_record(hf_dir: str) -> Dict[str, Any]:
+def source_record(hf_dir: str) -> dict[str, Any]:
     """What a conversion came from, to tell whether a cached one is still valid."""
     return {"hf_path": os.path.abspath(hf_dir), "files": weights_fingerprint(hf_dir)}
 
@@ -88,7 +97,7 @@ def save_converted_actor(actor: torch.nn.Module, run_dir: str, hf_dir: str) -> s
                            side_files_from=hf_dir, source=source_record(hf_dir))
 
 
-def cached_conversion(run_dir: str, hf_dir: str) -> Optional[str]:
+def cached_conversion(run_dir: str, hf_dir: str) -> str | None:
     """The iteration folder of a still-valid conversion of `hf_dir` in `run_dir`, else None."""
     try:
         if read_latest(checkpoints_dir(run_dir)) is None:
@@ -99,7 +108,7 @@ def cached_conversion(run_dir: str, hf_dir: str) -> Optional[str]:
     return iter_dir if read_source(iter_dir) == source_record(hf_dir) else None
 
 
-def _rank0_decides(value: Optional[str]) -> Optional[str]:
+def _rank0_decides(value: str | None) -> str | None:
     """Every rank takes rank 0's answer, so that all of them go down the same collective path."""
     box = [value]
     dist.broadcast_object_list(box, src=0)
@@ -107,7 +116,7 @@ def _rank0_decides(value: Optional[str]) -> Optional[str]:
 
 
 def load_pretrained_actor(actor: torch.nn.Module, cfg: LitePPOConfig, groups: ParallelGroups,
-                          shape: ModelShape) -> Optional[str]:
+                          shape: ModelShape) -> str | None:
     """Load the actor's starting weights (collective); returns where they came from, or None when the
     configuration names none (random initialization). `model.load` wins over `model.hf_path`."""
     m = cfg.model
@@ -118,16 +127,16 @@ def load_pretrained_actor(actor: torch.nn.Module, cfg: LitePPOConfig, groups: Pa
     if not m.hf_path:
         return None
     cache = os.path.join(cfg.output_dir, PRETRAINED_SUBDIR)
-    iter_dir = _rank0_decides(cached_conversion(cache, m.hf_path) if dist.get_rank() == 0 else None)
-    if iter_dir is not None:
-        load_model(actor, iter_dir, "actor")
-        return iter_dir
+    cached = _rank0_decides(cached_conversion(cache, m.hf_path) if dist.get_rank() == 0 else None)
+    if cached is not None:
+        load_model(actor, cached, "actor")
+        return cached
     load_actor_from_hf(actor, m.hf_path, groups, shape)
     save_converted_actor(actor, cache, m.hf_path)
     return m.hf_path
 
 
-def build_pretrained_models(cfg: LitePPOConfig, groups: ParallelGroups, *, vocab_size: Optional[int] = None):
+def build_pretrained_models(cfg: LitePPOConfig, groups: ParallelGroups, *, vocab_size: int | None = None):
     """The configuration's models with the actor's starting weights (collective): the actor is built,
     loaded (`model.load`, else `model.hf_path`, else left random), and then the critic and the reference
     are derived from it, so both start from what the actor starts from; `critic.load` then replaces the

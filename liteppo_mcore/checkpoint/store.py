@@ -14,14 +14,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Dict, Mapping, Optional
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
-from liteppo_mcore.checkpoint.paths import (HF_SUBDIR, CheckpointError, checkpoints_dir, iteration_dir,
-                                            write_latest)
+from liteppo_mcore.checkpoint.paths import HF_SUBDIR, CheckpointError, checkpoints_dir, iteration_dir, write_latest
 from liteppo_mcore.convert.hf_files import CONFIG, copy_side_files, write_json_atomic
+
+if TYPE_CHECKING:  # only for the annotations
+    from megatron.core.transformer.module import MegatronModule
 
 COMMON_KEY = "liteppo"
 FORMAT_VERSION = 1
@@ -29,17 +32,17 @@ MODEL_PREFIXES = ("actor", "critic", "reference")
 SOURCE_FILE = "source.json"  # in hf/: what the checkpoint was converted from (cache validation)
 
 
-def sharded_model_state(models: Mapping[str, torch.nn.Module]) -> Dict[str, Any]:
+def sharded_model_state(models: Mapping[str, MegatronModule]) -> dict[str, Any]:
     """One sharded state dict of several models, each under `<prefix>.`."""
-    sharded: Dict[str, Any] = {}
+    sharded: dict[str, Any] = {}
     for prefix, model in models.items():
         sharded.update(model.sharded_state_dict(prefix=f"{prefix}."))
     return sharded
 
 
-def save_checkpoint(sharded: Dict[str, Any], run_dir: str, iteration: int, *, hf_config: Dict[str, Any],
-                    side_files_from: Optional[str] = None, source: Optional[Dict[str, Any]] = None,
-                    common: Optional[Dict[str, Any]] = None) -> str:
+def save_checkpoint(sharded: dict[str, Any], run_dir: str, iteration: int, *, hf_config: dict[str, Any],
+                    side_files_from: str | None = None, source: dict[str, Any] | None = None,
+                    common: dict[str, Any] | None = None) -> str:
     """Save `sharded` as `run_dir/checkpoints/iter_<iteration>` (collective over every rank), then the
     Hugging Face side files, then point `latest` at it. Returns the iteration folder.
 
@@ -62,8 +65,8 @@ def save_checkpoint(sharded: Dict[str, Any], run_dir: str, iteration: int, *, hf
     return iter_dir
 
 
-def write_hf_side(iter_dir: str, hf_config: Dict[str, Any], side_files_from: Optional[str] = None,
-                  source: Optional[Dict[str, Any]] = None) -> None:
+def write_hf_side(iter_dir: str, hf_config: dict[str, Any], side_files_from: str | None = None,
+                  source: dict[str, Any] | None = None) -> None:
     """`iter_dir/hf/`: config.json (verbatim when copied from a HF directory), tokenizer files, source."""
     hf_dir = os.path.join(iter_dir, HF_SUBDIR)
     os.makedirs(hf_dir, exist_ok=True)
@@ -87,7 +90,7 @@ def hf_side_dir(iter_dir: str) -> str:
     return os.path.join(iter_dir, HF_SUBDIR)
 
 
-def read_checkpoint_config(iter_dir: str, required: bool = True) -> Optional[Dict[str, Any]]:
+def read_checkpoint_config(iter_dir: str, required: bool = True) -> dict[str, Any] | None:
     """The Hugging Face config.json stored in a checkpoint (None when absent and not required)."""
     path = os.path.join(hf_side_dir(iter_dir), CONFIG)
     if not os.path.isfile(path):
@@ -99,14 +102,14 @@ def read_checkpoint_config(iter_dir: str, required: bool = True) -> Optional[Dic
     return _read_json(path)
 
 
-def read_source(iter_dir: str) -> Optional[Dict[str, Any]]:
+def read_source(iter_dir: str) -> dict[str, Any] | None:
     path = os.path.join(hf_side_dir(iter_dir), SOURCE_FILE)
     if not os.path.isfile(path):
         return None
     return _read_json(path)
 
 
-def check_against_checkpoint(sharded: Dict[str, Any], iter_dir: str, prefix: str) -> None:
+def check_against_checkpoint(sharded: dict[str, Any], iter_dir: str, prefix: str) -> None:
     """Missing tensors and shape disagreements, named, before megatron's loader would fail deep inside."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
@@ -131,7 +134,7 @@ def check_against_checkpoint(sharded: Dict[str, Any], iter_dir: str, prefix: str
 
 
 @torch.no_grad()
-def load_model(model: torch.nn.Module, iter_dir: str, prefix: str = "actor") -> None:
+def load_model(model: MegatronModule, iter_dir: str, prefix: str = "actor") -> None:
     """Load this rank's shards of `prefix.` from a checkpoint saved at any layout (collective)."""
     from megatron.core import dist_checkpointing
 

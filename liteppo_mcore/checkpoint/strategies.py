@@ -28,7 +28,7 @@ per recipe: docs/recipes.md, "What a checkpoint costs".
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any
 
 SHARDED_BACKEND = ("torch_dist", 1)
 # DistributedOptimizer.sharded_state_dict's metadata keys (optimizer/distrib_optimizer.py, 0.16.1)
@@ -39,7 +39,7 @@ MEM_EFFICIENT_KEY = "distrib_optim_fully_reshardable_mem_efficient"
 AVOID_CHAINED_PREFIX_KEY = "chained_optim_avoid_prefix"
 
 
-def optimizer_metadata(*, mem_efficient: bool = True) -> Dict[str, Any]:
+def optimizer_metadata(*, mem_efficient: bool = True) -> dict[str, Any]:
     """The `metadata` of `optimizer.sharded_state_dict(model_sd, is_loading=..., metadata=...)`, on save
     and on load: {"distrib_optim_sharding_type": "fully_reshardable",
     "distrib_optim_fully_reshardable_mem_efficient": True, "chained_optim_avoid_prefix": True}.
@@ -196,7 +196,7 @@ def unshare_step_counters(optimizer: Any) -> int:
 def _keeping_own_step(opt: Any) -> Any:
     original = opt._set_main_param_and_optimizer_states  # the class's method, bound to `opt`
 
-    def set_states(model_param: Any, tensors: Dict[str, Any]) -> None:
+    def set_states(model_param: Any, tensors: dict[str, Any]) -> None:
         if "step" not in tensors and not getattr(opt.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False):
             group_index, group_order = opt.model_param_group_index_map[model_param]
             main_param = opt.optimizer.param_groups[group_index]["params"][group_order]
@@ -227,7 +227,7 @@ def common_state_for_consistency_check(common: Any) -> Any:
     return common
 
 
-def save_strategy(parallel_group: Optional[Any]) -> Any:
+def save_strategy(parallel_group: Any | None) -> Any:
     """megatron's FullyParallelSaveStrategyWrapper (dist_checkpointing/strategies/fully_parallel.py) over
     the default torch_dist save strategy (serialization.py get_default_save_sharded_strategy:
     strategies/torch.py TorchDistSaveShardedStrategy; each saving rank writes up to 2 files from 2 forked
@@ -257,7 +257,7 @@ def save_strategy(parallel_group: Optional[Any]) -> Any:
     return FullyParallelSaveStrategyWrapper(base, parallel_group, do_cache_distribution=False)
 
 
-def load_strategy(parallel_group: Optional[Any]) -> Any:
+def load_strategy(parallel_group: Any | None) -> Any:
     """megatron's FullyParallelLoadStrategyWrapper (dist_checkpointing/strategies/fully_parallel.py) over
     the torch_dist load strategy (strategies/torch.py TorchDistLoadShardedStrategy, what
     get_default_load_sharded_strategy picks for these checkpoints; dist_checkpointing.load still checks
@@ -280,7 +280,7 @@ def load_strategy(parallel_group: Optional[Any]) -> Any:
                                             do_cache_distribution=False, exchange_algo="broadcast")
 
 
-def save_kwargs(parallel_group: Optional[Any]) -> Dict[str, Any]:
+def save_kwargs(parallel_group: Any | None) -> dict[str, Any]:
     """Keyword arguments of `dist_checkpointing.save(state, dir, **save_kwargs(group))`
     (dist_checkpointing/serialization.py save):
 
@@ -297,7 +297,7 @@ def save_kwargs(parallel_group: Optional[Any]) -> Dict[str, Any]:
             "preprocess_common_before_consistancy_check": common_state_for_consistency_check}
 
 
-def load_kwargs(parallel_group: Optional[Any], *, fully_parallel: bool) -> Dict[str, Any]:
+def load_kwargs(parallel_group: Any | None, *, fully_parallel: bool) -> dict[str, Any]:
     """Keyword arguments of `dist_checkpointing.load(state, dir, **load_kwargs(group, fully_parallel=...))`
     (dist_checkpointing/serialization.py load):
 

@@ -17,25 +17,34 @@ import os
 import random
 import signal
 import threading
-from typing import Any, Dict, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from liteppo_mcore.checkpoint.store import COMMON_KEY, FORMAT_VERSION, check_against_checkpoint
-from liteppo_mcore.checkpoint.strategies import (init_empty_optimizer_states, load_kwargs, load_optimizer_state_dict,
-                                                 optimizer_metadata, save_kwargs)
+from liteppo_mcore.checkpoint.strategies import (
+    init_empty_optimizer_states,
+    load_kwargs,
+    load_optimizer_state_dict,
+    optimizer_metadata,
+    save_kwargs,
+)
+
+if TYPE_CHECKING:  # only for the annotations
+    from megatron.core.transformer.module import MegatronModule
 
 RNG_SUBDIR = "rng"
 
 
 
 
-def sharded_state(models: Mapping[str, torch.nn.Module], optimizers: Mapping[str, Any],
-                  is_loading: bool) -> Dict[str, Any]:
+def sharded_state(models: Mapping[str, MegatronModule], optimizers: Mapping[str, Any],
+                  is_loading: bool) -> dict[str, Any]:
     """One sharded state dict of the models (under `<name>.`) and their optimizers."""
-    state: Dict[str, Any] = {}
+    state: dict[str, Any] = {}
     for name, model in models.items():
         model_sd = model.sharded_state_dict(prefix=f"{name}.")
         state.update(model_sd)
@@ -45,12 +54,12 @@ def sharded_state(models: Mapping[str, torch.nn.Module], optimizers: Mapping[str
     return state
 
 
-def rng_state() -> Dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     """This rank's RNG states: Python, numpy, torch's CPU generator, the CUDA generator of this
     rank's device (on GPUs) and megatron's model-parallel RNG tracker (dropout, initialization)."""
     from megatron.core import tensor_parallel
 
-    state: Dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
                              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():  # a real generator (the strict virtual-device mode has none)
         state["cuda"] = torch.cuda.get_rng_state()
@@ -60,7 +69,7 @@ def rng_state() -> Dict[str, Any]:
     return state
 
 
-def set_rng_state(state: Dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     from megatron.core import tensor_parallel
 
     random.setstate(state["python"])
@@ -88,7 +97,7 @@ def stop_signals_held() -> Iterator[None]:
 
 
 def write_trainer_state(folder: str, *, models: Mapping[str, torch.nn.Module], optimizers: Mapping[str, Any],
-                        common: Dict[str, Any], parallel_group: Any) -> None:
+                        common: dict[str, Any], parallel_group: Any) -> None:
     """Write the models, optimizers, common state and this rank's RNG states into `folder` (collective;
     the writing of replicated shards is spread over `parallel_group`, the data-parallel ranks)."""
     from megatron.core import dist_checkpointing
@@ -103,7 +112,7 @@ def write_trainer_state(folder: str, *, models: Mapping[str, torch.nn.Module], o
 
 
 def read_trainer_state(folder: str, *, models: Mapping[str, torch.nn.Module], optimizers: Mapping[str, Any],
-                       parallel_group: Any, fully_parallel: bool = True) -> Dict[str, Any]:
+                       parallel_group: Any, fully_parallel: bool = True) -> dict[str, Any]:
     """Load the models and optimizers saved in `folder` (at any layout) into these (collective);
     returns the common state. RNG states are restored only at the world size they were saved at:
     elsewhere the ranks keep the fresh states this run seeded (from `seed`, and the TP/PP rank for
@@ -133,7 +142,7 @@ def read_trainer_state(folder: str, *, models: Mapping[str, torch.nn.Module], op
     return common
 
 
-def checkpoint_common(folder: str) -> Dict[str, Any]:
+def checkpoint_common(folder: str) -> dict[str, Any]:
     """The `liteppo` common state of a checkpoint (step, models, the resolved config, ...)."""
     from megatron.core import dist_checkpointing
 

@@ -12,57 +12,55 @@ torch-free, can import it. The order of each tuple is the order error messages l
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
-
 AUTO = "auto"
 """The value that lets the program pick (see each key's docstring in `config.schema` for how)."""
 
 # --- root keys: the algorithm ---
-ADV_ESTIMATORS: Tuple[str, ...] = ("gae", "reinforce", "grpo")
+ADV_ESTIMATORS: tuple[str, ...] = ("gae", "reinforce", "grpo")
 """adv_estimator."""
-REWARD_NORMS: Tuple[Optional[str], ...] = ("group", "batch", "running", None)
+REWARD_NORMS: tuple[str | None, ...] = ("group", "batch", "running", None)
 """reward_norm (None: no normalization)."""
-LOSS_AGG_MODES: Tuple[str, ...] = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+LOSS_AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 """loss_agg_mode."""
-KL_ESTIMATORS: Tuple[str, ...] = ("kl", "abs", "mse", "k3")
+KL_ESTIMATORS: tuple[str, ...] = ("kl", "abs", "mse", "k3")
 """kl_loss_type: the per-token KL estimates computed from log-probs (`algo.kl_estimate`)."""
-KL_PENALTIES: Tuple[str, ...] = KL_ESTIMATORS + ("full",)
+KL_PENALTIES: tuple[str, ...] = KL_ESTIMATORS + ("full",)
 """kl_penalty: the per-token estimates, or full (exact, whole vocabulary, computed from the logits)."""
 
 # --- model ---
-MODEL_FAMILIES: Tuple[str, ...] = ("qwen2", "qwen3", "llama")
+MODEL_FAMILIES: tuple[str, ...] = ("qwen2", "qwen3", "llama")
 """model.family."""
-EXPLICIT_DTYPES: Tuple[str, ...] = ("bf16", "fp16", "fp32")
-DTYPES: Tuple[str, ...] = (AUTO,) + EXPLICIT_DTYPES
+EXPLICIT_DTYPES: tuple[str, ...] = ("bf16", "fp16", "fp32")
+DTYPES: tuple[str, ...] = (AUTO,) + EXPLICIT_DTYPES
 """model.dtype."""
-EXPLICIT_ATTENTION_BACKENDS: Tuple[str, ...] = ("sdpa", "local", "te")
-ATTENTION_BACKENDS: Tuple[str, ...] = (AUTO,) + EXPLICIT_ATTENTION_BACKENDS
+EXPLICIT_ATTENTION_BACKENDS: tuple[str, ...] = ("sdpa", "local", "te")
+ATTENTION_BACKENDS: tuple[str, ...] = (AUTO,) + EXPLICIT_ATTENTION_BACKENDS
 """model.attention_backend."""
-RECOMPUTE_GRANULARITIES: Tuple[Optional[str], ...] = (None, "selective", "full")
+RECOMPUTE_GRANULARITIES: tuple[str | None, ...] = (None, "selective", "full")
 """model.recompute_granularity (None: no activation recompute)."""
-RECOMPUTE_METHODS: Tuple[str, ...] = ("uniform", "block")
+RECOMPUTE_METHODS: tuple[str, ...] = ("uniform", "block")
 """model.recompute_method."""
 
 # --- parallel, train ---
-EXPLICIT_PARALLEL_BACKENDS: Tuple[str, ...] = ("nccl", "gloo")
-PARALLEL_BACKENDS: Tuple[str, ...] = (AUTO,) + EXPLICIT_PARALLEL_BACKENDS
+EXPLICIT_PARALLEL_BACKENDS: tuple[str, ...] = ("nccl", "gloo")
+PARALLEL_BACKENDS: tuple[str, ...] = (AUTO,) + EXPLICIT_PARALLEL_BACKENDS
 """parallel.backend."""
-OPTIMIZERS: Tuple[str, ...] = ("adamw", "adam", "sgd")
+OPTIMIZERS: tuple[str, ...] = ("adamw", "adam", "sgd")
 """train.optimizer."""
-LR_SCHEDULES: Tuple[str, ...] = ("constant", "cosine")
+LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 """train.lr_schedule."""
 
 # --- rollout, data ---
-EXPLICIT_ROLLOUT_ENGINES: Tuple[str, ...] = ("mcore", "hf", "fast", "sglang")
-ROLLOUT_ENGINES: Tuple[str, ...] = (AUTO,) + EXPLICIT_ROLLOUT_ENGINES
+EXPLICIT_ROLLOUT_ENGINES: tuple[str, ...] = ("mcore", "hf", "fast", "sglang")
+ROLLOUT_ENGINES: tuple[str, ...] = (AUTO,) + EXPLICIT_ROLLOUT_ENGINES
 """rollout.engine."""
-ROLLOUT_MODES: Tuple[str, ...] = ("colocated", "disaggregated")
+ROLLOUT_MODES: tuple[str, ...] = ("colocated", "disaggregated")
 """rollout.mode."""
-EXPLICIT_DATA_FORMATS: Tuple[str, ...] = ("jsonl", "parquet")
-DATA_FORMATS: Tuple[str, ...] = (AUTO,) + EXPLICIT_DATA_FORMATS
+EXPLICIT_DATA_FORMATS: tuple[str, ...] = ("jsonl", "parquet")
+DATA_FORMATS: tuple[str, ...] = (AUTO,) + EXPLICIT_DATA_FORMATS
 """data.format."""
 
-CHOICES_BY_KEY: Dict[str, Tuple[Optional[str], ...]] = {
+CHOICES_BY_KEY: dict[str, tuple[str | None, ...]] = {
     "adv_estimator": ADV_ESTIMATORS,
     "reward_norm": REWARD_NORMS,
     "loss_agg_mode": LOSS_AGG_MODES,
@@ -83,6 +81,6 @@ CHOICES_BY_KEY: Dict[str, Tuple[Optional[str], ...]] = {
 """{key path: its allowed values} for every key with a fixed set of values (the tests walk it)."""
 
 
-def spoken(values: Tuple[str, ...]) -> str:
+def spoken(values: tuple[str, ...]) -> str:
     """The values as a message says them, in their order: ``a``, ``a or b``, ``a, b or c``."""
     return ", ".join(values[:-1]) + " or " + values[-1] if len(values) > 1 else values[0]

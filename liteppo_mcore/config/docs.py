@@ -10,13 +10,13 @@ import ast
 import dataclasses
 import inspect
 import typing
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 from liteppo_mcore.config import schema
 from liteppo_mcore.config.validate import fmt
 
 
-def field_docs(cls: type) -> Dict[str, str]:
+def field_docs(cls: type) -> dict[str, str]:
     """{field name: its one-line docstring} for a schema dataclass."""
     tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body  # type: ignore[attr-defined]
@@ -28,14 +28,14 @@ def field_docs(cls: type) -> Dict[str, str]:
     return docs
 
 
-def _default(f: "dataclasses.Field[Any]") -> object:
+def _default(f: dataclasses.Field[Any]) -> object:
     if f.default is not dataclasses.MISSING:
         return f.default
     factory: Any = f.default_factory  # MISSING or a callable; every field without a default has one
     return factory()
 
 
-def config_rows(cls: type = schema.LitePPOConfig, prefix: str = "") -> List[Tuple[str, str, str]]:
+def config_rows(cls: type = schema.LitePPOConfig, prefix: str = "") -> list[tuple[str, str, str]]:
     """(key path, default, meaning) for every leaf key, root keys first, then each section."""
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)

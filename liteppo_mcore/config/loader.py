@@ -9,8 +9,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import types
 import typing
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -19,20 +21,22 @@ from omegaconf.errors import OmegaConfBaseException
 from liteppo_mcore.config.schema import LitePPOConfig
 from liteppo_mcore.config.validate import ConfigError, validate
 
+# `Optional[X]` and `X | None` (how the schema writes it) have different origins
+_UNION_ORIGINS = (typing.Union, types.UnionType)
 
-def _field_types(cls: type) -> Dict[str, Any]:
+def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
 def _is_free_mapping(tp: Any) -> bool:
     """Dict-typed fields (e.g. model.rope_scaling) take any keys below them."""
     origin = typing.get_origin(tp)
-    if origin is typing.Union:
+    if origin in _UNION_ORIGINS:
         return any(_is_free_mapping(a) for a in typing.get_args(tp))
-    return origin in (dict, Dict) or tp in (dict, Dict)
+    return origin is dict or tp is dict
 
 
-def valid_key_paths(cls: type = LitePPOConfig, prefix: str = "") -> List[str]:
+def valid_key_paths(cls: type = LitePPOConfig, prefix: str = "") -> list[str]:
     """Every key path of the schema, sections included, e.g. `model`, `model.family`."""
     paths = []
     for name, tp in _field_types(cls).items():
@@ -53,7 +57,7 @@ _ALIASES = {
 _DERIVED = {"dp", "data_parallel_size", "dp_size"}
 
 
-def suggest_key(bad_path: str, valid: Optional[Sequence[str]] = None) -> Optional[str]:
+def suggest_key(bad_path: str, valid: Sequence[str] | None = None) -> str | None:
     """The valid key path closest to `bad_path`: aliases first, then by whole path, then by the last name."""
     valid = list(valid) if valid is not None else valid_key_paths()
     alias = _ALIASES.get(bad_path.rsplit(".", 1)[-1])
@@ -63,14 +67,14 @@ def suggest_key(bad_path: str, valid: Optional[Sequence[str]] = None) -> Optiona
     if hit:
         return hit[0]
     leaf = bad_path.rsplit(".", 1)[-1]
-    by_leaf: Dict[str, str] = {}
+    by_leaf: dict[str, str] = {}
     for path in valid:
         by_leaf.setdefault(path.rsplit(".", 1)[-1], path)
     hit = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
     return by_leaf[hit[0]] if hit else None
 
 
-def find_unknown_keys(tree: Dict[str, Any], cls: type = LitePPOConfig, prefix: str = "") -> List[str]:
+def find_unknown_keys(tree: dict[str, Any], cls: type = LitePPOConfig, prefix: str = "") -> list[str]:
     """Key paths in a nested dict that the schema does not have."""
     types = _field_types(cls)
     unknown = []
@@ -88,7 +92,7 @@ def find_unknown_keys(tree: Dict[str, Any], cls: type = LitePPOConfig, prefix: s
     return unknown
 
 
-def _unknown_key_messages(tree: Dict[str, Any], where: str) -> List[str]:
+def _unknown_key_messages(tree: dict[str, Any], where: str) -> list[str]:
     messages = []
     for path in find_unknown_keys(tree):
         if path.rsplit(".", 1)[-1] in _DERIVED:
@@ -101,7 +105,7 @@ def _unknown_key_messages(tree: Dict[str, Any], where: str) -> List[str]:
     return messages
 
 
-def _read_yaml(path: str) -> Dict[str, Any]:
+def _read_yaml(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise ConfigError([f"--config {path}: no such file. Pass the path of a YAML file, e.g. examples/liteppo.yaml."])
     try:
@@ -122,7 +126,7 @@ def _read_yaml(path: str) -> Dict[str, Any]:
     return data
 
 
-def _parse_overrides(overrides: Iterable[str]) -> Dict[str, Any]:
+def _parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
     problems = []
     good = []
     for item in overrides:
@@ -139,7 +143,7 @@ def _parse_overrides(overrides: Iterable[str]) -> Dict[str, Any]:
         raise ConfigError([f"overrides {good}: {e}. Write each as key.path=value."]) from None
 
 
-def _typed_merge(layers: Sequence[Tuple[str, Dict[str, Any]]]) -> LitePPOConfig:
+def _typed_merge(layers: Sequence[tuple[str, dict[str, Any]]]) -> LitePPOConfig:
     merged: DictConfig = OmegaConf.structured(LitePPOConfig)
     for where, layer in layers:
         try:
@@ -162,7 +166,7 @@ def _typed_merge(layers: Sequence[Tuple[str, Dict[str, Any]]]) -> LitePPOConfig:
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
-def expected_type(dotted: str) -> Optional[str]:
+def expected_type(dotted: str) -> str | None:
     """What a schema key takes, in words ("an integer", "null or a number", ...); None when unknown."""
     cls: Any = LitePPOConfig
     hint: Any = None
@@ -174,7 +178,7 @@ def expected_type(dotted: str) -> Optional[str]:
             return None
         cls = hint
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    optional = typing.get_origin(hint) is typing.Union and len(args) < len(typing.get_args(hint))
+    optional = typing.get_origin(hint) in _UNION_ORIGINS and len(args) < len(typing.get_args(hint))
     base = args[0] if optional and len(args) == 1 else hint
     word = _TYPE_WORDS.get(base)
     if word is None:
@@ -196,16 +200,16 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def load_config(config_path: Optional[str] = None, overrides: Sequence[str] = (),
-                world_size: Optional[int] = None, check: bool = True, *, any_world_size: bool = False) -> LitePPOConfig:
+def load_config(config_path: str | None = None, overrides: Sequence[str] = (),
+                world_size: int | None = None, check: bool = True, *, any_world_size: bool = False) -> LitePPOConfig:
     """Build the configuration: schema defaults <- YAML file <- overrides; then validate for `world_size`
     (default: the environment's). `any_world_size`: validate for the smallest job the layout fits
     (tp * pp * cp processes, one data-parallel rank), e.g. to print a recipe's configuration anywhere.
 
     Raises ConfigError (a ValueError) whose message lists every problem with its fix.
     """
-    layers: List[Tuple[str, Dict[str, Any]]] = []
-    problems: List[str] = []
+    layers: list[tuple[str, dict[str, Any]]] = []
+    problems: list[str] = []
     if config_path is not None:
         tree = _read_yaml(config_path)
         problems += _unknown_key_messages(tree, f"in {config_path}")
@@ -231,5 +235,5 @@ def to_yaml(cfg: LitePPOConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def to_dict(cfg: LitePPOConfig) -> Dict[str, Any]:
+def to_dict(cfg: LitePPOConfig) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]

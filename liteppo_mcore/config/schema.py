@@ -8,7 +8,7 @@ into a YAML file. Everything else lives in sections. The docstrings under the fi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 # The allowed values of the keys that take a fixed set of strings (family, dtype, engine, ...) live in
 # `liteppo_mcore.config.choices`, their one home; `config.validate` checks against them. A docstring below
@@ -19,11 +19,11 @@ from typing import Any, Dict, List, Optional
 class ModelConfig:
     family: str = "qwen2"
     """Model family: qwen2 (Qwen2/2.5, QKV bias), qwen3 (q/k norm) or llama (Llama 2/3); ignored when hf_path or load is set (their config.json's architecture decides)."""
-    hf_path: Optional[str] = None
+    hf_path: str | None = None
     """Hugging Face model directory (config.json, .safetensors files, tokenizer); when set, the shape comes from its config.json and, unless load is set, the starting weights too (converted once into output_dir/pretrained/); colocated sglang needs it."""
-    load: Optional[str] = None
+    load: str | None = None
     """Megatron checkpoint (run dir, checkpoints/ or iter_* folder) whose actor weights start the actor, critic trunk and reference; wins over hf_path's weights, and its stored config.json gives the shape unless hf_path is set."""
-    tokenizer_path: Optional[str] = None
+    tokenizer_path: str | None = None
     """Tokenizer directory; null: hf_path, or the built-in task's tokenizer."""
     num_layers: int = 2
     """Transformer layers; parallel.pp must divide it (ignored when hf_path or load is set)."""
@@ -35,13 +35,13 @@ class ModelConfig:
     """Query heads; num_query_groups and parallel.tp must divide it (ignored when hf_path or load is set)."""
     num_query_groups: int = 2
     """Key/value heads (grouped-query attention; as many as num_attention_heads: plain multi-head); must divide num_attention_heads and be divisible by parallel.tp (ignored when hf_path or load is set)."""
-    vocab_size: Optional[int] = None
+    vocab_size: int | None = None
     """Vocabulary size before TP padding; when set it also overrides config.json's; null: config.json's with hf_path or load, else the tokenizer's size."""
     max_position_embeddings: int = 32768
     """Positions the rotary embedding is built for; the mcore and fast engines refuse a prompt plus response_length longer than this (ignored when hf_path or load is set)."""
     rope_theta: float = 1000000.0
     """Base of the rotary embedding's frequencies (> 0); must be the value the weights were trained with (ignored when hf_path or load is set)."""
-    rope_scaling: Optional[Dict[str, Any]] = None
+    rope_scaling: dict[str, Any] | None = None
     """Llama-3 style rope scaling (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings); null: none (ignored when hf_path or load is set)."""
     norm_epsilon: float = 1e-6
     """Epsilon added to the mean square in every RMSNorm (> 0) (ignored when hf_path or load is set)."""
@@ -55,7 +55,7 @@ class ModelConfig:
     """The vocabulary is padded to a multiple of this times tp."""
     attention_backend: str = "auto"
     """Core attention: auto (te if importable, else sdpa), sdpa (torch's fused attention), local (megatron's, no context parallelism) or te (needs transformer_engine)."""
-    recompute_granularity: Optional[str] = None
+    recompute_granularity: str | None = None
     """Activation recompute, trading compute for memory: null (none), selective (the attention core) or full (whole layers, see recompute_method)."""
     recompute_method: str = "uniform"
     """With recompute_granularity=full: uniform (recompute every layer, in chunks of recompute_num_layers) or block (recompute only the first recompute_num_layers layers of each pipeline stage); ignored otherwise."""
@@ -105,7 +105,7 @@ class TrainConfig:
     """Responses per optimizer step over all ranks; must divide the step's B x n responses and be a multiple of dp."""
     micro_batch_size: int = 4
     """Most responses per micro-batch per rank (a share's last micro-batch may hold fewer); memory and speed only: the mini-batch's gradient is the same, up to rounding, whatever the split."""
-    max_tokens_per_micro_batch: Optional[int] = None
+    max_tokens_per_micro_batch: int | None = None
     """Most padded tokens (rows x longest sequence) per micro-batch, so long responses go in smaller micro-batches; at least prompt_length + response_length; null: no bound."""
     use_distributed_optimizer: bool = False
     """Shard optimizer states over data-parallel ranks (ZeRO-1): less memory per rank; adam or adamw only."""
@@ -129,7 +129,7 @@ class RolloutConfig:
     """SGLang placement: colocated (servers on the training GPUs) or disaggregated (server_urls)."""
     tp: int = 1
     """SGLang server tensor-parallel size (consecutive local ranks share one server)."""
-    server_urls: List[str] = field(default_factory=list)
+    server_urls: list[str] = field(default_factory=list)
     """Disaggregated mode: URLs of running SGLang servers (else the LITEPPO_SGLANG_URLS environment variable)."""
     mem_fraction_static: float = 0.5
     """Share of each GPU's memory, in (0, 1], that a colocated SGLang server takes for its weights and KV cache while generating (released while training); more: a larger KV cache, less room for anything else on the GPU then."""
@@ -137,9 +137,9 @@ class RolloutConfig:
     """Most MiB of weights sent to the hf, fast or sglang engine in one piece after each update (a larger single tensor goes alone); larger: fewer transfers, more memory held at once."""
     check_weight_sync: bool = False
     """After each weight sync, check it: hf and fast compare every tensor with the trainer's, sglang compares greedy log-probs of a few probe prompts (mcore shares the trainer's weights); a mismatch stops the run."""
-    max_batch_size: Optional[int] = None
+    max_batch_size: int | None = None
     """Most rows (prompt x sample) the hf and fast engines decode at once; null: all of a rank's rows. Bounds the fast engine's KV cache (rows x (prompt_length + response_length)) and its largest CUDA graph."""
-    keep_cuda_graphs: Optional[bool] = None
+    keep_cuda_graphs: bool | None = None
     """fast engine on a GPU: keep weights, KV cache and CUDA graphs on the GPU across sleep (true), free them (false), or keep them when they take at most a quarter of the GPU's memory (null)."""
     request_timeout_s: float = 600.0
     """Seconds one request to an SGLang server may take before it fails (and is retried, see max_retries); raise it when long generations time out."""
@@ -147,17 +147,17 @@ class RolloutConfig:
     """Retries of an SGLang request after a connection error, a timeout or HTTP 500/502/503/504 (0: none) before the run stops with the error."""
     server_start_timeout_s: float = 600.0
     """Seconds to wait for an SGLang server (launched or in server_urls) to answer /health before the run stops; large models take minutes to load."""
-    server_command: Optional[List[str]] = None
+    server_command: list[str] | None = None
     """Colocated SGLang: the program that starts a server, e.g. [/opt/sglang/bin/python, -m, sglang.launch_server] (SGLang pins its own torch, so it may live in another environment); null: this Python's -m sglang.launch_server."""
 
 
 @dataclass
 class DataConfig:
-    train_path: Optional[str] = None
+    train_path: str | None = None
     """Training prompts: a local JSONL or Parquet file (null with builtin_task)."""
-    eval_path: Optional[str] = None
+    eval_path: str | None = None
     """Held-out prompts, same format (null with builtin_task)."""
-    builtin_task: Optional[str] = None
+    builtin_task: str | None = None
     """Name of a built-in synthetic task that needs no files (the embedded default uses one)."""
     format: str = "auto"
     """File format: auto (from the extension: .jsonl, .json, .ndjson or .parquet, .pq), jsonl or parquet."""
@@ -165,9 +165,9 @@ class DataConfig:
     """Field holding the prompt: a string, or a chat list of {role, content} messages; every record needs it."""
     answer_key: str = "answer"
     """Field holding the reference answer (a string or a number) that the reward function gets; every record needs it."""
-    system_key: Optional[str] = None
+    system_key: str | None = None
     """Optional field holding a per-sample system prompt."""
-    system_prompt: Optional[str] = None
+    system_prompt: str | None = None
     """System prompt for every sample (a per-sample system_key wins)."""
     apply_chat_template: bool = True
     """Use the tokenizer's chat template when it has one."""
@@ -187,7 +187,7 @@ class RewardConfig:
 
 @dataclass
 class CriticConfig:
-    load: Optional[str] = None
+    load: str | None = None
     """A checkpoint (run directory, its checkpoints/ or one iter_* folder) whose critic, value head included, the critic starts from (adv_estimator=gae); null: a copy of the actor's starting trunk with the value head at zero."""
     lr: float = 5e-6
     """Critic learning rate after warm-up (>= 0); optimizer, warm-up and schedule as train's, its cosine ending at min(train.min_lr, critic.lr)."""
@@ -199,9 +199,9 @@ class CriticConfig:
 class CheckpointConfig:
     save_interval: int = 50
     """Save every this many steps (and at the end); 0: only at the end."""
-    load: Optional[str] = None
+    load: str | None = None
     """Resume from this checkpoint; null: the run directory's latest, if any."""
-    num_to_keep: Optional[int] = None
+    num_to_keep: int | None = None
     """Keep only the newest this many checkpoints; null keeps all."""
     save_on_signal: bool = True
     """On SIGTERM/SIGINT, save a checkpoint at the next safe point (after the update, or in place of a step not yet trained on), then exit."""
@@ -217,11 +217,11 @@ class LoggingConfig:
     """Write TensorBoard event files to the run directory."""
     num_sample_completions: int = 2
     """Completions (prompt, response, answer, reward) appended to samples.jsonl on each step that prints a step line; 0: none."""
-    wandb_project: Optional[str] = None
+    wandb_project: str | None = None
     """Also log to Weights & Biases when installed and this is set."""
     plot: bool = True
     """Write a PNG plot of reward and accuracy at the end."""
-    peak_tflops: Optional[float] = None
+    peak_tflops: float | None = None
     """Peak matmul TFLOP/s per GPU for perf/mfu; null: not reported."""
 
 
@@ -231,7 +231,7 @@ class EvalConfig:
     """Evaluate every this many steps and at the end (also at step 0 of a fresh run); 0: only at step 0 and the end."""
     num_samples: int = 1
     """Samples per held-out prompt: 1 gives greedy pass@1; k > 1 also gives sampled pass@k."""
-    max_prompts: Optional[int] = None
+    max_prompts: int | None = None
     """Use at most the first this many held-out prompts; null: all (either way rounded down to a multiple of dp)."""
     enabled: bool = True
     """Evaluate when held-out prompts exist (eval_path or builtin_task); false: never, whatever interval says."""
@@ -252,7 +252,7 @@ class LitePPOConfig:
     """Passes over each step's batch, each reshuffled into mini-batches of train.mini_batch_size, one optimizer step each: ppo_epochs x B x n / mini_batch_size steps per training step."""
     adv_estimator: str = "gae"
     """Advantages: gae (needs the critic, which then exists), reinforce or grpo."""
-    reward_norm: Optional[str] = "group"
+    reward_norm: str | None = "group"
     """Reward normalization per response: group (centre on its prompt group's mean; std: see div_std_global), batch (the global batch's mean and std), running (mean and std of every reward so far) or null (raw scores)."""
     div_std_global: bool = True
     """With reward_norm=group: divide by the global batch std (LitePPO) instead of the group's (GRPO)."""
@@ -260,11 +260,11 @@ class LitePPOConfig:
     """Only centre rewards (r - mean), no division; exclusive with reward_scale; no effect with reward_norm=null."""
     reward_scale: bool = False
     """Only scale rewards (r / std), no centring; exclusive with reward_shift; no effect with reward_norm=null."""
-    reward_clip: Optional[float] = None
+    reward_clip: float | None = None
     """Clamp normalized rewards (raw scores with reward_norm=null) to [-c, c]; null disables."""
     whiten_advantages: bool = True
     """Whiten advantages (subtract the mean, divide by the std) over all valid tokens of the global batch, before advantage_clip."""
-    advantage_clip: Optional[float] = 2.0
+    advantage_clip: float | None = 2.0
     """Clamp advantages to [-c, c] (after whitening, when on); null disables."""
     token_level_loss: bool = True
     """true: token-mean aggregation of the actor and critic losses, whatever loss_agg_mode says; false: loss_agg_mode decides."""
@@ -274,7 +274,7 @@ class LitePPOConfig:
     """PPO clip epsilon (> 0): the probability ratio is clipped to [1 - pg_clip, 1 + pg_clip]; smaller: smaller policy changes per update."""
     dual_clip_loss: bool = True
     """Dual clip for negative advantages (bound the loss by -dual_clip_ratio * A)."""
-    value_clip: Optional[float] = None
+    value_clip: float | None = None
     """Keep the critic's new values within value_clip of the old ones in the value loss (the larger of the clipped and unclipped errors counts); null disables."""
     gamma: float = 1.0
     """Per-token discount of rewards, in [0, 1], for gae and reinforce (1: none; lower shrinks the final reward's weight on early tokens); grpo ignores it."""
@@ -290,7 +290,7 @@ class LitePPOConfig:
     """KL estimate in the reward (and the kl/mean metric): kl, abs, mse, k3 or full (exact, whole vocabulary; needs parallel.pp=1)."""
     init_kl_coef: float = 0.2
     """beta of the token-level KL penalty (>= 0): fixed when target_kl is null, else its starting value."""
-    target_kl: Optional[float] = None
+    target_kl: float | None = None
     """KL per token (each response's mean, averaged over the step) that the adaptive controller steers beta towards (> 0); null: fixed beta = init_kl_coef."""
     kl_horizon: int = 10000
     """Adaptive KL controller horizon, in responses: each step changes beta by at most 20% x (B x n) / kl_horizon; larger: slower adaptation."""
@@ -342,13 +342,13 @@ class LitePPOConfig:
     def num_responses_per_step(self) -> int:
         return self.rollout_batch_size * self.num_return_sequences_in_group
 
-    def updates_per_step(self, num_responses: Optional[int] = None) -> int:
+    def updates_per_step(self, num_responses: int | None = None) -> int:
         """Optimizer steps per model in one training step of `num_responses` responses (default: the
         configured step's): ppo_epochs x its mini-batches."""
         n = self.num_responses_per_step if num_responses is None else num_responses
         return self.ppo_epochs * (n // self.train.mini_batch_size)
 
-    def needs_old_logp_pass(self, num_responses: Optional[int] = None) -> bool:
+    def needs_old_logp_pass(self, num_responses: int | None = None) -> bool:
         """Whether the old log-probs need a forward pass of their own before the update. Not with a single
         update and no reference: the update's first (and only) pass is the old policy, and the loss uses
         its detached log-probs. With several updates the policy moves between them; the KL terms (a

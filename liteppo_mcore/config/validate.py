@@ -8,8 +8,8 @@ value.
 from __future__ import annotations
 
 import os
-
-from typing import Any, Iterable, List, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from liteppo_mcore.config import schema
 from liteppo_mcore.config.choices import (
@@ -52,7 +52,7 @@ def fmt(value: Any) -> str:
 
 class _Checker:
     def __init__(self) -> None:
-        self.problems: List[str] = []
+        self.problems: list[str] = []
 
     def fail(self, key: str, value: Any, rule: str, fix: str) -> None:
         self.problems.append(f"{key}={fmt(value)}: {rule}. {fix}")
@@ -177,7 +177,7 @@ def _check_model(c: _Checker, m: schema.ModelConfig, p: schema.ParallelConfig) -
                "Pick a pp that divides the number of layers.")
 
 
-def _check_parallel(c: _Checker, p: schema.ParallelConfig, world_size: int) -> Optional[int]:
+def _check_parallel(c: _Checker, p: schema.ParallelConfig, world_size: int) -> int | None:
     """Check the layout; return dp, or None when the layout itself is broken."""
     c.choice("parallel.backend", p.backend, PARALLEL_BACKENDS)
     c.positive("parallel.timeout_minutes", p.timeout_minutes, integer=False)
@@ -202,7 +202,7 @@ def _check_parallel(c: _Checker, p: schema.ParallelConfig, world_size: int) -> O
     return world_size // model_parallel
 
 
-def _check_batches(c: _Checker, cfg: schema.LitePPOConfig, dp: Optional[int]) -> None:
+def _check_batches(c: _Checker, cfg: schema.LitePPOConfig, dp: int | None) -> None:
     t = cfg.train
     c.positive("train.mini_batch_size", t.mini_batch_size)
     c.positive("train.micro_batch_size", t.micro_batch_size)
@@ -215,7 +215,8 @@ def _check_batches(c: _Checker, cfg: schema.LitePPOConfig, dp: Optional[int]) ->
         c.fail("train.mini_batch_size", mini,
                f"must divide rollout_batch_size * num_return_sequences_in_group = {B} * {n} = {total} responses",
                "Pick a mini_batch_size that divides the responses of a step (e.g. a power of two).")
-    if t.max_tokens_per_micro_batch is not None and t.max_tokens_per_micro_batch < cfg.prompt_length + cfg.response_length:
+    longest = cfg.prompt_length + cfg.response_length
+    if t.max_tokens_per_micro_batch is not None and t.max_tokens_per_micro_batch < longest:
         c.fail("train.max_tokens_per_micro_batch", t.max_tokens_per_micro_batch,
                f"must hold one whole sequence of prompt_length + response_length = "
                f"{cfg.prompt_length + cfg.response_length} tokens",
@@ -296,7 +297,7 @@ def _check_sections(c: _Checker, cfg: schema.LitePPOConfig) -> None:
     c.positive("eval.max_prompts", cfg.eval.max_prompts, allow_none=True)
 
 
-def output_dir_problem(path: str) -> Optional[str]:
+def output_dir_problem(path: str) -> str | None:
     """Why `output_dir` cannot hold a run (a file, under a file, not writable), or None. Checked before
     any process group exists, so the run (and the dry run) stops at once with the path and the reason
     instead of failing seconds later inside the trainer."""

@@ -10,7 +10,8 @@ import json
 import os
 import re
 import shutil
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -29,7 +30,7 @@ SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def read_config(hf_dir: str) -> Dict[str, Any]:
+def read_config(hf_dir: str) -> dict[str, Any]:
     """config.json of a Hugging Face directory, as written (see normalize_config for reading it)."""
     path = os.path.join(hf_dir, CONFIG)
     if not os.path.isdir(hf_dir):
@@ -45,7 +46,7 @@ def read_config(hf_dir: str) -> Dict[str, Any]:
         raise ConversionError(f"{path}: not valid JSON ({err}). Restore the file from the model's source.") from err
 
 
-def normalize_config(hf: Dict[str, Any]) -> Dict[str, Any]:
+def normalize_config(hf: dict[str, Any]) -> dict[str, Any]:
     """A copy with rope settings at the top level (`rope_theta`, `rope_scaling`), as older configs
     have them; transformers >= 5 writes them inside `rope_parameters` instead."""
     out = dict(hf)
@@ -59,7 +60,7 @@ def normalize_config(hf: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def config_dtype(hf: Dict[str, Any], default: torch.dtype = torch.bfloat16) -> torch.dtype:
+def config_dtype(hf: dict[str, Any], default: torch.dtype = torch.bfloat16) -> torch.dtype:
     """The dtype the config says the weights are stored in (`dtype`, or `torch_dtype` before v5)."""
     name = hf.get("dtype") or hf.get("torch_dtype")
     return _DTYPES.get(str(name).replace("torch.", ""), default)
@@ -75,10 +76,10 @@ class SafetensorsReader:
     def __init__(self, hf_dir: str):
         self.hf_dir = hf_dir
         self._file_of = self._weight_map(hf_dir)
-        self._handles: Dict[str, Any] = {}
+        self._handles: dict[str, Any] = {}
 
     @staticmethod
-    def _weight_map(hf_dir: str) -> Dict[str, str]:
+    def _weight_map(hf_dir: str) -> dict[str, str]:
         index = os.path.join(hf_dir, WEIGHTS_INDEX)
         if os.path.isfile(index):
             with open(index, encoding="utf-8") as f:
@@ -108,13 +109,13 @@ class SafetensorsReader:
             self._handles[fn] = safe_open(os.path.join(self.hf_dir, fn), framework="pt")
         return self._handles[fn]
 
-    def names(self) -> List[str]:
+    def names(self) -> list[str]:
         return list(self._file_of)
 
     def __contains__(self, name: str) -> bool:
         return name in self._file_of
 
-    def shape(self, name: str) -> Tuple[int, ...]:
+    def shape(self, name: str) -> tuple[int, ...]:
         """From the file header: nothing is read."""
         return tuple(self._handle(name).get_slice(name).get_shape())
 
@@ -142,9 +143,9 @@ class ShardedSafetensorsWriter:
 
     def __init__(self, out_dir: str, max_shard_bytes: int):
         self.out_dir, self.max_shard_bytes = out_dir, max_shard_bytes
-        self._buffer: Dict[str, Tensor] = {}
+        self._buffer: dict[str, Tensor] = {}
         self._buffer_bytes = 0
-        self._shards: List[Tuple[str, List[str]]] = []  # temporary file name, tensor names
+        self._shards: list[tuple[str, list[str]]] = []  # temporary file name, tensor names
         self.total_bytes = 0
         os.makedirs(out_dir, exist_ok=True)
 
@@ -162,7 +163,7 @@ class ShardedSafetensorsWriter:
         self._shards.append((tmp, list(self._buffer)))
         self._buffer, self._buffer_bytes = {}, 0
 
-    def close(self) -> List[str]:
+    def close(self) -> list[str]:
         """Flush, name the shards, write the index; returns the shard file names."""
         if self._buffer or not self._shards:
             self._flush()
@@ -186,7 +187,7 @@ def write_json_atomic(path: str, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def copy_side_files(src_dir: str, dst_dir: str, names: Iterable[str] = SIDE_FILES) -> List[str]:
+def copy_side_files(src_dir: str, dst_dir: str, names: Iterable[str] = SIDE_FILES) -> list[str]:
     """Copy the tokenizer/generation files that `src_dir` has; returns the names copied."""
     os.makedirs(dst_dir, exist_ok=True)
     copied = []
@@ -198,7 +199,7 @@ def copy_side_files(src_dir: str, dst_dir: str, names: Iterable[str] = SIDE_FILE
     return copied
 
 
-def weights_fingerprint(hf_dir: str) -> Dict[str, List[int]]:
+def weights_fingerprint(hf_dir: str) -> dict[str, list[int]]:
     """Size and modification time of config.json and every weight file: enough to notice that a
     cached conversion no longer matches its source directory."""
     paths = [os.path.join(hf_dir, CONFIG)] + sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
@@ -210,10 +211,10 @@ def weights_fingerprint(hf_dir: str) -> Dict[str, List[int]]:
     return out
 
 
-def hf_config_from_shape(shape: Any, architecture: str, dtype: Optional[torch.dtype] = None) -> Dict[str, Any]:
+def hf_config_from_shape(shape: Any, architecture: str, dtype: torch.dtype | None = None) -> dict[str, Any]:
     """A config.json for a model that never came from Hugging Face (shapes from the YAML section),
     so that its checkpoints still convert to a loadable Hugging Face model."""
-    config: Dict[str, Any] = {
+    config: dict[str, Any] = {
         "architectures": [architecture], "model_type": shape.family, "hidden_act": "silu",
         "hidden_size": shape.hidden_size, "intermediate_size": shape.ffn_hidden_size,
         "num_hidden_layers": shape.num_layers, "num_attention_heads": shape.num_attention_heads,

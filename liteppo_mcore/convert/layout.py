@@ -12,7 +12,7 @@ Pure tensor code: no megatron, no torch.distributed, so the rollout weight sync 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Tuple
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -38,7 +38,7 @@ class TensorLayout:
     tie_word_embeddings: bool
 
     @classmethod
-    def from_shape(cls, shape: Any) -> "TensorLayout":
+    def from_shape(cls, shape: Any) -> TensorLayout:
         """From a `models.shapes.ModelShape` (read by attribute: this package does not import models)."""
         return cls(num_layers=shape.num_layers, hidden_size=shape.hidden_size,
                    ffn_hidden_size=shape.ffn_hidden_size, num_heads=shape.num_attention_heads,
@@ -71,7 +71,7 @@ def fuse_qkv(q: Tensor, k: Tensor, v: Tensor, layout: TensorLayout) -> Tensor:
     return fused.reshape(layout.qkv_size, *rest)
 
 
-def split_qkv(qkv: Tensor, layout: TensorLayout) -> Tuple[Tensor, Tensor, Tensor]:
+def split_qkv(qkv: Tensor, layout: TensorLayout) -> tuple[Tensor, Tensor, Tensor]:
     """Inverse of fuse_qkv: (q, k, v) as separate contiguous tensors."""
     g, hpg, d = layout.num_kv_heads, layout.heads_per_group, layout.head_dim
     rest = qkv.shape[1:]
@@ -86,6 +86,6 @@ def fuse_gate_up(gate: Tensor, up: Tensor) -> Tensor:
     return torch.cat([gate, up], dim=0)
 
 
-def split_gate_up(fc1: Tensor) -> Tuple[Tensor, Tensor]:
+def split_gate_up(fc1: Tensor) -> tuple[Tensor, Tensor]:
     gate, up = torch.chunk(fc1, 2, dim=0)
     return gate.contiguous(), up.contiguous()

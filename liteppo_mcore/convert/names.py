@@ -8,13 +8,12 @@ config implies, so a wrong checkpoint is caught by name before any copy.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
 
 from torch import Tensor
 
-from liteppo_mcore.convert.layout import (ConversionError, TensorLayout, fuse_gate_up, fuse_qkv, split_gate_up,
-                                          split_qkv)
+from liteppo_mcore.convert.layout import ConversionError, TensorLayout, fuse_gate_up, fuse_qkv, split_gate_up, split_qkv
 
 COPY, QKV, GATE_UP = "copy", "qkv", "gate_up"
 
@@ -34,18 +33,18 @@ TE_ALIASES = {
 class Source:
     """Where one megatron tensor comes from: HF tensors (in fusion order), their shapes, how to fuse."""
 
-    hf_names: Tuple[str, ...]
-    hf_shapes: Tuple[Tuple[int, ...], ...]
+    hf_names: tuple[str, ...]
+    hf_shapes: tuple[tuple[int, ...], ...]
     kind: str = COPY
 
     @property
-    def megatron_shape(self) -> Tuple[int, ...]:
+    def megatron_shape(self) -> tuple[int, ...]:
         """Fused tensors stack their parts along the output dimension."""
         first = self.hf_shapes[0]
         return (sum(s[0] for s in self.hf_shapes),) + tuple(first[1:])
 
 
-def _layer_sources(i: int, lay: TensorLayout) -> Dict[str, Source]:
+def _layer_sources(i: int, lay: TensorLayout) -> dict[str, Source]:
     m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
     a = h + "self_attn."
     hidden, ffn, d = lay.hidden_size, lay.ffn_hidden_size, lay.head_dim
@@ -70,7 +69,7 @@ def _layer_sources(i: int, lay: TensorLayout) -> Dict[str, Source]:
     return out
 
 
-def megatron_sources(layout: TensorLayout) -> Dict[str, Source]:
+def megatron_sources(layout: TensorLayout) -> dict[str, Source]:
     """Every tensor of the whole megatron model, in model order, with its HF source."""
     vocab_shape = ((layout.vocab_size, layout.hidden_size),)
     sources = {EMBEDDING: Source((HF_EMBEDDING,), vocab_shape)}
@@ -82,7 +81,7 @@ def megatron_sources(layout: TensorLayout) -> Dict[str, Source]:
     return sources
 
 
-def hf_shapes(layout: TensorLayout) -> Dict[str, Tuple[int, ...]]:
+def hf_shapes(layout: TensorLayout) -> dict[str, tuple[int, ...]]:
     """Every HF tensor the layout needs, with its shape."""
     return {name: shape for src in megatron_sources(layout).values()
             for name, shape in zip(src.hf_names, src.hf_shapes)}
@@ -111,7 +110,7 @@ def to_megatron(source: Source, tensors: Sequence[Tensor], layout: TensorLayout)
     return tensors[0]
 
 
-def to_hf(name: str, tensor: Tensor, layout: TensorLayout, sources: Dict[str, Source]) -> List[Tuple[str, Tensor]]:
+def to_hf(name: str, tensor: Tensor, layout: TensorLayout, sources: dict[str, Source]) -> list[tuple[str, Tensor]]:
     """The HF tensors of one whole megatron tensor (`sources` = megatron_sources(layout))."""
     source = sources.get(canonical_name(name))
     if source is None:

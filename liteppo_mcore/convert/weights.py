@@ -7,15 +7,24 @@ TP/PP layout: each rank reads, fuses and shards one tensor at a time.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Dict, Iterable, Iterator, List, Tuple
+from collections.abc import Iterable, Iterator, Mapping
 
 from torch import Tensor
 
 from liteppo_mcore.convert.hf_files import SafetensorsReader
 from liteppo_mcore.convert.layout import ConversionError, TensorLayout
-from liteppo_mcore.convert.names import (EMBEDDING, HF_LM_HEAD, OUTPUT_LAYER, Source, canonical_name,
-                                         hf_shapes, ignored_hf_name, megatron_sources, to_hf, to_megatron)
+from liteppo_mcore.convert.names import (
+    EMBEDDING,
+    HF_LM_HEAD,
+    OUTPUT_LAYER,
+    Source,
+    canonical_name,
+    hf_shapes,
+    ignored_hf_name,
+    megatron_sources,
+    to_hf,
+    to_megatron,
+)
 
 
 def check_hf_tensors(reader: SafetensorsReader, layout: TensorLayout, where: str = "") -> None:
@@ -45,7 +54,7 @@ def check_hf_tensors(reader: SafetensorsReader, layout: TensorLayout, where: str
                               "config.json.")
 
 
-class MegatronView(Mapping):
+class MegatronView(Mapping[str, Tensor]):
     """{whole megatron name: tensor} over a Hugging Face checkpoint, built on access (never cached).
 
     Names may use Transformer Engine's norm names too. A tied model has no `output_layer.weight`
@@ -54,7 +63,7 @@ class MegatronView(Mapping):
 
     def __init__(self, reader: SafetensorsReader, layout: TensorLayout):
         self.reader, self.layout = reader, layout
-        self._sources: Dict[str, Source] = megatron_sources(layout)
+        self._sources: dict[str, Source] = megatron_sources(layout)
 
     def _source(self, name: str) -> Source:
         source = self._sources.get(canonical_name(name))
@@ -83,14 +92,14 @@ class MegatronView(Mapping):
         return len(self._sources)
 
 
-def hf_tensors(named: Iterable[Tuple[str, Tensor]], layout: TensorLayout) -> Iterator[Tuple[str, Tensor]]:
+def hf_tensors(named: Iterable[tuple[str, Tensor]], layout: TensorLayout) -> Iterator[tuple[str, Tensor]]:
     """HF (name, tensor) pairs from whole megatron (name, tensor) pairs, one megatron tensor at a time.
 
     Vocabulary rows beyond the real vocabulary (TP padding) are dropped; a tied model's output layer,
     if given, is skipped (Hugging Face ties it to the embedding); every expected tensor must come.
     """
     sources = megatron_sources(layout)
-    seen: List[str] = []
+    seen: list[str] = []
     for name, tensor in named:
         name = canonical_name(name)
         if name == OUTPUT_LAYER and layout.tie_word_embeddings:

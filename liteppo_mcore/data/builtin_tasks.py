@@ -26,12 +26,12 @@ from __future__ import annotations
 import functools
 import random
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Tuple
 
 from .errors import DataError
 
-Example = Tuple[str, str]  # (prompt text, reference answer)
+Example = tuple[str, str]  # (prompt text, reference answer)
 SPLITS = ("train", "eval")
 HELD_OUT_BUCKETS = 10  # one prompt text in ten (by CRC-32) is held out
 
@@ -44,7 +44,7 @@ class BuiltinTask:
     """One line for the docs and the error listing."""
     sample: Callable[[random.Random], Example]
     """Draws one (prompt, answer) pair from the given generator."""
-    answer_space: Tuple[str, ...]
+    answer_space: tuple[str, ...]
     """Every possible answer (used to check that no constant response wins)."""
     response_length: int = 4
     """Suggested response_length: room for the answer, the end-of-turn token and a little slack."""
@@ -64,7 +64,7 @@ def _sample_max_digit(rng: random.Random) -> Example:
     return "max:" + "".join(map(str, digits)), str(answer)
 
 
-BUILTIN_TASKS: Dict[str, BuiltinTask] = {
+BUILTIN_TASKS: dict[str, BuiltinTask] = {
     task.name: task
     for task in (
         BuiltinTask(
@@ -77,7 +77,7 @@ BUILTIN_TASKS: Dict[str, BuiltinTask] = {
 }
 
 
-def builtin_task_names() -> List[str]:
+def builtin_task_names() -> list[str]:
     """The registered task names, sorted."""
     return sorted(BUILTIN_TASKS)
 
@@ -96,11 +96,11 @@ def is_held_out(prompt: str) -> bool:
 
 
 @functools.lru_cache(maxsize=8)
-def _generate(name: str) -> Tuple[Tuple[Example, ...], Tuple[Example, ...]]:
+def _generate(name: str) -> tuple[tuple[Example, ...], tuple[Example, ...]]:
     task = get_builtin_task(name)
     rng = random.Random(task.generator_seed)
-    train: List[Example] = []
-    held_out: Dict[str, str] = {}  # distinct prompts: a repeated question would only reweight the score
+    train: list[Example] = []
+    held_out: dict[str, str] = {}  # distinct prompts: a repeated question would only reweight the score
     # Bounded: with one bucket in ten held out, about 10 * num_eval draws fill the held-out split.
     for _ in range(100 * (task.num_train + task.num_eval)):
         if len(train) >= task.num_train and len(held_out) >= task.num_eval:
@@ -116,7 +116,7 @@ def _generate(name: str) -> Tuple[Tuple[Example, ...], Tuple[Example, ...]]:
     return tuple(train), tuple(held_out.items())
 
 
-def task_examples(name: str, split: str = "train") -> List[Example]:
+def task_examples(name: str, split: str = "train") -> list[Example]:
     """The (prompt, answer) pairs of a task's split, ``train`` or ``eval``; identical on every call."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")

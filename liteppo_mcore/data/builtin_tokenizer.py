@@ -17,7 +17,7 @@ and chat format, for data the built-in characters cannot write (``tools/train_to
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List
+from collections.abc import Iterable
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -27,11 +27,11 @@ BOS_TOKEN = "<|bos|>"
 EOS_TOKEN = "<|end|>"
 UNK_TOKEN = "<|unk|>"
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
-SPECIAL_TOKENS: List[str] = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, *ROLE_TOKENS.values()]
+SPECIAL_TOKENS: list[str] = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, *ROLE_TOKENS.values()]
 # Ordinary characters: digits for lists and answers, a few separators, and the letters of the built-in
 # tasks' prompt words. Kept lean on purpose: every extra token dilutes a random policy's first guess.
 # Anything else maps to <|unk|>.
-CHARACTERS: List[str] = list("0123456789") + list(" \n:,.?=+-") + list("amx")
+CHARACTERS: list[str] = list("0123456789") + list(" \n:,.?=+-") + list("amx")
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
@@ -46,7 +46,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def builtin_vocab() -> Dict[str, int]:
+def builtin_vocab() -> dict[str, int]:
     """Token -> id: the special tokens first (pad is id 0), then the characters."""
     return {token: i for i, token in enumerate(SPECIAL_TOKENS + CHARACTERS)}
 

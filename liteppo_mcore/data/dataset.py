@@ -9,8 +9,9 @@ on the dataset (``num_dropped``); a dataset left empty is an error naming the fi
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any
 
 from ..config.schema import DataConfig
 from .builtin_tasks import get_builtin_task, task_examples
@@ -25,7 +26,7 @@ logger = logging.getLogger(__name__)
 class PromptSample:
     index: int
     """Position in the dataset (after filtering): what the sampler hands out."""
-    prompt_ids: List[int]
+    prompt_ids: list[int]
     """Token ids the model is conditioned on (chat template applied when used)."""
     prompt_text: str
     """The rendered text behind ``prompt_ids``."""
@@ -40,13 +41,13 @@ class _RawSample:
     source: str
     prompt: PromptInput
     answer: str
-    system: Optional[str]
+    system: str | None
 
 
 class PromptDataset(Sequence[PromptSample]):
     """The prompts of one split, in source order, every one at most ``prompt_length`` tokens."""
 
-    def __init__(self, samples: List[PromptSample], *, name: str, num_read: int, prompt_length: int) -> None:
+    def __init__(self, samples: list[PromptSample], *, name: str, num_read: int, prompt_length: int) -> None:
         self.samples = samples
         self.name = name
         self.num_read = num_read
@@ -62,7 +63,7 @@ class PromptDataset(Sequence[PromptSample]):
     def __iter__(self) -> Iterator[PromptSample]:
         return iter(self.samples)
 
-    def select(self, indices: Iterable[int]) -> List[PromptSample]:
+    def select(self, indices: Iterable[int]) -> list[PromptSample]:
         """The samples at ``indices`` (e.g. one batch from the sampler), in that order."""
         return [self.samples[i] for i in indices]
 
@@ -80,7 +81,7 @@ def build_dataset(data: DataConfig, tokenizer: Any, *, prompt_length: int, split
     texts = render_prompts(tokenizer, [s.prompt for s in raw], [s.system for s in raw], use_chat_template=use_template)
     ids = encode_rendered(tokenizer, texts, templated=use_template)
     _check_unknown_tokens(tokenizer, ids, name)
-    samples: List[PromptSample] = []
+    samples: list[PromptSample] = []
     for sample, text, prompt_ids in zip(raw, texts, ids):
         if len(prompt_ids) <= prompt_length:
             samples.append(PromptSample(len(samples), list(prompt_ids), text, sample.answer, sample.source))
@@ -111,7 +112,7 @@ def _check_unknown_tokens(tokenizer: Any, ids: Sequence[Sequence[int]], name: st
 
 def build_datasets(
     data: DataConfig, tokenizer: Any, *, prompt_length: int
-) -> Tuple[PromptDataset, Optional[PromptDataset]]:
+) -> tuple[PromptDataset, PromptDataset | None]:
     """The training prompts and the held-out prompts (None when the data section names none)."""
     train = build_dataset(data, tokenizer, prompt_length=prompt_length, split="train")
     if not (data.builtin_task or data.eval_path):
@@ -136,7 +137,7 @@ def _report_filter(dataset: PromptDataset, longest: int) -> None:
         )
 
 
-def _load_raw(data: DataConfig, split: str) -> Tuple[str, List[_RawSample]]:
+def _load_raw(data: DataConfig, split: str) -> tuple[str, list[_RawSample]]:
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     key = "data.train_path" if split == "train" else "data.eval_path"
@@ -163,8 +164,8 @@ def _load_raw(data: DataConfig, split: str) -> Tuple[str, List[_RawSample]]:
     return path, raw
 
 
-def _raw_from_records(records: Iterable[Tuple[str, Record]], data: DataConfig, path: str) -> List[_RawSample]:
-    raw: List[_RawSample] = []
+def _raw_from_records(records: Iterable[tuple[str, Record]], data: DataConfig, path: str) -> list[_RawSample]:
+    raw: list[_RawSample] = []
     seen_system_key = False
     for where, record in records:
         system = data.system_prompt

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Iterator, Tuple
+from collections.abc import Iterator
+from typing import Any
 
 from ..config import choices
 from .errors import DataError
 
-Record = Dict[str, Any]
+Record = dict[str, Any]
 FORMAT_BY_EXTENSION = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 
 
@@ -47,14 +48,14 @@ def check_file(path: str, key: str) -> None:
         )
 
 
-def iter_records(path: str, fmt: str = "auto") -> Iterator[Tuple[str, Record]]:
+def iter_records(path: str, fmt: str = "auto") -> Iterator[tuple[str, Record]]:
     """``(location, record)`` for every record of a JSONL or Parquet file, in file order."""
     if detect_format(path, fmt) == "jsonl":
         return iter_jsonl(path)
     return iter_parquet(path)
 
 
-def iter_jsonl(path: str) -> Iterator[Tuple[str, Record]]:
+def iter_jsonl(path: str) -> Iterator[tuple[str, Record]]:
     """One JSON object per line; blank lines are skipped; lines are numbered from 1."""
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
@@ -88,7 +89,7 @@ def _decode_line(raw: bytes, where: str, *, first: bool) -> str:
         ) from None
 
 
-def iter_parquet(path: str, batch_rows: int = 4096) -> Iterator[Tuple[str, Record]]:
+def iter_parquet(path: str, batch_rows: int = 4096) -> Iterator[tuple[str, Record]]:
     """Every row of a Parquet file as a dict; rows are numbered from 0."""
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -10,14 +10,15 @@ The same stream is drawn on every rank; each rank then keeps its contiguous shar
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Dict, Iterator, List, Sequence, TypeVar
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch
 
 T = TypeVar("T")
 
 
-def epoch_permutation(num_prompts: int, seed: int, epoch: int) -> List[int]:
+def epoch_permutation(num_prompts: int, seed: int, epoch: int) -> list[int]:
     """The prompt order of one epoch: a permutation drawn from (seed, epoch) alone."""
     # Hash (seed, epoch) into the generator seed so that nearby seeds and epochs give unrelated orders.
     digest = hashlib.sha256(f"prompt-order/{seed}/{epoch}".encode()).digest()
@@ -39,10 +40,10 @@ class PromptSampler:
         self.shuffle = shuffle
         self.epoch = 0
         self.offset = 0
-        self._order: List[int] = []
+        self._order: list[int] = []
         self._order_epoch = -1
 
-    def _epoch_order(self) -> List[int]:
+    def _epoch_order(self) -> list[int]:
         if self._order_epoch != self.epoch:
             if self.shuffle:
                 self._order = epoch_permutation(self.num_prompts, self.seed, self.epoch)
@@ -51,9 +52,9 @@ class PromptSampler:
             self._order_epoch = self.epoch
         return self._order
 
-    def next_batch(self) -> List[int]:
+    def next_batch(self) -> list[int]:
         """The next ``batch_size`` prompt indices; advances the position."""
-        batch: List[int] = []
+        batch: list[int] = []
         while len(batch) < self.batch_size:
             order = self._epoch_order()
             take = min(self.batch_size - len(batch), self.num_prompts - self.offset)
@@ -63,13 +64,13 @@ class PromptSampler:
                 self.epoch, self.offset = self.epoch + 1, 0
         return batch
 
-    def __iter__(self) -> Iterator[List[int]]:
+    def __iter__(self) -> Iterator[list[int]]:
         return self
 
-    def __next__(self) -> List[int]:
+    def __next__(self) -> list[int]:
         return self.next_batch()
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """The position and what it is only meaningful with (dataset size, seed, shuffling)."""
         return {
             "epoch": self.epoch,
@@ -79,7 +80,7 @@ class PromptSampler:
             "shuffle": self.shuffle,
         }
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a saved position; the dataset size, seed and shuffling must match the saved ones."""
         for key in ("num_prompts", "seed", "shuffle"):
             if state.get(key) != getattr(self, key):
@@ -95,7 +96,7 @@ class PromptSampler:
         self.epoch, self.offset = epoch, offset
 
 
-def shard_for_rank(batch: Sequence[T], dp_rank: int, dp_size: int) -> List[T]:
+def shard_for_rank(batch: Sequence[T], dp_rank: int, dp_size: int) -> list[T]:
     """The contiguous share of a global batch (whole prompts) that data-parallel rank ``dp_rank`` owns."""
     if dp_size <= 0 or not 0 <= dp_rank < dp_size:
         raise ValueError(f"need 0 <= dp_rank < dp_size, got dp_rank={dp_rank}, dp_size={dp_size}")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 from ..config.schema import DataConfig, ModelConfig
 from .errors import DataError
 
-Messages = List[Dict[str, str]]
-PromptInput = Union[str, Messages]
+Messages = list[dict[str, str]]
+PromptInput = str | Messages
 # Between a plain-text system prompt and the prompt when the tokenizer has no chat template.
 PLAIN_SYSTEM_SEPARATOR = "\n\n"
 
@@ -76,7 +77,7 @@ def has_chat_template(tokenizer: Any) -> bool:
 
 
 def render_prompt(
-    tokenizer: Any, prompt: PromptInput, *, system: Optional[str] = None, use_chat_template: bool = True
+    tokenizer: Any, prompt: PromptInput, *, system: str | None = None, use_chat_template: bool = True
 ) -> str:
     """The text the model is conditioned on.
 
@@ -88,8 +89,8 @@ def render_prompt(
 
 
 def render_prompts(
-    tokenizer: Any, prompts: Sequence[PromptInput], systems: Sequence[Optional[str]], *, use_chat_template: bool = True
-) -> List[str]:
+    tokenizer: Any, prompts: Sequence[PromptInput], systems: Sequence[str | None], *, use_chat_template: bool = True
+) -> list[str]:
     """``render_prompt`` for many prompts at once (one template call: much faster on large datasets)."""
     if use_chat_template and has_chat_template(tokenizer):
         if not prompts:
@@ -106,20 +107,20 @@ def render_prompts(
     return [p if s is None else s + PLAIN_SYSTEM_SEPARATOR + p for p, s in zip(plain, systems)]
 
 
-def _messages(prompt: PromptInput, system: Optional[str]) -> Messages:
+def _messages(prompt: PromptInput, system: str | None) -> Messages:
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if system is not None and not (messages and messages[0].get("role") == "system"):
         messages.insert(0, {"role": "system", "content": system})
     return messages
 
 
-def encode_rendered(tokenizer: Any, texts: Sequence[str], *, templated: bool, chunk: int = 1024) -> List[List[int]]:
+def encode_rendered(tokenizer: Any, texts: Sequence[str], *, templated: bool, chunk: int = 1024) -> list[list[int]]:
     """Token ids of rendered prompts.
 
     Chat-template output already holds the model's special tokens (BOS included where the model
     wants one), so it is encoded without adding more; plain text gets the tokenizer's usual ones.
     """
-    ids: List[List[int]] = []
+    ids: list[list[int]] = []
     for start in range(0, len(texts), chunk):
         batch = list(texts[start : start + chunk])
         ids.extend(tokenizer(batch, add_special_tokens=not templated, return_attention_mask=False)["input_ids"])

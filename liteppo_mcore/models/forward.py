@@ -14,13 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
-
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from torch import Tensor
 
 from liteppo_mcore.models.logprob import logprob_entropy_at, vocab_parallel_full_kl
 from liteppo_mcore.models.microbatch import MicroPlan, plan_micro_batches
@@ -71,7 +69,7 @@ def cp_gather(x: Tensor, groups: ParallelGroups) -> Tensor:
         return x
     parts = [torch.empty_like(x) for _ in range(cp)]
     dist.all_gather(parts, x.contiguous(), group=groups.cp_group)
-    chunks: List[Optional[Tensor]] = [None] * (2 * cp)
+    chunks: list[Tensor | None] = [None] * (2 * cp)
     for r, part in enumerate(parts):
         chunks[r], chunks[2 * cp - 1 - r] = part.chunk(2, dim=1)
     return torch.cat(chunks, dim=1)  # type: ignore[arg-type]
@@ -106,7 +104,7 @@ def seq_multiple(groups: ParallelGroups, sequence_parallel: bool) -> int:
 
 
 def _head_outputs(output: Tensor, labels: Tensor, mask: Tensor, *, kind: str, groups: ParallelGroups,
-                  temperature: float, vocab_size: int, compute_entropy: bool) -> Dict[str, Tensor]:
+                  temperature: float, vocab_size: int, compute_entropy: bool) -> dict[str, Tensor]:
     if kind == "critic":
         return {"values": torch.where(mask, output.squeeze(-1).float(), 0.0)}
     v_local = output.shape[-1]
@@ -119,8 +117,8 @@ def _head_outputs(output: Tensor, labels: Tensor, mask: Tensor, *, kind: str, gr
     return out
 
 
-def _plans(batch: SequenceBatch, groups: ParallelGroups, micro_batch_size: int, max_tokens: Optional[int],
-           sequence_parallel: bool) -> List[MicroPlan]:
+def _plans(batch: SequenceBatch, groups: ParallelGroups, micro_batch_size: int, max_tokens: int | None,
+           sequence_parallel: bool) -> list[MicroPlan]:
     """The same length-sorted, token-bounded micro-batches as training (models/microbatch.py)."""
     return plan_micro_batches(batch.prompt_lens + batch.response_lens, micro_batch_size=micro_batch_size,
                               max_tokens=max_tokens, pipeline=groups.pp_size > 1,
@@ -142,7 +140,7 @@ def _sub_batch(batch: SequenceBatch, plan: MicroPlan) -> SequenceBatch:
 
 
 def _model_inputs(batch: SequenceBatch, plan: MicroPlan, groups: ParallelGroups,
-                  device: torch.device) -> Tuple[Tensor, Tensor, Tensor]:
+                  device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """Tokens, labels and mask of one micro-batch: built on the host, this CP rank's part, on `device`."""
     built = shifted_labels_and_mask(_sub_batch(batch, plan), plan.seq_len)
     return tuple(cp_split(x, groups.cp_rank, groups.cp_size).to(device, non_blocking=True)  # type: ignore[return-value]
@@ -161,8 +159,8 @@ def _scatter_rows(out: Tensor, local: Tensor, batch: SequenceBatch, plan: MicroP
 @torch.no_grad()
 def forward_per_token(model: torch.nn.Module, batch: SequenceBatch, groups: ParallelGroups, *, kind: str = "actor",
                       temperature: float = 1.0, vocab_size: int, micro_batch_size: int,
-                      max_tokens_per_micro_batch: Optional[int] = None, compute_entropy: bool = True,
-                      sequence_parallel: bool = False) -> Dict[str, Tensor]:
+                      max_tokens_per_micro_batch: int | None = None, compute_entropy: bool = True,
+                      sequence_parallel: bool = False) -> dict[str, Tensor]:
     """Per-token `logp` (and `entropy`) for the actor/reference, or `values` for the critic, as `[B, T]`
     float32 host tensors on every rank (T = longest response of the batch).
 
@@ -212,6 +210,7 @@ def _from_last_stage(x: Tensor, groups: ParallelGroups) -> Tensor:
     """The last pipeline stage's host tensor `x` on every stage (a host tensor again)."""
     if groups.pp_size == 1:
         return x
+    assert groups.pp_group is not None  # a group of more than one rank is never None (see ParallelGroups)
     src = dist.get_global_rank(groups.pp_group, groups.pp_size - 1)
     buffer = x.to(collective_device(groups.pp_group))
     dist.broadcast(buffer, src=src, group=groups.pp_group)
@@ -221,7 +220,7 @@ def _from_last_stage(x: Tensor, groups: ParallelGroups) -> Tensor:
 @torch.no_grad()
 def forward_full_kl(policy: torch.nn.Module, reference: torch.nn.Module, batch: SequenceBatch,
                     groups: ParallelGroups, *, temperature: float, vocab_size: int, micro_batch_size: int,
-                    max_tokens_per_micro_batch: Optional[int] = None, sequence_parallel: bool = False) -> Tensor:
+                    max_tokens_per_micro_batch: int | None = None, sequence_parallel: bool = False) -> Tensor:
     """Exact per-token `KL(policy || reference)` over the whole vocabulary (`kl_penalty: full`), `[B, T]`
     host tensor on every rank. Both models' logits of a micro-batch are needed at once, so this runs the
     two forward passes directly (no pipeline schedule): pipeline parallelism is refused at validation."""

@@ -11,11 +11,9 @@ checkpoint layer's business (it imports this module, never the other way round):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
-
 from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import MegatronModule
@@ -106,8 +104,8 @@ class Models:
     """The models of a run on this rank (this rank's shards)."""
 
     actor: GPTModel
-    critic: Optional[GPTModel]
-    reference: Optional[GPTModel]
+    critic: GPTModel | None
+    reference: GPTModel | None
     shape: ModelShape
     padded_vocab_size: int
     config: TransformerConfig
@@ -175,7 +173,7 @@ def derive_models(actor: GPTModel, cfg: LitePPOConfig, groups: ParallelGroups, s
                   config=actor.config)
 
 
-def build_models(cfg: LitePPOConfig, groups: ParallelGroups, *, vocab_size: Optional[int] = None) -> Models:
+def build_models(cfg: LitePPOConfig, groups: ParallelGroups, *, vocab_size: int | None = None) -> Models:
     """Actor, and the critic / reference when the configuration implies them (see module doc), from
     random weights. The shape is the YAML's `model` section (`vocab_size` when it sets none).
 

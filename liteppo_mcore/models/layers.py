@@ -5,15 +5,12 @@ without Transformer Engine.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor
 
 
 class RMSNorm(torch.nn.Module):
@@ -29,7 +26,8 @@ class RMSNorm(torch.nn.Module):
         self.eps = eps
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device))
-        setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
+        # megatron reads this tag off the parameter; torch's Parameter type does not declare it
+        self.weight.sequence_parallel = bool(config.sequence_parallel)  # type: ignore[attr-defined]
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
@@ -44,7 +42,7 @@ class QKRMSNorm(RMSNorm):
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6, **_: object):
         super().__init__(config, hidden_size, eps)
-        setattr(self.weight, "sequence_parallel", False)
+        self.weight.sequence_parallel = False  # type: ignore[attr-defined]  # megatron's tag, as above
 
 
 class _GatherSeqOverCP(torch.autograd.Function):
@@ -60,10 +58,9 @@ class _GatherSeqOverCP(torch.autograd.Function):
         cp, rank = group.size(), group.rank()
         parts = [torch.empty_like(x) for _ in range(cp)]
         torch.distributed.all_gather(parts, x.contiguous(), group=group)
-        chunks = [None] * (2 * cp)
-        for r, part in enumerate(parts):
-            first, second = part.chunk(2, dim=0)
-            chunks[r], chunks[2 * cp - 1 - r] = first, second
+        # rank r's halves are chunks r and 2*cp-1-r: the first halves in rank order, then the second in reverse
+        halves = [part.chunk(2, dim=0) for part in parts]
+        chunks = [first for first, _ in halves] + [second for _, second in reversed(halves)]
         ctx.group, ctx.cp, ctx.rank = group, cp, rank
         return torch.cat(chunks, dim=0)
 
@@ -93,8 +90,8 @@ class SDPACoreAttention(MegatronModule):
     """
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
-                 attention_type: str, attention_dropout: Optional[float] = None,
-                 softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
+                 attention_type: str, attention_dropout: float | None = None,
+                 softmax_scale: float | None = None, cp_comm_type: str | None = None,
                  pg_collection=None):
         super().__init__(config=config)
         if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
@@ -108,8 +105,8 @@ class SDPACoreAttention(MegatronModule):
             # megatron's Attention always passes its collection; a caller that does not must give one
             raise ValueError("SDPACoreAttention with context_parallel_size > 1 needs pg_collection with a cp group")
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
-                attn_mask_type: Optional[AttnMaskType] = None, attention_bias: Optional[Tensor] = None,
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                attn_mask_type: AttnMaskType | None = None, attention_bias: Tensor | None = None,
                 packed_seq_params=None) -> Tensor:
         if packed_seq_params is not None or attention_bias is not None:
             raise ValueError("SDPACoreAttention takes no packed sequences or attention bias")
@@ -124,6 +121,7 @@ class SDPACoreAttention(MegatronModule):
             k = k.repeat_interleave(nq // k.shape[1], dim=1)
             v = v.repeat_interleave(nq // v.shape[1], dim=1)
         if cp > 1:
+            assert self.cp_group is not None  # cp > 1 only with a group (see above)
             q_pos = cp_local_positions(sq, self.cp_group.rank(), cp, device=q.device)
             k_pos = torch.arange(k.shape[2], device=q.device)
             mask = q_pos[:, None] >= k_pos[None, :]

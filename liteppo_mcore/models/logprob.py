@@ -28,7 +28,6 @@ Outputs are float32 (float64 when the logits are float64), whatever the input dt
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -46,7 +45,7 @@ _EMPTY_MAX = -1.0e30
 class _Shard:
     """Where this rank's slice sits in the vocabulary and how to walk it."""
 
-    group: Optional[dist.ProcessGroup]
+    group: dist.ProcessGroup | None
     vocab_start: int  # global id of column 0
     num_valid: int  # leading columns that are real vocabulary entries (the rest is padding)
     inv_temperature: float
@@ -54,12 +53,12 @@ class _Shard:
     compute_dtype: torch.dtype
 
 
-def _group_size(group: Optional[dist.ProcessGroup]) -> int:
+def _group_size(group: dist.ProcessGroup | None) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
-def _make_shard(logits: Tensor, tp_group, temperature: float, vocab_start: Optional[int],
-                vocab_size: Optional[int], chunk_size: Optional[int]) -> _Shard:
+def _make_shard(logits: Tensor, tp_group, temperature: float, vocab_start: int | None,
+                vocab_size: int | None, chunk_size: int | None) -> _Shard:
     if logits.dim() != 2 or not logits.is_floating_point():
         raise ValueError(f"logits must be a floating [N, V/TP] tensor, got {tuple(logits.shape)} {logits.dtype}")
     if not (temperature > 0 and temperature != float("inf")):
@@ -78,7 +77,7 @@ def _make_shard(logits: Tensor, tp_group, temperature: float, vocab_start: Optio
     return _Shard(group, vocab_start, num_valid, 1.0 / temperature, rows, compute_dtype)
 
 
-def _gather_stats(stats: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
+def _gather_stats(stats: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     """``[K, N]`` local statistics -> ``[R, K, N]`` of every rank of the group (one collective)."""
     if group is None:
         return stats.unsqueeze(0)
@@ -147,7 +146,7 @@ def _local_stats(logits: Tensor, targets: Tensor, shard: _Shard, entropy: bool) 
     return stats
 
 
-def _merge_stats(gathered: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+def _merge_stats(gathered: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``[R, 4, N]`` per-rank statistics -> (log Z_full, log p(target), entropy), each ``[N]``."""
     m, s, a, z_t = gathered.unbind(1)
     big_m = m.amax(dim=0)
@@ -159,15 +158,17 @@ def _merge_stats(gathered: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     return log_z_full, z_t.sum(dim=0) - log_z_full, log_z - mean_shifted
 
 
-def _chunk_grad(x: Tensor, local_t: Tensor, log_z: Tensor, ent: Optional[Tensor], g_logp: Optional[Tensor],
-                g_ent: Optional[Tensor], shard: _Shard, work: Tensor) -> Tensor:
+def _chunk_grad(x: Tensor, local_t: Tensor, log_z: Tensor, ent: Tensor | None, g_logp: Tensor | None,
+                g_ent: Tensor | None, shard: _Shard, work: Tensor) -> Tensor:
     """d(sum g_logp*logp + g_ent*H) / d logits for one chunk ``x = [c, num_valid]``, in ``work[0]``."""
     c, inv_t = x.shape[0], shard.inv_temperature
     logp = _scaled_minus(x, log_z, inv_t, work[0, :c])  # log p_v = z_v - log Z_full
     if g_ent is None:
+        assert g_logp is not None  # backward returns early when both gradients are None
         # d logp(t)/dz = onehot - p: the -p part here, the onehot below.
         grad = logp.exp_().mul_((-inv_t * g_logp).unsqueeze(1))
     else:
+        assert ent is not None  # saved whenever g_ent is kept (ctx.entropy_grad)
         p = torch.exp(logp, out=work[1, :c])
         # dH/dz_v = -p_v (log p_v + H); together with the log-prob term: -p_v (g_logp + g_ent (log p_v + H)).
         coef = logp.add_(ent.unsqueeze(1)).mul_(g_ent.unsqueeze(1))
@@ -185,7 +186,7 @@ class _LogProbEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor, shard: _Shard, compute_entropy: bool,
-                entropy_grad: bool, inplace_backward: bool) -> Tuple[Tensor, Tensor]:
+                entropy_grad: bool, inplace_backward: bool) -> tuple[Tensor, Tensor]:
         stats = _gather_stats(_local_stats(logits, targets, shard, compute_entropy), shard.group)
         log_z, logp, ent = _merge_stats(stats)
         if not compute_entropy:
@@ -199,7 +200,7 @@ class _LogProbEntropy(torch.autograd.Function):
         return logp, ent
 
     @staticmethod
-    def backward(ctx, g_logp: Optional[Tensor], g_ent: Optional[Tensor]):
+    def backward(ctx, g_logp: Tensor | None, g_ent: Tensor | None):
         logits, targets, log_z, ent = ctx.saved_tensors
         shard: _Shard = ctx.shard
         g_ent = g_ent if ctx.entropy_grad else None
@@ -212,6 +213,7 @@ class _LogProbEntropy(torch.autograd.Function):
         n = logits.shape[0]
         work = _workspace(logits, shard, 1 if g_ent is None else 2) if shard.num_valid else None
         for lo in range(0, n if shard.num_valid else 0, shard.rows_per_chunk):
+            assert work is not None  # allocated when num_valid > 0, the only case the loop runs
             hi = min(n, lo + shard.rows_per_chunk)
             sl = slice(lo, hi)
             chunk = _chunk_grad(logits[sl, : shard.num_valid], local_t[sl], log_z[sl],
@@ -225,15 +227,15 @@ def vocab_parallel_logprob_entropy(
     logits: Tensor,
     targets: Tensor,
     *,
-    tp_group: Optional[dist.ProcessGroup] = None,
+    tp_group: dist.ProcessGroup | None = None,
     temperature: float = 1.0,
-    vocab_start: Optional[int] = None,
-    vocab_size: Optional[int] = None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
     compute_entropy: bool = True,
     entropy_grad: bool = False,
-    chunk_size: Optional[int] = None,
+    chunk_size: int | None = None,
     inplace_backward: bool = False,
-) -> Tuple[Tensor, Optional[Tensor]]:
+) -> tuple[Tensor, Tensor | None]:
     """Log-prob of ``targets`` and entropy of ``softmax(logits / temperature)`` over the full vocabulary.
 
     Args:
@@ -261,7 +263,7 @@ def vocab_parallel_logprob_entropy(
     return logp, (ent if compute_entropy else None)
 
 
-def logprob_entropy_at(logits: Tensor, targets: Tensor, mask: Tensor, **kwargs) -> Tuple[Tensor, Optional[Tensor]]:
+def logprob_entropy_at(logits: Tensor, targets: Tensor, mask: Tensor, **kwargs) -> tuple[Tensor, Tensor | None]:
     """``vocab_parallel_logprob_entropy`` at the positions where ``mask`` is True, zeros elsewhere.
 
     ``logits`` is ``[*S, V/TP]`` (e.g. ``[B, T, V/TP]``), ``targets`` and ``mask`` are ``[*S]``; the
@@ -288,12 +290,13 @@ def _chunk_log_z(x: Tensor, shard: _Shard, work: Tensor) -> Tensor:
     return torch.stack([m, s])
 
 
-def _log_partitions(logits_list: Tuple[Tensor, ...], shard: _Shard, work: Optional[Tensor]) -> Tensor:
+def _log_partitions(logits_list: tuple[Tensor, ...], shard: _Shard, work: Tensor | None) -> Tensor:
     """``log sum_v exp(z_v)`` over the full vocabulary, ``[len(logits_list), N]``, with one all-gather."""
     k, n = len(logits_list), logits_list[0].shape[0]
     stats = torch.zeros(2 * k, n, dtype=shard.compute_dtype, device=logits_list[0].device)
     stats[0::2].fill_(_EMPTY_MAX)
     for lo in range(0, n if shard.num_valid else 0, shard.rows_per_chunk):
+        assert work is not None  # the caller allocates it when num_valid > 0, the only case the loop runs
         hi = min(n, lo + shard.rows_per_chunk)
         for i, logits in enumerate(logits_list):
             stats[2 * i: 2 * i + 2, lo:hi] = _chunk_log_z(logits[lo:hi, : shard.num_valid], shard, work)
@@ -308,11 +311,11 @@ def vocab_parallel_full_kl(
     logits_p: Tensor,
     logits_q: Tensor,
     *,
-    tp_group: Optional[dist.ProcessGroup] = None,
+    tp_group: dist.ProcessGroup | None = None,
     temperature: float = 1.0,
-    vocab_start: Optional[int] = None,
-    vocab_size: Optional[int] = None,
-    chunk_size: Optional[int] = None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """Exact ``KL(p || q) = sum_v p_v (log p_v - log q_v)`` per row, over the full vocabulary.
 
@@ -332,6 +335,7 @@ def vocab_parallel_full_kl(
     kl = torch.zeros(logits_p.shape[0], dtype=shard.compute_dtype, device=logits_p.device)
     inv_t, n = shard.inv_temperature, logits_p.shape[0]
     for lo in range(0, n if shard.num_valid else 0, shard.rows_per_chunk):
+        assert work is not None  # allocated when num_valid > 0, the only case the loop runs
         sl = slice(lo, min(n, lo + shard.rows_per_chunk))
         c = sl.stop - lo
         logp = _scaled_minus(logits_p[sl, : shard.num_valid], log_zp[sl], inv_t, work[0, :c])

@@ -6,7 +6,6 @@ old log-probs, values, full KL) use the same plans, so a batch that fits one fit
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -23,8 +22,8 @@ def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
-def plan_micro_batches(seq_lens: Tensor, *, micro_batch_size: int, max_tokens: Optional[int],
-                       pipeline: bool, multiple: int) -> List[MicroPlan]:
+def plan_micro_batches(seq_lens: Tensor, *, micro_batch_size: int, max_tokens: int | None,
+                       pipeline: bool, multiple: int) -> list[MicroPlan]:
     """Cut a share (total lengths `seq_lens [n]`) into micro-batches, longest sequences first.
 
     Each micro-batch holds at most `micro_batch_size` sequences and, with `max_tokens`, at most that

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, replace
-from typing import Any, Dict, Optional
+from typing import Any
 
 from liteppo_mcore.config.schema import ModelConfig
 
@@ -40,7 +40,7 @@ class ModelShape:
     rope_theta: float
     norm_epsilon: float
     tie_word_embeddings: bool
-    rope_scaling: Optional[Dict[str, Any]] = None
+    rope_scaling: dict[str, Any] | None = None
 
     @property
     def qkv_bias(self) -> bool:
@@ -67,7 +67,7 @@ class ModelShape:
             raise ModelShapeError("; ".join(problems) + ". Pick parallel sizes that divide the model's shape.")
 
 
-def shape_from_config(model: ModelConfig, vocab_size: Optional[int] = None) -> ModelShape:
+def shape_from_config(model: ModelConfig, vocab_size: int | None = None) -> ModelShape:
     """The shape of the YAML `model` section (used when no hf_path is set)."""
     vocab = model.vocab_size if model.vocab_size is not None else vocab_size
     if vocab is None:
@@ -82,13 +82,13 @@ def shape_from_config(model: ModelConfig, vocab_size: Optional[int] = None) -> M
         rope_scaling=dict(model.rope_scaling) if model.rope_scaling else None)
 
 
-def _require(cfg: Dict[str, Any], key: str, path: str) -> Any:
+def _require(cfg: dict[str, Any], key: str, path: str) -> Any:
     if key not in cfg:
         raise ModelShapeError(f"{path}: missing field `{key}`. Is this a complete Hugging Face config.json?")
     return cfg[key]
 
 
-def shape_from_hf_config(hf: Dict[str, Any], path: str = "config.json") -> ModelShape:
+def shape_from_hf_config(hf: dict[str, Any], path: str = "config.json") -> ModelShape:
     """The shape of a Hugging Face config (a dict read from config.json, either rope format)."""
     from liteppo_mcore.convert.hf_files import normalize_config
 
@@ -119,7 +119,7 @@ def shape_from_hf_config(hf: Dict[str, Any], path: str = "config.json") -> Model
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), rope_scaling=scaling)
 
 
-def read_hf_config(hf_dir: str) -> Dict[str, Any]:
+def read_hf_config(hf_dir: str) -> dict[str, Any]:
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
         raise ModelShapeError(f"model.hf_path={hf_dir}: no config.json there. Point it at a Hugging Face "
@@ -128,7 +128,7 @@ def read_hf_config(hf_dir: str) -> Dict[str, Any]:
         return json.load(f)
 
 
-def resolve_shape(model: ModelConfig, vocab_size: Optional[int] = None) -> ModelShape:
+def resolve_shape(model: ModelConfig, vocab_size: int | None = None) -> ModelShape:
     """The shape to build: from model.hf_path when set, else from the YAML section."""
     if model.hf_path:
         shape = shape_from_hf_config(read_hf_config(model.hf_path), os.path.join(model.hf_path, "config.json"))

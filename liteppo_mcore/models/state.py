@@ -9,20 +9,25 @@ vocabulary. Sharding follows the attributes megatron puts on each parameter (`pa
 from __future__ import annotations
 
 import re
-from typing import Dict, Iterator, Tuple
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from liteppo_mcore.parallel.mcore import ParallelGroups
 
+if TYPE_CHECKING:  # only for an annotation
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
 _VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 
 
-def _global_names(model: torch.nn.Module) -> Dict[str, str]:
+def _global_names(model: torch.nn.Module) -> dict[str, str]:
     """Local parameter name -> whole-model name (layer numbers made global)."""
-    offsets = {i: layer.layer_number - 1 for i, layer in enumerate(model.decoder.layers)}
+    decoder: TransformerBlock = model.decoder  # a megatron GPTModel's (actor and critic alike)
+    offsets = {i: layer.layer_number - 1 for i, layer in enumerate(decoder.layers)}
     names = {}
     for name, _ in _local_tensors(model):
         m = _LAYER.match(name)
@@ -30,7 +35,7 @@ def _global_names(model: torch.nn.Module) -> Dict[str, str]:
     return names
 
 
-def _local_tensors(model: torch.nn.Module) -> Iterator[Tuple[str, Tensor]]:
+def _local_tensors(model: torch.nn.Module) -> Iterator[tuple[str, Tensor]]:
     yield from model.named_parameters()
     for name, buf in model.named_buffers():
         if buf is not None and buf.is_floating_point() and "inv_freq" not in name:
@@ -47,7 +52,7 @@ def shard_of(full: Tensor, param: Tensor, tp_rank: int, tp_size: int) -> Tensor:
     """This TP rank's piece of `full`, as megatron splits it for `param`."""
     if tp_size == 1 or not getattr(param, "tensor_model_parallel", False):
         return full
-    dim = param.partition_dim
+    dim = param.partition_dim  # type: ignore[attr-defined]  # megatron's tensor-parallel attribute
     stride = getattr(param, "partition_stride", 1)
     piece = full.shape[dim] // (tp_size * stride)
     pieces = torch.split(full, piece, dim=dim)
@@ -58,7 +63,7 @@ def unshard(parts: list, param: Tensor) -> Tensor:
     """Inverse of shard_of: the whole tensor from every TP rank's piece (in TP rank order)."""
     if len(parts) == 1 or not getattr(param, "tensor_model_parallel", False):
         return parts[0]
-    dim = param.partition_dim
+    dim = param.partition_dim  # type: ignore[attr-defined]  # megatron's tensor-parallel attribute
     stride = getattr(param, "partition_stride", 1)
     split = [p.chunk(stride, dim=dim) for p in parts]
     return torch.cat([split[r][k] for k in range(stride) for r in range(len(parts))], dim=dim)
@@ -72,7 +77,7 @@ def _fit_vocab(full: Tensor, rows: int, vocab_size: int) -> Tensor:
 
 
 @torch.no_grad()
-def load_whole_state_dict(model: torch.nn.Module, whole: Dict[str, Tensor], groups: ParallelGroups,
+def load_whole_state_dict(model: torch.nn.Module, whole: Mapping[str, Tensor], groups: ParallelGroups,
                           vocab_size: int) -> None:
     """Copy a whole-model state dict into this rank's shards (any TP/PP layout)."""
     names = _global_names(model)
@@ -97,14 +102,14 @@ def load_whole_state_dict(model: torch.nn.Module, whole: Dict[str, Tensor], grou
 
 
 @torch.no_grad()
-def whole_state_dict(model: torch.nn.Module, groups: ParallelGroups, vocab_size: int) -> Dict[str, Tensor]:
+def whole_state_dict(model: torch.nn.Module, groups: ParallelGroups, vocab_size: int) -> dict[str, Tensor]:
     """This model as a whole state dict of host tensors, assembled on every rank (TP all-gather, PP
     all-gather of the stages' tensors). Meant for tests and small models; the rollout exporter streams
     instead."""
     import torch.distributed as dist
 
     names = _global_names(model)
-    mine: Dict[str, Tensor] = {}
+    mine: dict[str, Tensor] = {}
     for name, tensor in _local_tensors(model):
         if groups.tp_size > 1 and getattr(tensor, "tensor_model_parallel", False):
             parts = [torch.empty_like(tensor) for _ in range(groups.tp_size)]
@@ -122,7 +127,7 @@ def whole_state_dict(model: torch.nn.Module, groups: ParallelGroups, vocab_size:
         return mine
     stages: list = [None] * groups.pp_size
     dist.all_gather_object(stages, mine, group=groups.pp_group)
-    whole: Dict[str, Tensor] = {}
+    whole: dict[str, Tensor] = {}
     for stage in stages:
         for key, value in stage.items():
             whole.setdefault(key, value)

@@ -14,7 +14,7 @@ tensors then carry the device they would have on a GPU, and host/device mixes fa
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Optional
+from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -82,13 +82,13 @@ class CpuRNGStatesTracker:
 
     def reset(self) -> None:
         self._is_initialized = False
-        self.states_: Dict[str, torch.Tensor] = {}
+        self.states_: dict[str, torch.Tensor] = {}
         self.seeds_: set = set()
 
-    def get_states(self) -> Dict[str, torch.Tensor]:
+    def get_states(self) -> dict[str, torch.Tensor]:
         return dict(self.states_)
 
-    def set_states(self, states: Dict[str, torch.Tensor]) -> None:
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
         self._is_initialized = True
         self.states_ = dict(states)
 
@@ -119,7 +119,7 @@ def _no_cuda_rng_state(*args: Any, **kwargs: Any) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8)
 
 
-def _set_no_cuda_rng_state(new_state: Optional[torch.Tensor] = None, *args: Any, **kwargs: Any) -> None:
+def _set_no_cuda_rng_state(new_state: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> None:
     return None
 
 
@@ -151,7 +151,7 @@ def _manual_seed(seed: int, **kwargs: Any) -> None:
     tracker.add("expert-parallel-rng", seed + 1024)
 
 
-def install(strict: Optional[bool] = None) -> bool:
+def install(strict: bool | None = None) -> bool:
     """Apply the patches when CUDA is absent. Returns whether they are active.
 
     `strict` (default: `LITEPPO_STRICT_DEVICE` from the environment) also enters the strict
@@ -172,9 +172,10 @@ def install(strict: Optional[bool] = None) -> bool:
     else:
         # Why: megatron asks for "the current CUDA device" to place buffers (rotary cache, p2p buffers,
         # grad buffers); the CPU is the only device here.
-        torch.cuda.current_device = lambda: _CPU  # type: ignore[assignment]
+        # A device, not an index, on purpose (megatron passes it on as device=): hence the ignore.
+        torch.cuda.current_device = lambda: _CPU  # type: ignore[assignment, return-value]
         # Why: megatron synchronizes around timers and p2p; nothing is asynchronous on the CPU.
-        torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
+        torch.cuda.synchronize = lambda *a, **k: None
         _CudaToCpuMode().__enter__()
     _install_rng_tracker()
     from megatron.core import tensor_parallel

@@ -10,8 +10,6 @@ suite runs are the GPU ones. Numerics (dtype choices, CUDA graphs, kernels) ask
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 
@@ -36,7 +34,7 @@ def compute_device() -> torch.device:
     return torch.device("cpu")
 
 
-def is_host_group(group: Optional[dist.ProcessGroup]) -> bool:
+def is_host_group(group: dist.ProcessGroup | None) -> bool:
     """Whether collectives over `group` take host tensors (gloo) rather than CUDA ones (NCCL)."""
     if torch.cuda.is_available():
         return dist.get_backend(group) != "nccl"
@@ -47,7 +45,7 @@ def is_host_group(group: Optional[dist.ProcessGroup]) -> bool:
     return True
 
 
-def collective_device(group: Optional[dist.ProcessGroup]) -> torch.device:
+def collective_device(group: dist.ProcessGroup | None) -> torch.device:
     """The device a tensor must be on to be sent over `group`."""
     return torch.device("cpu") if is_host_group(group) else compute_device()
 

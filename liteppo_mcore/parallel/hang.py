@@ -24,8 +24,9 @@ import re
 import signal
 import sys
 import sysconfig
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, List, Optional, Sequence, Tuple
+from typing import Any
 
 from liteppo_mcore.parallel.stage import StageInfo, current_stage, stage_of_exception
 
@@ -93,11 +94,11 @@ class CollectiveFailure:
 
     exc: BaseException
     kind: str                     # "timeout" or "peer"
-    collective: Optional[str]     # e.g. "all_reduce"; None when no frame or message names one
-    caller: Optional[Frame]       # the frame that called into torch.distributed (may be megatron's)
+    collective: str | None     # e.g. "all_reduce"; None when no frame or message names one
+    caller: Frame | None       # the frame that called into torch.distributed (may be megatron's)
     called: bool                  # False: no torch.distributed frame; `caller` is where the error surfaced
-    ours: List[Frame]             # this package's frames from that call outwards, innermost first
-    waited_ms: Optional[int]      # the limit the message reports, when it does
+    ours: list[Frame]             # this package's frames from that call outwards, innermost first
+    waited_ms: int | None      # the limit the message reports, when it does
     stage: StageInfo
 
 
@@ -112,7 +113,7 @@ def _short(path: str) -> str:
     return path
 
 
-def _frames(exc: BaseException) -> List[Frame]:
+def _frames(exc: BaseException) -> list[Frame]:
     out, tb = [], exc.__traceback__
     while tb is not None:
         code = tb.tb_frame.f_code
@@ -121,7 +122,7 @@ def _frames(exc: BaseException) -> List[Frame]:
     return out
 
 
-def _collective_name(frames: Sequence[Frame]) -> Optional[str]:
+def _collective_name(frames: Sequence[Frame]) -> str | None:
     """The torch.distributed function the caller called: the first public one past it (a private one,
     e.g. `_coalescing_manager`, when that is all there is; a coalesced group names its operation)."""
     api = [f for f in frames if f.path.endswith(_COLLECTIVE_FILES) and f.name != "wrapper"]
@@ -141,13 +142,14 @@ def _collective_name(frames: Sequence[Frame]) -> Optional[str]:
 def _chain(exc: BaseException) -> Iterator[BaseException]:
     """The exception, then what caused it or was being handled when it was raised (each once)."""
     seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ if exc.__cause__ is not None else exc.__context__
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ if current.__cause__ is not None else current.__context__
 
 
-def _dist_error_types() -> Tuple[type, ...]:
+def _dist_error_types() -> tuple[type, ...]:
     try:
         import torch.distributed as dist
     except Exception:  # noqa: BLE001 - without torch nothing can be a torch error
@@ -156,7 +158,7 @@ def _dist_error_types() -> Tuple[type, ...]:
                                                                  "DistStoreError")) if isinstance(t, type))
 
 
-def _classify(exc: BaseException, frames: Sequence[Frame]) -> Optional[str]:
+def _classify(exc: BaseException, frames: Sequence[Frame]) -> str | None:
     if not isinstance(exc, RuntimeError):  # torch's DistError types are RuntimeErrors too
         return None
     text = str(exc)
@@ -174,7 +176,7 @@ def _classify(exc: BaseException, frames: Sequence[Frame]) -> Optional[str]:
     return None
 
 
-def analyse(exc: BaseException) -> Optional[CollectiveFailure]:
+def analyse(exc: BaseException) -> CollectiveFailure | None:
     """The first exception in `exc`'s chain that is a collective's time-out or a lost peer, else None."""
     for candidate in _chain(exc):
         frames = _frames(candidate)
@@ -204,10 +206,10 @@ def analyse(exc: BaseException) -> Optional[CollectiveFailure]:
     return None
 
 
-def _up_to_the_trainer(frames: Sequence[Frame], most: int = 5) -> List[Frame]:
+def _up_to_the_trainer(frames: Sequence[Frame], most: int = 5) -> list[Frame]:
     """The callers, innermost first, up to the first one in the trainer package (the step's code)."""
     trainer = os.path.join(_PACKAGE_ROOT, "trainer") + os.sep
-    out: List[Frame] = []
+    out: list[Frame] = []
     for frame in frames[:most]:
         out.append(frame)
         if frame.path.startswith(trainer):
@@ -231,8 +233,8 @@ def _seconds(ms: int) -> str:
     return f"{s:g} s" if s < 120 else f"{s / 60:g} min"
 
 
-def describe_collective_failure(exc: BaseException, *, timeout_minutes: Optional[float] = None,
-                                rank: Optional[int] = None) -> Optional[str]:
+def describe_collective_failure(exc: BaseException, *, timeout_minutes: float | None = None,
+                                rank: int | None = None) -> str | None:
     """A message for a collective that timed out or lost its peer (None for any other exception):
     which collective, where this package called it, the stage and step, the cause, and what to do."""
     found = analyse(exc)

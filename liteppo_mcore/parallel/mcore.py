@@ -5,7 +5,6 @@ as one `ParallelGroups` object that the rest of the package receives instead of 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -15,13 +14,16 @@ from liteppo_mcore.parallel import cpu_compat
 
 @dataclass(frozen=True)
 class ParallelGroups:
-    """The groups and ranks of this process in a TP x CP x PP x DP layout."""
+    """The groups and ranks of this process in a TP x CP x PP x DP layout.
 
-    tp_group: object
-    pp_group: object
-    cp_group: object
-    dp_group: object          # data parallel only: sequence-level statistics
-    dp_cp_group: object       # data x context parallel: sums of CP-local token quantities
+    A group is None only in a hand-built single-process layout (its size is then 1); the groups of
+    `current_groups` are megatron's, never None."""
+
+    tp_group: dist.ProcessGroup | None
+    pp_group: dist.ProcessGroup | None
+    cp_group: dist.ProcessGroup | None
+    dp_group: dist.ProcessGroup | None     # data parallel only: sequence-level statistics
+    dp_cp_group: dist.ProcessGroup | None  # data x context parallel: sums of CP-local token quantities
     tp_rank: int
     tp_size: int
     pp_rank: int
@@ -41,7 +43,7 @@ class ParallelGroups:
 
 
 def initialize_model_parallel(tp: int, pp: int, cp: int, seed: int = 42,
-                              timeout_minutes: Optional[float] = None) -> ParallelGroups:
+                              timeout_minutes: float | None = None) -> ParallelGroups:
     """Build megatron's groups on top of the default process group (which must exist), seed the
     model-parallel RNG streams, and return the groups. On CPU the compatibility layer goes in first.
 

@@ -15,7 +15,7 @@ rank without valid tokens. The callables are not differentiable: they reduce det
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -26,20 +26,20 @@ from liteppo_mcore.parallel.device import collective_device
 AllReduce = Callable[[Tensor], Tensor]
 
 
-def group_world_size(group: Optional[dist.ProcessGroup]) -> int:
+def group_world_size(group: dist.ProcessGroup | None) -> int:
     """Number of ranks of ``group``; 1 for ``None`` (no group: this process holds everything)."""
     if group is None or not dist.is_available() or not dist.is_initialized():
         return 1
     return dist.get_world_size(group=group)
 
 
-def _comm_device(group: dist.ProcessGroup, tensor: Tensor) -> torch.device:
+def _comm_device(group: dist.ProcessGroup | None, tensor: Tensor) -> torch.device:
     """NCCL reduces only CUDA tensors; statistics are often built on the host, so move them there."""
     device = collective_device(group)
     return device if device.type == "cuda" and tensor.device.type != "cuda" else tensor.device
 
 
-def _make_allreduce(group: Optional[dist.ProcessGroup], op: dist.ReduceOp) -> AllReduce:
+def _make_allreduce(group: dist.ProcessGroup | None, op: dist.ReduceOp.RedOpType) -> AllReduce:
     if group_world_size(group) == 1:
         return lambda tensor: tensor.detach().clone()
 
@@ -51,7 +51,7 @@ def _make_allreduce(group: Optional[dist.ProcessGroup], op: dist.ReduceOp) -> Al
     return allreduce
 
 
-def make_allreduce_sum(group: Optional[dist.ProcessGroup]) -> AllReduce:
+def make_allreduce_sum(group: dist.ProcessGroup | None) -> AllReduce:
     """A callable returning a NEW tensor, the element-wise sum of its argument over ``group``.
 
     The input is left untouched and keeps its dtype (float64 works on gloo and NCCL). ``group=None``
@@ -60,7 +60,7 @@ def make_allreduce_sum(group: Optional[dist.ProcessGroup]) -> AllReduce:
     return _make_allreduce(group, dist.ReduceOp.SUM)
 
 
-def make_allreduce_max(group: Optional[dist.ProcessGroup]) -> AllReduce:
+def make_allreduce_max(group: dist.ProcessGroup | None) -> AllReduce:
     """Like ``make_allreduce_sum`` with an element-wise maximum (e.g. ``actor/ratio_max``)."""
     return _make_allreduce(group, dist.ReduceOp.MAX)
 
@@ -72,7 +72,7 @@ class Reducer:
     ``Reducer.single_process()`` when one process holds the whole batch.
     """
 
-    def __init__(self, dp_group: Optional[dist.ProcessGroup], dp_cp_group: Optional[dist.ProcessGroup]) -> None:
+    def __init__(self, dp_group: dist.ProcessGroup | None, dp_cp_group: dist.ProcessGroup | None) -> None:
         self.dp_group = dp_group
         self.dp_cp_group = dp_cp_group
         self.dp_sum: AllReduce = make_allreduce_sum(dp_group)
@@ -89,7 +89,7 @@ class Reducer:
         return group_world_size(self.dp_cp_group)
 
     @classmethod
-    def from_parallel_state(cls) -> "Reducer":
+    def from_parallel_state(cls) -> Reducer:
         """The groups of megatron-core's ``parallel_state`` (must be initialized)."""
         from megatron.core import parallel_state
 
@@ -99,12 +99,12 @@ class Reducer:
         )
 
     @classmethod
-    def single_process(cls) -> "Reducer":
+    def single_process(cls) -> Reducer:
         """Identity reductions: this process holds the whole batch."""
         return cls(dp_group=None, dp_cp_group=None)
 
 
-def all_gather_padded(tensor: Tensor, group: Optional[dist.ProcessGroup], *, equal_rows: bool = False) -> Tensor:
+def all_gather_padded(tensor: Tensor, group: dist.ProcessGroup | None, *, equal_rows: bool = False) -> Tensor:
     """Concatenate every rank's ``tensor`` along dim 0, in rank order, on every rank of ``group``.
 
     Trailing dimensions may differ between ranks: each is zero-padded to the largest over the group.
@@ -131,7 +131,7 @@ def all_gather_padded(tensor: Tensor, group: Optional[dist.ProcessGroup], *, equ
     return out.bool() if as_bytes else out
 
 
-def _gather_shapes(shape: Tensor, out: Tensor, group: dist.ProcessGroup) -> None:
+def _gather_shapes(shape: Tensor, out: Tensor, group: dist.ProcessGroup | None) -> None:
     device = _comm_device(group, shape)
     parts = [torch.empty_like(shape, device=device) for _ in range(out.shape[0])]
     dist.all_gather(parts, shape.to(device), group=group)

@@ -14,18 +14,18 @@ is still reported as "after <stage>". An exception leaving a stage carries the s
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional
 
 
 @dataclass(frozen=True)
 class StageInfo:
     """A snapshot: the stage in progress (None between named stages), the step, and the last stage that ended."""
 
-    name: Optional[str]
-    step: Optional[int]
-    previous: Optional[str] = None
+    name: str | None
+    step: int | None
+    previous: str | None = None
 
     def describe(self) -> str:
         """'in stage normalization of step 3', 'after stage reward of step 3', 'outside any named stage'."""
@@ -39,16 +39,16 @@ class StageInfo:
 
 
 class _Record:
-    name: Optional[str] = None
-    step: Optional[int] = None
-    previous: Optional[str] = None
+    name: str | None = None
+    step: int | None = None
+    previous: str | None = None
 
 
 _record = _Record()
 _ATTRIBUTE = "_liteppo_stage"
 
 
-def set_stage(name: Optional[str], step: Optional[int] = None) -> None:
+def set_stage(name: str | None, step: int | None = None) -> None:
     """Enter stage `name` (None: no named stage); `step`, when given, becomes the current step."""
     if name is None and _record.name is not None:
         _record.previous = _record.name
@@ -57,7 +57,7 @@ def set_stage(name: Optional[str], step: Optional[int] = None) -> None:
         _record.step = int(step)
 
 
-def set_step(step: Optional[int]) -> None:
+def set_step(step: int | None) -> None:
     """The step in progress (the number the step line prints for it); None clears it."""
     _record.step = None if step is None else int(step)
 
@@ -67,7 +67,7 @@ def current_stage() -> StageInfo:
 
 
 @contextmanager
-def stage(name: str, step: Optional[int] = None) -> Iterator[None]:
+def stage(name: str, step: int | None = None) -> Iterator[None]:
     """Be in stage `name` for the block, then back in the stage it interrupted (the step stays)."""
     outer = _record.name
     set_stage(name, step)
@@ -85,7 +85,7 @@ def stage(name: str, step: Optional[int] = None) -> Iterator[None]:
         _record.name = outer
 
 
-def stage_of_exception(exc: BaseException) -> Optional[StageInfo]:
+def stage_of_exception(exc: BaseException) -> StageInfo | None:
     """The stage `exc` was raised in, if it left a `stage` block (else None)."""
     info = getattr(exc, _ATTRIBUTE, None)
     return info if isinstance(info, StageInfo) else None

@@ -38,8 +38,10 @@ import contextlib
 import os
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from types import FrameType
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -75,11 +77,11 @@ class _Table:
     """Live storages (by their C++ address, held by a weak reference so the address is not reused)."""
 
     def __init__(self) -> None:
-        self._entries: Dict[int, Tuple[int, Placement]] = {}
+        self._entries: dict[int, tuple[int, Placement]] = {}
         self._inserts = 0
         self._lock = threading.Lock()
 
-    def get(self, tensor: torch.Tensor) -> Optional[Placement]:
+    def get(self, tensor: torch.Tensor) -> Placement | None:
         key = _storage_key(tensor)
         if key is None:
             return None
@@ -97,7 +99,8 @@ class _Table:
             if old is not None:
                 self._entries[key] = (old[0], placement)
                 return
-            self._entries[key] = (storage._weak_ref(), placement)
+            # torch annotates _weak_ref as returning a storage; it returns the weak reference's int handle
+            self._entries[key] = (storage._weak_ref(), placement)  # type: ignore[assignment]
             self._inserts += 1
             if self._inserts % 8192 == 0:
                 self._purge()
@@ -112,7 +115,7 @@ class _Table:
         return len(self._entries)
 
 
-def _storage_key(tensor: torch.Tensor) -> Optional[int]:
+def _storage_key(tensor: torch.Tensor) -> int | None:
     try:
         return tensor.untyped_storage()._cdata
     except (RuntimeError, NotImplementedError):
@@ -126,7 +129,7 @@ _HOST_GROUPS: set = set()    # names of process groups created as gloo on purpos
 _ACTIVE = False
 
 
-def placement(tensor: torch.Tensor) -> Optional[Placement]:
+def placement(tensor: torch.Tensor) -> Placement | None:
     """The tensor's virtual placement, or None when it was made where the mode could not tell."""
     return _TABLE.get(tensor)
 
@@ -140,7 +143,7 @@ def is_active() -> bool:
     return _ACTIVE
 
 
-def is_host_group(group: Optional[dist.ProcessGroup]) -> bool:
+def is_host_group(group: dist.ProcessGroup | None) -> bool:
     """Whether `group` was created as gloo on purpose (its collectives take host tensors)."""
     if group is None:
         group = dist.group.WORLD
@@ -167,7 +170,7 @@ _SKIP_PARTS = (os.sep + "torch" + os.sep, os.sep + "contextlib.py", __file__)
 
 
 def _caller() -> str:
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     while frame is not None:
         name = frame.f_code.co_filename
         if not any(part in name for part in _SKIP_PARTS):
@@ -189,7 +192,7 @@ def _is_cuda(device: Any) -> bool:
     return isinstance(device, int) and not isinstance(device, bool)
 
 
-def _kind_of_device(device: Any) -> Optional[str]:
+def _kind_of_device(device: Any) -> str | None:
     """DEVICE for a CUDA device argument, HOST for the CPU, None for no device (or meta and the like)."""
     if device is None:
         return None
@@ -211,7 +214,7 @@ def _describe(tensor: torch.Tensor) -> str:
     return f"{dtype}{shape} {where}, {how} {p.where}"
 
 
-_DERIVED: Dict[Tuple[str, str], Placement] = {}
+_DERIVED: dict[tuple[str, str], Placement] = {}
 
 
 def _derived(p: Placement) -> Placement:
@@ -246,7 +249,7 @@ _CUDA_TYPE = {torch.float32: "torch.cuda.FloatTensor", torch.float16: "torch.cud
 
 
 @contextlib.contextmanager
-def _factory(placement_: Optional[Placement]) -> Iterator[None]:
+def _factory(placement_: Placement | None) -> Iterator[None]:
     previous = getattr(_STATE, "factory", None)
     _STATE.factory = placement_
     try:
@@ -255,8 +258,9 @@ def _factory(placement_: Optional[Placement]) -> Iterator[None]:
         _STATE.factory = previous
 
 
-def _copy_to(tensor: torch.Tensor, placement_: Placement, dtype: Optional[torch.dtype], memory_format: Any) -> torch.Tensor:
-    kwargs: Dict[str, Any] = {"copy": True}
+def _copy_to(tensor: torch.Tensor, placement_: Placement, dtype: torch.dtype | None,
+             memory_format: Any) -> torch.Tensor:
+    kwargs: dict[str, Any] = {"copy": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
     if memory_format is not None:
@@ -284,7 +288,7 @@ class _Move(torch.autograd.Function):
         return _copy_to(grad, ctx.source, ctx.dtype, None), None, None, None
 
 
-def _moved(tensor: torch.Tensor, kind: str, dtype: Optional[torch.dtype], memory_format: Any,
+def _moved(tensor: torch.Tensor, kind: str, dtype: torch.dtype | None, memory_format: Any,
            where: str, pinned: bool = False) -> torch.Tensor:
     """A new tensor with the data of `tensor` on `kind` (a move between device and host copies)."""
     placement_ = Placement(kind, where, pinned)
@@ -293,7 +297,7 @@ def _moved(tensor: torch.Tensor, kind: str, dtype: Optional[torch.dtype], memory
     return _copy_to(tensor, placement_, dtype, memory_format)
 
 
-def _target_of_to(args: tuple, kwargs: dict) -> Tuple[Optional[str], Optional[torch.dtype], bool, Any, Any]:
+def _target_of_to(args: tuple, kwargs: dict) -> tuple[str | None, torch.dtype | None, bool, Any, Any]:
     """(target kind, dtype, copy, memory_format, device argument) of a Tensor.to call."""
     rest = list(args[1:])
     device = kwargs.get("device")
@@ -443,7 +447,7 @@ def _numpy(args: tuple, kwargs: dict) -> Any:
     return torch.Tensor.numpy(*args, **kwargs)
 
 
-_FUNCTION_MODE: List["StrictFunctionMode"] = []
+_FUNCTION_MODE: list[StrictFunctionMode] = []
 
 _SPECIAL = {
     torch.Tensor.to: _to,
@@ -452,8 +456,9 @@ _SPECIAL = {
     torch.Tensor.pin_memory: _pin_memory,
     torch.Tensor.is_pinned: _is_pinned,
     torch.Tensor.device.__get__: _device_get,
-    torch.Tensor.is_cuda.__get__: _is_cuda_get,
-    torch.Tensor.is_cpu.__get__: _is_cpu_get,
+    # getset descriptors at runtime; torch's stubs declare them as plain bool attributes
+    torch.Tensor.is_cuda.__get__: _is_cuda_get,  # type: ignore[attr-defined]
+    torch.Tensor.is_cpu.__get__: _is_cpu_get,  # type: ignore[attr-defined]
     torch.Tensor.get_device: _get_device,
     torch.Tensor.type: _type,
     torch.Tensor.numpy: _numpy,
@@ -477,8 +482,8 @@ _WHERE = {aten.where.self, aten.where.self_out}
 _EXEMPT_COLLECTIVES = {"barrier", "monitored_barrier_"}
 
 
-def _inputs(args: tuple, kwargs: dict) -> List[Tuple[str, torch.Tensor]]:
-    found: List[Tuple[str, torch.Tensor]] = []
+def _inputs(args: tuple, kwargs: dict) -> list[tuple[str, torch.Tensor]]:
+    found: list[tuple[str, torch.Tensor]] = []
     for i, a in enumerate(args):
         if isinstance(a, torch.Tensor):
             found.append((str(i), a))
@@ -503,7 +508,7 @@ def _exempt(func: Any, label: str, tensor: torch.Tensor) -> bool:
     return torch.Tag.pointwise in func.tags or func in _INDEXING
 
 
-def _mix_error(func: Any, inputs: List[Tuple[str, torch.Tensor, Optional[Placement]]]) -> StrictDeviceError:
+def _mix_error(func: Any, inputs: list[tuple[str, torch.Tensor, Placement | None]]) -> StrictDeviceError:
     lines = [f"  input {label}: {_describe(t)}" for label, t, _ in inputs]
     return StrictDeviceError(
         f"Expected all tensors to be on the same device, but found at least two devices, "
@@ -518,8 +523,8 @@ def _collective_error(func: Any, group_name: str, tensor: torch.Tensor) -> Stric
         "first (strict virtual-device mode)")
 
 
-def _check_collective(func: Any, args: tuple, kwargs: dict, tensors: List[Tuple[str, torch.Tensor]]) -> None:
-    if func._opname in _EXEMPT_COLLECTIVES or getattr(_OBJECT_COLLECTIVE, "depth", 0):
+def _check_collective(func: Any, args: tuple, kwargs: dict, tensors: list[tuple[str, torch.Tensor]]) -> None:
+    if func._opname in _EXEMPT_COLLECTIVES or getattr(_OBJECT_COLLECTIVE, "depth", 0) > 0:
         return
     group = next((a for a in args if isinstance(a, torch.ScriptObject)), None)
     if group is None:
@@ -539,14 +544,13 @@ def _check_collective(func: Any, args: tuple, kwargs: dict, tensors: List[Tuple[
 class StrictDispatchMode(TorchDispatchMode):
     """Propagates placements through every aten op and refuses host/device mixes (module doc)."""
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         tensors = _inputs(args, kwargs)
         if func.namespace == "c10d":
             _check_collective(func, args, kwargs, tensors)
             return func(*args, **kwargs)
-        kind = None
-        origin: Optional[Placement] = None
+        origin: Placement | None = None
         if func not in _CROSS_DEVICE_OK and tensors:
             seen = []
             kinds = set()
@@ -560,7 +564,6 @@ class StrictDispatchMode(TorchDispatchMode):
                     origin = p
             if len(kinds) > 1:
                 raise _mix_error(func, seen)
-            kind = origin.kind if origin is not None else None
         elif tensors:
             p = _TABLE.get(tensors[0][1])
             origin = p
@@ -620,7 +623,9 @@ def _patch_distributed() -> None:
     from torch.distributed import distributed_c10d as c10d
 
     for module in (dist, c10d):
-        module.new_group = _wrap_new_group(c10d.new_group if module is dist else module.new_group)
+        # monkeypatching torch.distributed and its c10d module (a plain ModuleType to mypy: no attributes to set)
+        module.new_group = _wrap_new_group(  # type: ignore[attr-defined]
+            c10d.new_group if module is dist else module.new_group)
         for name in _OBJECT_COLLECTIVES:
             if hasattr(module, name):
                 setattr(module, name, _wrap_object_collective(getattr(module, name)))
@@ -628,13 +633,13 @@ def _patch_distributed() -> None:
 
 def _patch_cuda() -> None:
     """The torch.cuda calls that GPU code paths make, answered as one idle GPU would."""
-    torch.cuda.current_device = local_device_index  # type: ignore[assignment]
-    torch.cuda.set_device = lambda *a, **k: None  # type: ignore[assignment]
-    torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
-    torch.cuda.empty_cache = lambda *a, **k: None  # type: ignore[assignment]
-    torch.cuda.memory_allocated = lambda *a, **k: 0  # type: ignore[assignment]
-    torch.cuda.max_memory_allocated = lambda *a, **k: 0  # type: ignore[assignment]
-    torch.cuda.reset_peak_memory_stats = lambda *a, **k: None  # type: ignore[assignment]
+    torch.cuda.current_device = local_device_index
+    torch.cuda.set_device = lambda *a, **k: None
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.empty_cache = lambda *a, **k: None
+    torch.cuda.memory_allocated = lambda *a, **k: 0
+    torch.cuda.max_memory_allocated = lambda *a, **k: 0
+    torch.cuda.reset_peak_memory_stats = lambda *a, **k: None
 
 
 def _patch_custom_backward() -> None:
@@ -650,8 +655,8 @@ def _patch_custom_backward() -> None:
         with _FUNCTION_MODE[0]:
             return original(self, *args)
 
-    apply.__wrapped__ = original
-    BackwardCFunction.apply = apply
+    apply.__wrapped__ = original  # type: ignore[attr-defined]  # a function attribute, as functools.wraps sets
+    BackwardCFunction.apply = apply  # type: ignore[method-assign]  # monkeypatching torch's autograd engine hook
 
 
 def install() -> bool:

@@ -23,8 +23,15 @@ from .registry import (
     reward_names,
     reward_range,
 )
-from .runner import (ERRORS_METRIC, TIMEOUTS_METRIC, RewardBatchCancelled, RewardFailure, RewardRunner,
-                     RewardWorkerError, build_reward_runner)
+from .runner import (
+    ERRORS_METRIC,
+    TIMEOUTS_METRIC,
+    RewardBatchCancelled,
+    RewardFailure,
+    RewardRunner,
+    RewardWorkerError,
+    build_reward_runner,
+)
 
 # Both declare their range, (0.0, 1.0), as a reward_range attribute.
 register_reward("math", math_reward)

@@ -18,24 +18,25 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
-import os
 import math
+import os
 import sys
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from collections.abc import Callable
+from typing import Any
 
 RewardFn = Callable[[str, str], float]
-RewardRange = Tuple[float, float]
+RewardRange = tuple[float, float]
 RANGE_ATTRIBUTE = "reward_range"
 
-_REGISTRY: Dict[str, RewardFn] = {}
-_RANGES: Dict[str, Optional[RewardRange]] = {}
+_REGISTRY: dict[str, RewardFn] = {}
+_RANGES: dict[str, RewardRange | None] = {}
 
 
 class RewardError(RuntimeError):
     """A reward function could not score a sample for a reason of its own (not a wrong answer)."""
 
 
-def check_range(value: Any, where: str) -> Optional[RewardRange]:
+def check_range(value: Any, where: str) -> RewardRange | None:
     """``value`` as a ``(lo, hi)`` pair of floats with ``lo <= hi`` (infinite ends allowed), or None."""
     if value is None:
         return None
@@ -48,12 +49,12 @@ def check_range(value: Any, where: str) -> Optional[RewardRange]:
     return (lo, hi)
 
 
-def declared_range(fn: Any) -> Optional[RewardRange]:
+def declared_range(fn: Any) -> RewardRange | None:
     """The range ``fn`` declares in its ``reward_range`` attribute, or None."""
     return check_range(getattr(fn, RANGE_ATTRIBUTE, None), f"{getattr(fn, '__qualname__', fn)!r}.{RANGE_ATTRIBUTE}")
 
 
-def register_reward(name: str, fn: RewardFn, range: Optional[RewardRange] = None) -> RewardFn:  # noqa: A002
+def register_reward(name: str, fn: RewardFn, range: RewardRange | None = None) -> RewardFn:  # noqa: A002
     """Make ``fn`` available as ``reward.name: <name>``; names are unique.
 
     ``range``: the closed interval of values ``fn`` returns; None takes ``fn.reward_range`` if it has
@@ -73,12 +74,12 @@ def register_reward(name: str, fn: RewardFn, range: Optional[RewardRange] = None
     return fn
 
 
-def reward_names() -> List[str]:
+def reward_names() -> list[str]:
     """The registered names, sorted."""
     return sorted(_REGISTRY)
 
 
-def reward_range(name: str) -> Optional[RewardRange]:
+def reward_range(name: str) -> RewardRange | None:
     """The declared range of the reward ``name`` (registered, or the function's ``reward_range``), or None."""
     if name in _REGISTRY:
         return _RANGES[name]
@@ -158,6 +159,8 @@ def _import_file(path: str):
         raise FileNotFoundError(f"no such file {path!r} (relative paths are read from {os.getcwd()!r})")
     name = "liteppo_user_reward_" + os.path.splitext(os.path.basename(path))[0]
     file_spec = importlib.util.spec_from_file_location(name, path)
+    if file_spec is None or file_spec.loader is None:  # not for a .py file, the only kind _import passes
+        raise ImportError(f"cannot load {path!r} as a Python module")
     module = importlib.util.module_from_spec(file_spec)
     file_spec.loader.exec_module(module)
     return module

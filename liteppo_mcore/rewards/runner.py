@@ -46,8 +46,9 @@ import signal
 import threading
 import time
 import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 from .registry import RewardFn, RewardRange, canonical_name, declared_range, get_reward, reward_names, reward_range
 
@@ -89,7 +90,7 @@ def mp_context() -> multiprocessing.context.BaseContext:
 
 
 # ---------------------------------------------------------------------------------------- worker side
-def _worker_main(target: Tuple[str, Any], conn, lifeline) -> None:
+def _worker_main(target: tuple[str, Any], conn, lifeline) -> None:
     """A worker process: resolve the function, say ready, then score one sample per message."""
     try:
         os.setpgid(0, 0)  # its own process group: a kill reaches the subprocesses it starts
@@ -128,7 +129,7 @@ def _exit_with_parent(lifeline) -> None:
     os._exit(0)
 
 
-def _finite_float(value: Any) -> Tuple[str, Any]:
+def _finite_float(value: Any) -> tuple[str, Any]:
     if isinstance(value, numbers.Real):
         try:
             number = float(value)
@@ -148,7 +149,7 @@ def _one_line(error: BaseException, limit: int = EXCERPT_CHARS) -> str:
 class _Worker:
     """One worker process and the two pipes to it: jobs and results, and the lifeline."""
 
-    def __init__(self, ctx, target: Tuple[str, Any], serial: int) -> None:
+    def __init__(self, ctx, target: tuple[str, Any], serial: int) -> None:
         self.conn, child_conn = ctx.Pipe(duplex=True)
         lifeline_r, self.lifeline = ctx.Pipe(duplex=False)
         self.process = ctx.Process(target=_worker_main, args=(target, child_conn, lifeline_r),
@@ -162,7 +163,7 @@ class _Worker:
         self.started = time.monotonic()
         self.ready = False
         self.dead = False
-        self.job: Optional[Tuple[int, int]] = None  # (batch, index) being scored
+        self.job: tuple[int, int] | None = None  # (batch, index) being scored
         self.job_start = 0.0
 
     def kill(self) -> None:
@@ -194,7 +195,7 @@ class _Worker:
                 pass
 
 
-def _stop_workers(workers: List[_Worker]) -> None:
+def _stop_workers(workers: list[_Worker]) -> None:
     """Ask the idle workers to exit, give them a moment, SIGKILL whatever is left, reap all."""
     for w in workers:
         if w.dead:
@@ -229,7 +230,7 @@ def _by_reference(fn: RewardFn, label: str) -> bytes:
     return payload
 
 
-_LIVE_RUNNERS: "weakref.WeakSet[RewardRunner]" = weakref.WeakSet()
+_LIVE_RUNNERS: weakref.WeakSet[RewardRunner] = weakref.WeakSet()
 
 
 @atexit.register
@@ -253,7 +254,7 @@ class RewardRunner:
 
     @classmethod
     def from_name(cls, name: str, *, timeout_s: float, num_workers: int = 4, max_logged_failures: int = 3,
-                  start_timeout_s: float = START_TIMEOUT_S) -> "RewardRunner":
+                  start_timeout_s: float = START_TIMEOUT_S) -> RewardRunner:
         """A runner for the reward ``name`` (see registry.py), resolved here first, so that a bad name is
         a ValueError at construction with the registry's message. Workers import a registered function
         by its module and qualified name (so one registered at run time works too), and resolve
@@ -266,7 +267,7 @@ class RewardRunner:
         runner._setup(target, name, declared, timeout_s, num_workers, max_logged_failures, start_timeout_s)
         return runner
 
-    def _setup(self, target: Tuple[str, Any], label: str, declared: Optional[RewardRange], timeout_s: float,
+    def _setup(self, target: tuple[str, Any], label: str, declared: RewardRange | None, timeout_s: float,
                num_workers: int, max_logged_failures: int, start_timeout_s: float) -> None:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
@@ -280,14 +281,14 @@ class RewardRunner:
         self.num_workers = int(num_workers)
         self.max_logged_failures = max_logged_failures
         self.start_timeout_s = float(start_timeout_s)
-        self.last_failures: List[RewardFailure] = []
+        self.last_failures: list[RewardFailure] = []
         self.total_errors = 0
         self.total_timeouts = 0
         self.num_killed = 0
         """Workers killed for running past the time limit, over the runner's life."""
         self._target = target
         self._ctx = mp_context()
-        self._workers: List[_Worker] = []  # one list object for the runner's life (the finalizer holds it)
+        self._workers: list[_Worker] = []  # one list object for the runner's life (the finalizer holds it)
         self._num_started = 0
         self._num_batches = 0
         self._closed = False
@@ -299,7 +300,7 @@ class RewardRunner:
 
     # ------------------------------------------------------------------ public
     def __call__(self, responses: Sequence[str], answers: Sequence[str], *,
-                 should_stop: Optional[Callable[[], bool]] = None) -> Tuple[List[float], Dict[str, float]]:
+                 should_stop: Callable[[], bool] | None = None) -> tuple[list[float], dict[str, float]]:
         """Scores (one float per response, in order, failures 0.0), and
         ``{"reward/errors": failures, "reward/timeouts": time-outs}`` for this batch.
 
@@ -316,7 +317,7 @@ class RewardRunner:
                 if self._closed:  # closed by another thread meanwhile
                     self._finalizer()
 
-    def worker_pids(self) -> List[int]:
+    def worker_pids(self) -> list[int]:
         """Process ids of the live workers (at most ``num_workers``)."""
         return [w.pid for w in self._workers if not w.dead]
 
@@ -336,7 +337,7 @@ class RewardRunner:
             for w in list(self._workers):
                 w.signal_kill()
 
-    def __enter__(self) -> "RewardRunner":
+    def __enter__(self) -> RewardRunner:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -361,13 +362,13 @@ class RewardRunner:
         )
 
     # ------------------------------------------------------------------ one batch
-    def _score(self, responses: List[str], answers: List[str],
-               should_stop: Optional[Callable[[], bool]] = None) -> Tuple[List[float], Dict[str, float]]:
+    def _score(self, responses: list[str], answers: list[str],
+               should_stop: Callable[[], bool] | None = None) -> tuple[list[float], dict[str, float]]:
         # Jobs carry their batch, so that a result of an interrupted batch can never land in this one.
         self._num_batches += 1
         batch = self._num_batches
         scores = [0.0] * len(responses)
-        failures: List[RewardFailure] = []
+        failures: list[RewardFailure] = []
         queued = collections.deque(range(len(responses)))
         pending = set(queued)
         try:
@@ -394,8 +395,8 @@ class RewardRunner:
         timeouts = sum(f.kind == "timeout" for f in failures)
         return scores, {ERRORS_METRIC: float(len(failures)), TIMEOUTS_METRIC: float(timeouts)}
 
-    def _dispatch(self, batch: int, queued: "collections.deque[int]", responses: List[str],
-                  answers: List[str]) -> None:
+    def _dispatch(self, batch: int, queued: collections.deque[int], responses: list[str],
+                  answers: list[str]) -> None:
         for w in self._workers:
             if not queued:
                 return
@@ -418,9 +419,9 @@ class RewardRunner:
         handles = [w.conn for w in self._workers] + [w.process.sentinel for w in self._workers]
         multiprocessing.connection.wait(handles, timeout=timeout)
 
-    def _collect(self, w: _Worker, batch: int, pending: set, queued: "collections.deque[int]",
-                 scores: List[float], failures: List[RewardFailure], responses: List[str],
-                 answers: List[str]) -> None:
+    def _collect(self, w: _Worker, batch: int, pending: set, queued: collections.deque[int],
+                 scores: list[float], failures: list[RewardFailure], responses: list[str],
+                 answers: list[str]) -> None:
         """Read what ``w`` sent; handle its death."""
         while True:
             try:
@@ -460,8 +461,8 @@ class RewardRunner:
                 failures.append(RewardFailure(index, "crash", f"the worker process died (exit code {code})",
                                               responses[index], answers[index]))
 
-    def _expire(self, batch: int, pending: set, failures: List[RewardFailure], responses: List[str],
-                answers: List[str]) -> None:
+    def _expire(self, batch: int, pending: set, failures: list[RewardFailure], responses: list[str],
+                answers: list[str]) -> None:
         now = time.monotonic()
         for w in self._workers:
             if w.dead:
@@ -478,7 +479,7 @@ class RewardRunner:
                 failures.append(RewardFailure(index, "timeout", f"no result within {self.timeout_s:g} s "
                                               "(worker killed)", responses[index], answers[index]))
 
-    def _check(self, index: int, kind: str, payload: Any, response: str, answer: str) -> Optional[RewardFailure]:
+    def _check(self, index: int, kind: str, payload: Any, response: str, answer: str) -> RewardFailure | None:
         if kind != "ok":
             return RewardFailure(index, kind, payload, response, answer)
         if self.reward_range is not None:
@@ -488,7 +489,7 @@ class RewardRunner:
                 return RewardFailure(index, "out_of_range", message, response, answer)
         return None
 
-    def _record(self, failures: List[RewardFailure]) -> None:
+    def _record(self, failures: list[RewardFailure]) -> None:
         self.last_failures = failures
         timeouts = sum(f.kind == "timeout" for f in failures)
         self.total_timeouts += timeouts

@@ -9,11 +9,13 @@ when built, so that choosing one never imports another's dependencies.
 from __future__ import annotations
 
 import importlib.util
-from typing import Any, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from liteppo_mcore.config.choices import AUTO, EXPLICIT_ROLLOUT_ENGINES as ENGINES, ROLLOUT_ENGINES
+from liteppo_mcore.config.choices import AUTO, ROLLOUT_ENGINES
+from liteppo_mcore.config.choices import EXPLICIT_ROLLOUT_ENGINES as ENGINES
 from liteppo_mcore.rollout.engine import FINISH_REASONS, Generation, RolloutEngine, SamplingParams, WeightBucket
 
 
@@ -32,7 +34,7 @@ def resolve_engine_name(requested: str) -> str:
     return requested
 
 
-def eos_token_ids(tokenizer_or_ids: Union[Any, int, Sequence[int]]) -> Tuple[int, ...]:
+def eos_token_ids(tokenizer_or_ids: Any | int | Sequence[int]) -> tuple[int, ...]:
     """EOS ids from a tokenizer (its `eos_token_id`) or from ids given directly."""
     if isinstance(tokenizer_or_ids, int):
         return (tokenizer_or_ids,)
@@ -47,7 +49,7 @@ def eos_token_ids(tokenizer_or_ids: Union[Any, int, Sequence[int]]) -> Tuple[int
     return ids
 
 
-def build_engine(cfg, models, groups, tokenizer_or_eos_ids: Union[Any, int, Sequence[int]], *,
+def build_engine(cfg, models, groups, tokenizer_or_eos_ids: Any | int | Sequence[int], *,
                  device: Any = None) -> RolloutEngine:
     """The rollout engine `cfg.rollout.engine` names, for this rank (collective-free construction for
     mcore and hf; sglang may start servers)."""
@@ -86,7 +88,7 @@ def build_engine(cfg, models, groups, tokenizer_or_eos_ids: Union[Any, int, Sequ
     return build_sglang_engine(cfg, models, groups, list(eos))
 
 
-def sampling_params_from_config(cfg, *, greedy: bool = False, n: Optional[int] = None, seed: int = 0,
+def sampling_params_from_config(cfg, *, greedy: bool = False, n: int | None = None, seed: int = 0,
                                 stop_token_ids: Sequence[int] = ()) -> SamplingParams:
     """The rollout section as sampling parameters: temperature, top-p, top-k, response_length new tokens,
     `num_return_sequences_in_group` samples per prompt unless `n` says otherwise. Pass a different

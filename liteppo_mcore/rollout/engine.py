@@ -18,8 +18,9 @@ weight stream into an engine's tensors (`copy_weight_stream`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any
 
 import torch.distributed as dist
 from torch import Tensor
@@ -29,7 +30,7 @@ from liteppo_mcore.utils.seeds import mix_seed
 
 FINISH_REASONS = ("stop", "length")
 
-WeightBucket = List[Tuple[str, Tensor]]  # (Hugging Face name, full tensor) pairs
+WeightBucket = list[tuple[str, Tensor]]  # (Hugging Face name, full tensor) pairs
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class SamplingParams:
     n: int = 1                      # samples per prompt
     seed: int = 0                   # sampling is reproducible for a fixed layout and seed
     greedy: bool = False            # argmax decoding (evaluation); log-probs still at `temperature`
-    stop_token_ids: Tuple[int, ...] = field(default_factory=tuple)  # EOS ids; the stop token is kept
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)  # EOS ids; the stop token is kept
 
 
 @dataclass
@@ -49,8 +50,8 @@ class Generation:
     """One sampled response: its tokens (the stop token included when produced), per-token log-probs
     (same length) and why it ended ("stop": a stop token; "length": max_new_tokens reached)."""
 
-    token_ids: List[int]
-    logprobs: List[float]
+    token_ids: list[int]
+    logprobs: list[float]
     finish_reason: str
 
 
@@ -63,7 +64,7 @@ class RolloutEngine(ABC):
 
     @abstractmethod
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
-                 on_progress: Optional[Callable[[int], None]] = None) -> List[List[Generation]]:
+                 on_progress: Callable[[int], None] | None = None) -> list[list[Generation]]:
         """For each prompt (token ids), `params.n` generations.
 
         `on_progress` (the trainer's progress bar) is called with the number of this rank's responses
@@ -71,17 +72,17 @@ class RolloutEngine(ABC):
         a caller completes its count itself after `generate` returns."""
 
     @abstractmethod
-    def update_weights(self, buckets: Iterable[WeightBucket], weight_version: Optional[str] = None) -> None:
+    def update_weights(self, buckets: Iterable[WeightBucket], weight_version: str | None = None) -> None:
         """Load the trainer's current weights, streamed bucket by bucket (consume each before the next).
         `weight_version` (the trainer's step) names them; engines that serve from elsewhere check it."""
 
-    def sleep(self) -> None:
+    def sleep(self) -> None:  # noqa: B027 (a no-op default, not abstract: in-process engines keep their memory)
         """Release accelerator memory (weights / KV cache) while the trainer trains. No-op by default."""
 
-    def wake(self) -> None:
+    def wake(self) -> None:  # noqa: B027 (a no-op default, as sleep)
         """Take the memory back before the next `generate`. No-op by default."""
 
-    def shutdown(self) -> None:
+    def shutdown(self) -> None:  # noqa: B027 (a no-op default: nothing to stop for in-process engines)
         """Stop servers / free everything. Safe to call twice."""
 
 
@@ -127,14 +128,15 @@ def share_within_replica(value: Any, groups: ParallelGroups) -> Any:
     for group, size in ((groups.cp_group, groups.cp_size), (groups.pp_group, groups.pp_size),
                         (groups.tp_group, groups.tp_size)):
         if size > 1:
+            assert group is not None  # a group of more than one rank is never None (see ParallelGroups)
             box = [value]
             dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
             value = box[0]
     return value
 
 
-def copy_weight_stream(buckets: Iterable[WeightBucket], params: Optional[Dict[str, Tensor]], *, engine: str,
-                       family: str, skip: Optional[Callable[[str], bool]] = None) -> None:
+def copy_weight_stream(buckets: Iterable[WeightBucket], params: dict[str, Tensor] | None, *, engine: str,
+                       family: str, skip: Callable[[str], bool] | None = None) -> None:
     """Copy a weight stream into `params` (HF name -> the engine's tensor, None on ranks that hold no
     copy: they still iterate, since producing the buckets is collective). Every tensor must arrive, each
     once, with its shape; `skip(name)` names streamed tensors the engine has no use for."""
@@ -149,8 +151,8 @@ def copy_weight_stream(buckets: Iterable[WeightBucket], params: Optional[Dict[st
                        "the engine would generate with stale weights.")
 
 
-def _copy_bucket(bucket: WeightBucket, params: Dict[str, Tensor], seen: set, engine: str, family: str,
-                 skip: Optional[Callable[[str], bool]]) -> None:
+def _copy_bucket(bucket: WeightBucket, params: dict[str, Tensor], seen: set, engine: str, family: str,
+                 skip: Callable[[str], bool] | None) -> None:
     for name, tensor in bucket:
         param = params.get(name)
         if param is None:

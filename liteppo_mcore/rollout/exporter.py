@@ -26,8 +26,9 @@ last iteration, for tests.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -40,6 +41,9 @@ from liteppo_mcore.parallel.device import compute_device
 from liteppo_mcore.parallel.mcore import ParallelGroups
 from liteppo_mcore.rollout.engine import WeightBucket
 
+if TYPE_CHECKING:  # only for an annotation
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 _VOCAB_NAMES = (EMBEDDING, OUTPUT_LAYER)
 
@@ -50,8 +54,8 @@ class ExportItem:
 
     name: str                       # whole-model megatron name (global layer number, local-spec names)
     owner_stage: int                # pipeline stage that holds it
-    local_name: Optional[str]       # this rank's parameter name (None off the owning stage)
-    shape: Tuple[int, ...]          # whole shape, real vocabulary
+    local_name: str | None       # this rank's parameter name (None off the owning stage)
+    shape: tuple[int, ...]          # whole shape, real vocabulary
     dtype: torch.dtype              # dtype it is sent in
     source: Source                  # its Hugging Face tensors
     gathered_bytes: int             # bytes of the whole tensor as gathered (vocabulary padding included)
@@ -70,10 +74,11 @@ class ExportItem:
         return 2 * max(self.nbytes, self.gathered_bytes)
 
 
-def whole_parameter_names(model: torch.nn.Module) -> Dict[str, str]:
+def whole_parameter_names(model: torch.nn.Module) -> dict[str, str]:
     """This rank's parameter name -> whole-model megatron name (global layer number, TE norm names
     mapped to the local spec's). Layer numbers come from the layers themselves, so any PP split works."""
-    offsets = {i: layer.layer_number - 1 for i, layer in enumerate(model.decoder.layers)}
+    decoder: TransformerBlock = model.decoder  # a megatron GPTModel's (actor and critic alike)
+    offsets = {i: layer.layer_number - 1 for i, layer in enumerate(decoder.layers)}
     names = {}
     for name, _ in model.named_parameters():
         m = _LAYER.match(name)
@@ -94,7 +99,7 @@ class WeightExporter:
     """
 
     def __init__(self, model: torch.nn.Module, groups: ParallelGroups, shape, bucket_bytes: int,
-                 dtype: Optional[torch.dtype] = None):
+                 dtype: torch.dtype | None = None):
         if bucket_bytes <= 0:
             raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes} (rollout.weight_sync_bucket_mb)")
         self.groups, self.bucket_bytes = groups, int(bucket_bytes)
@@ -106,9 +111,9 @@ class WeightExporter:
         self.peak_bytes = 0  # most bytes held at once by the last full iteration of buckets()
 
     # ------------------------------------------------------------------ plan
-    def _plan(self, model: torch.nn.Module, dtype: Optional[torch.dtype]) -> List[ExportItem]:
+    def _plan(self, model: torch.nn.Module, dtype: torch.dtype | None) -> list[ExportItem]:
         tied = bool(getattr(model, "share_embeddings_and_output_weights", False))
-        local: Dict[str, str] = {}
+        local: dict[str, str] = {}
         for local_name, whole in whole_parameter_names(model).items():
             if whole == OUTPUT_LAYER and tied:
                 continue  # the last stage's copy of the tied embedding
@@ -118,10 +123,11 @@ class WeightExporter:
             local[whole] = local_name
         mine = {whole: (str(self._params[name].dtype), self._gathered_bytes(self._params[name]))
                 for whole, name in local.items()}
-        stages: List[Optional[Dict[str, Tuple[str, int]]]] = [mine]
+        stages = [mine]
         if self.groups.pp_size > 1:
-            stages = [None] * self.groups.pp_size
-            dist.all_gather_object(stages, mine, group=self.groups.pp_group)
+            every_stage: list[Any] = [None] * self.groups.pp_size
+            dist.all_gather_object(every_stage, mine, group=self.groups.pp_group)
+            stages = every_stage  # each stage's `mine`
         items = []
         for whole, source in self._sources.items():
             owners = [s for s, names in enumerate(stages) if whole in names]
@@ -140,7 +146,7 @@ class WeightExporter:
         tp = self.groups.tp_size if getattr(param, "tensor_model_parallel", False) else 1
         return param.numel() * tp * param.element_size()
 
-    def hf_plan(self) -> List[Tuple[str, Tuple[int, ...], torch.dtype]]:
+    def hf_plan(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         """(Hugging Face name, shape, dtype) of every tensor the stream carries, in stream order."""
         return [(name, shape, item.dtype) for item in self.items
                 for name, shape in zip(item.source.hf_names, item.source.hf_shapes)]
@@ -184,6 +190,7 @@ class WeightExporter:
         real vocabulary, then broadcast over the pipeline group. A fresh tensor, never a parameter."""
         g = self.groups
         if item.owner_stage == g.pp_rank:
+            assert item.local_name is not None  # set on the owning stage (see _plan)
             full = self._gathered(self._params[item.local_name], held)
             if item.name in _VOCAB_NAMES and full.shape[0] != self.layout.vocab_size:
                 if full.shape[0] < self.layout.vocab_size:
@@ -203,6 +210,7 @@ class WeightExporter:
             full = torch.empty(item.shape, dtype=item.dtype, device=self._device)
             self._observe(held + _nbytes(full))
         if g.pp_size > 1:
+            assert g.pp_group is not None  # a group of more than one rank is never None (see ParallelGroups)
             src = dist.get_global_rank(g.pp_group, item.owner_stage)
             dist.broadcast(full, src=src, group=g.pp_group)
         return full

@@ -25,7 +25,6 @@ greedy decoding agrees with the `hf` engine token for token in float32.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +38,10 @@ from liteppo_mcore.rollout.sampling import filtered_logits
 # Every model family of the configuration (model.family); a family added there that this decoder cannot run
 # needs its own tuple here instead.
 SUPPORTED_FAMILIES = MODEL_FAMILIES
+
+# One layer's weights, in this order: input norm, fused q|k|v, its bias (Qwen2), q norm and k norm (Qwen3),
+# output projection, pre-MLP norm, fused gate|up, down projection; the optional ones are None elsewhere.
+LayerWeights = tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor, Tensor, Tensor, Tensor]
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -85,10 +88,10 @@ class CompactDecoder:
         self.layout = TensorLayout.from_shape(shape)
         self.sources = megatron_sources(self.layout)
         self.eps = float(shape.norm_epsilon)
-        self.store: Dict[str, Tensor] = {
+        self.store: dict[str, Tensor] = {
             name: torch.zeros(src.megatron_shape, dtype=dtype, device=self.device)
             for name, src in self.sources.items()}
-        self.params: Dict[str, Tensor] = {}
+        self.params: dict[str, Tensor] = {}
         self._bind()
 
     # ------------------------------------------------------------------ weights
@@ -109,7 +112,7 @@ class CompactDecoder:
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos, self.sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
-    def _layer_weights(self, i: int) -> Tuple[Optional[Tensor], ...]:
+    def _layer_weights(self, i: int) -> LayerWeights:
         p, s = f"decoder.layers.{i}.", self.store
         a = p + "self_attention."
         return (s[p + "input_layernorm.weight"], s[a + "linear_qkv.weight"], s.get(a + "linear_qkv.bias"),
@@ -131,7 +134,7 @@ class CompactDecoder:
                            dtype=self.dtype, device=self.device)
 
     # ------------------------------------------------------------------ blocks
-    def _qkv(self, w: tuple, x: Tensor, cos: Tensor, sin: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    def _qkv(self, w: LayerWeights, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q `[..., H, D]`, k and v `[..., KV, D]` of normalised hidden states `[..., h]`, rotated."""
         lay = self.layout
         qkv = F.linear(x, w[1], w[2])
@@ -139,12 +142,14 @@ class CompactDecoder:
         q = q.unflatten(-1, (lay.num_heads, lay.head_dim))
         k = k.unflatten(-1, (lay.num_kv_heads, lay.head_dim))
         v = v.unflatten(-1, (lay.num_kv_heads, lay.head_dim))
-        if w[3] is not None:  # Qwen3: per-head RMSNorm before rope
-            q, k = rms_norm(q, w[3], self.eps), rms_norm(k, w[4], self.eps)
+        q_norm, k_norm = w[3], w[4]
+        if q_norm is not None:  # Qwen3: per-head RMSNorm before rope
+            assert k_norm is not None  # the family has both (convert.names)
+            q, k = rms_norm(q, q_norm, self.eps), rms_norm(k, k_norm, self.eps)
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
         return rotate(q, cos, sin), rotate(k, cos, sin), v
 
-    def _mlp(self, w: tuple, x: Tensor) -> Tensor:
+    def _mlp(self, w: LayerWeights, x: Tensor) -> Tensor:
         gate, up = F.linear(rms_norm(x, w[6], self.eps), w[7]).chunk(2, dim=-1)
         return x + F.linear(F.silu(gate) * up, w[8])
 
@@ -219,7 +224,7 @@ class CompactDecoder:
 
 
 def sample_next(logits: Tensor, temperature: float, top_k: int, top_p: float, greedy: bool,
-                generator: Optional[torch.Generator]) -> Tuple[Tensor, Tensor]:
+                generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
     """Next tokens `[B]` and their log-probs under softmax(logits / temperature) over the FULL vocabulary.
 
     Sampling draws from the top-k / top-p filtered distribution by an exponential race
@@ -241,7 +246,7 @@ def _filtered(z: Tensor, top_k: int, top_p: float) -> Tensor:
     return filtered_logits(z, 1.0, top_k, top_p)
 
 
-def pack_rows(rows: List[List[int]], pad_id: int, device: torch.device) -> Tuple[Tensor, Tensor]:
+def pack_rows(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """Left-padded ids `[B, W]` and each row's first real column `[B]`."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)

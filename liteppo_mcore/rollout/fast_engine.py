@@ -46,7 +46,7 @@ errors.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -54,8 +54,17 @@ from torch import Tensor
 from liteppo_mcore.convert.names import ignored_hf_name
 from liteppo_mcore.parallel.device import compute_device, make_generator
 from liteppo_mcore.parallel.mcore import ParallelGroups
-from liteppo_mcore.rollout.engine import (Generation, RolloutEngine, SamplingParams, WeightBucket, check_params,
-                                          copy_weight_stream, finish, sampling_seed, share_within_replica)
+from liteppo_mcore.rollout.engine import (
+    Generation,
+    RolloutEngine,
+    SamplingParams,
+    WeightBucket,
+    check_params,
+    copy_weight_stream,
+    finish,
+    sampling_seed,
+    share_within_replica,
+)
 from liteppo_mcore.rollout.fast_decoder import CompactDecoder, pack_rows, sample_next
 
 CHECK_EVERY = 8          # decode steps between host checks of "every row has stopped"
@@ -66,14 +75,14 @@ CAPTURE_ERROR_MODE = "thread_local"  # other threads (reward workers, NCCL watch
 StepFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
-def bucket_for(rows: int, max_batch_size: Optional[int] = None) -> int:
+def bucket_for(rows: int, max_batch_size: int | None = None) -> int:
     """The batch size a graph is captured for: the next power of two, capped at `max_batch_size`."""
     size = 1 << max(0, (rows - 1).bit_length())
     return min(size, max_batch_size) if max_batch_size else size
 
 
-def keeps_graphs_across_sleep(keep_graphs: Optional[bool], resident_bytes: int,
-                              device_bytes: Optional[int]) -> bool:
+def keeps_graphs_across_sleep(keep_graphs: bool | None, resident_bytes: int,
+                              device_bytes: int | None) -> bool:
     """Whether `sleep` keeps the weights, cache and graphs on the GPU (module doc): `keep_graphs` when
     set; auto (None): when `resident_bytes` fit in `KEEP_GRAPHS_FRACTION` of `device_bytes` (known)."""
     if keep_graphs is not None:
@@ -120,9 +129,9 @@ class FastEngine(RolloutEngine):
     needs_weight_sync = True
 
     def __init__(self, shape, groups: ParallelGroups, *, eos_token_ids: Sequence[int], dtype: torch.dtype,
-                 device: Optional[torch.device] = None, pad_token_id: Optional[int] = None,
-                 max_batch_size: Optional[int] = None, use_cuda_graphs: Optional[bool] = None,
-                 keep_graphs: Optional[bool] = None, max_sequence_length: Optional[int] = None):
+                 device: torch.device | None = None, pad_token_id: int | None = None,
+                 max_batch_size: int | None = None, use_cuda_graphs: bool | None = None,
+                 keep_graphs: bool | None = None, max_sequence_length: int | None = None):
         if not eos_token_ids:
             raise ValueError("the fast engine needs at least one EOS token id to stop generation")
         if max_batch_size is not None and int(max_batch_size) < 1:
@@ -144,22 +153,24 @@ class FastEngine(RolloutEngine):
         self.keep_graphs = keep_graphs
         self.is_generator = groups.tp_rank == 0 and groups.pp_rank == 0 and groups.cp_rank == 0
         self.decoder = CompactDecoder(shape, dtype, self.device) if self.is_generator else None
-        self._cache: Optional[Tensor] = None
-        self._graphs: Dict[int, GraphedDecodeStep] = {}
-        self._pool = None
+        self._cache: Tensor | None = None
+        self._graphs: dict[int, GraphedDecodeStep] = {}
+        self._pool: torch.cuda._POOL_HANDLE | None = None  # the memory pool the captured graphs share
         self._asleep = False
         self._parked = False  # the weights sit on the CPU (a dropping sleep on a CUDA device)
 
     # ------------------------------------------------------------------ weights
     @torch.no_grad()
-    def update_weights(self, buckets: Iterable[WeightBucket], weight_version: Optional[str] = None) -> None:
+    def update_weights(self, buckets: Iterable[WeightBucket], weight_version: str | None = None) -> None:
         """Copy every tensor of the stream into the decoder's views (generating rank); every rank
         iterates the buckets, since producing them is collective. Every tensor must arrive, each once.
         The copies are in place, so kept graphs replay the new weights."""
-        copy_weight_stream(buckets, self.decoder.params if self.decoder is not None else None, engine="fast",
-                           family=self.shape.family, skip=lambda name: ignored_hf_name(name, self.decoder.layout))
+        decoder = self.decoder  # None off the generating rank, where the stream is only iterated
+        copy_weight_stream(buckets, decoder.params if decoder is not None else None, engine="fast",
+                           family=self.shape.family,
+                           skip=None if decoder is None else lambda name: ignored_hf_name(name, decoder.layout))
 
-    def get_weight(self, name: str) -> Optional[Tensor]:
+    def get_weight(self, name: str) -> Tensor | None:
         """The engine's tensor `name` (HF naming) on the generating rank; None on the other ranks."""
         if self.decoder is None:
             return None
@@ -168,7 +179,7 @@ class FastEngine(RolloutEngine):
         return self.decoder.params[name]
 
     @torch.no_grad()
-    def logits(self, tokens: Tensor) -> Optional[Tensor]:
+    def logits(self, tokens: Tensor) -> Tensor | None:
         """Full-vocabulary logits `[B, S, V]` (float32) of unpadded token rows; None off the generating rank."""
         if self.decoder is None:
             return None
@@ -176,7 +187,7 @@ class FastEngine(RolloutEngine):
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
-                 on_progress: Optional[Callable[[int], None]] = None) -> List[List[Generation]]:
+                 on_progress: Callable[[int], None] | None = None) -> list[list[Generation]]:
         """See `RolloutEngine.generate`; `on_progress` is called on the generating rank after each batch of
         at most `max_batch_size` rows."""
         check_params(params)
@@ -191,14 +202,14 @@ class FastEngine(RolloutEngine):
         return share_within_replica(result, self.groups)
 
     def _generate_all(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                      on_progress: Optional[Callable[[int], None]]) -> List[List[Generation]]:
+                      on_progress: Callable[[int], None] | None) -> list[list[Generation]]:
         if self._asleep:
             raise RuntimeError("fast engine: generate() while asleep; call wake() first")
         rows = [list(p) for p in prompts for _ in range(params.n)]
         step = self.max_batch_size or max(1, len(rows))
         # The draws happen where the data is: the GPU's generator, the CPU's under the strict mode.
         generator = make_generator(self.device, sampling_seed(params.seed, self.groups.dp_rank))
-        out: List[Generation] = []
+        out: list[Generation] = []
         for lo in range(0, len(rows), step):
             chunk = rows[lo: lo + step]
             out.extend(self._generate_batch(chunk, params, generator))
@@ -207,8 +218,8 @@ class FastEngine(RolloutEngine):
         return [out[i * params.n: (i + 1) * params.n] for i in range(len(prompts))]
 
     @torch.no_grad()
-    def _generate_batch(self, rows: List[List[int]], params: SamplingParams,
-                        generator: torch.Generator) -> List[Generation]:
+    def _generate_batch(self, rows: list[list[int]], params: SamplingParams,
+                        generator: torch.Generator) -> list[Generation]:
         stop_ids = list(params.stop_token_ids or self.eos_token_ids)
         real = len(rows)
         batch = bucket_for(real, self.max_batch_size) if self.use_cuda_graphs else real
@@ -216,12 +227,13 @@ class FastEngine(RolloutEngine):
         width = ids.shape[1]
         cache = self._cache_for(batch, width + params.max_new_tokens - 1)
         step_fn = self._step_fn(batch, cache)  # capture (if new) before the prefill fills the cache
+        assert self.decoder is not None  # generation runs on the generating rank, which holds the decoder
         logits = self.decoder.prefill(ids, starts, cache)
         tokens, logps = self._decode(logits, step_fn, width - starts, starts, params, stop_ids, real, generator)
         return [finish(tokens[i], logps[i], stop_ids) for i in range(real)]
 
     def _decode(self, logits: Tensor, step_fn: StepFn, lengths: Tensor, starts: Tensor, params: SamplingParams,
-                stop_ids: List[int], real: int, generator: torch.Generator):
+                stop_ids: list[int], real: int, generator: torch.Generator):
         """The decode loop from the prefill's logits: token t of every row sits at position lengths + t.
         Returns the real rows' tokens and log-probs (lists), up to the last step run."""
         batch, dev = logits.shape[0], logits.device
@@ -253,11 +265,13 @@ class FastEngine(RolloutEngine):
             batch = max(batch, c.shape[2] if c is not None else 0)
             length = max(length, c.shape[4] if c is not None else 0)
             self._release_cache()
-            self._cache = self.decoder.new_cache(batch, length)
-        return self._cache
+            assert self.decoder is not None  # only the generating rank, which holds the decoder, generates
+            c = self._cache = self.decoder.new_cache(batch, length)
+        return c
 
     def _step_fn(self, batch: int, cache: Tensor) -> StepFn:
         decoder = self.decoder
+        assert decoder is not None  # only the generating rank, which holds the decoder, generates
         if not self.use_cuda_graphs:
             return lambda tokens, positions, starts: decoder.decode_step(tokens, positions, starts, cache)
         if batch not in self._graphs:
@@ -267,6 +281,7 @@ class FastEngine(RolloutEngine):
     def _capture(self, batch: int, cache: Tensor) -> GraphedDecodeStep:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
+        assert self.decoder is not None  # only the generating rank, which holds the decoder, captures
         return GraphedDecodeStep(self.decoder, cache, batch, self._pool)
 
     def _release_cache(self) -> None:
@@ -283,7 +298,7 @@ class FastEngine(RolloutEngine):
         cache = self._cache.numel() * self._cache.element_size() if self._cache is not None else 0
         return weights + cache
 
-    def _device_bytes(self) -> Optional[int]:
+    def _device_bytes(self) -> int | None:
         if self.device.type != "cuda" or not torch.cuda.is_available():
             return None
         return torch.cuda.get_device_properties(self.device).total_memory

@@ -26,7 +26,7 @@ own prompts, with a sampling seed that mixes in its DP rank.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -34,8 +34,17 @@ from torch import Tensor
 from liteppo_mcore.convert.hf_files import hf_config_from_shape
 from liteppo_mcore.parallel.device import compute_device
 from liteppo_mcore.parallel.mcore import ParallelGroups
-from liteppo_mcore.rollout.engine import (Generation, RolloutEngine, SamplingParams, WeightBucket, check_params,
-                                          copy_weight_stream, finish, sampling_seed, share_within_replica)
+from liteppo_mcore.rollout.engine import (
+    Generation,
+    RolloutEngine,
+    SamplingParams,
+    WeightBucket,
+    check_params,
+    copy_weight_stream,
+    finish,
+    sampling_seed,
+    share_within_replica,
+)
 
 # model.family -> its transformers class: one entry per config.choices.MODEL_FAMILIES
 # (tests/unit/test_config_choices.py).
@@ -68,8 +77,8 @@ class SampledLogprobs:
 
     def __init__(self, prompt_width: int, temperature: float):
         self.width, self.temperature = int(prompt_width), float(temperature)
-        self.steps: List[Tensor] = []      # [B] log-probs of tokens 0, 1, ... (known tokens only)
-        self._row: Optional[Tensor] = None  # [B, V] log-probs of the step whose token is not drawn yet
+        self.steps: list[Tensor] = []      # [B] log-probs of tokens 0, 1, ... (known tokens only)
+        self._row: Tensor | None = None  # [B, V] log-probs of the step whose token is not drawn yet
         self._row_step = -1
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
@@ -84,7 +93,9 @@ class SampledLogprobs:
         return scores
 
     def _take(self, tokens: Tensor) -> None:
-        self.steps.append(self._row.gather(-1, tokens.to(self._row.device)[:, None]).squeeze(-1))
+        row = self._row
+        assert row is not None  # both callers check that a row is pending
+        self.steps.append(row.gather(-1, tokens.to(row.device)[:, None]).squeeze(-1))
         self._row = None
 
     def result(self, sequences: Tensor) -> Tensor:
@@ -107,8 +118,8 @@ class HFEngine(RolloutEngine):
     needs_weight_sync = True
 
     def __init__(self, shape, groups: ParallelGroups, *, eos_token_ids: Sequence[int], dtype: torch.dtype,
-                 device: Optional[torch.device] = None, pad_token_id: Optional[int] = None,
-                 max_batch_size: Optional[int] = None, attn_implementation: str = "sdpa"):
+                 device: torch.device | None = None, pad_token_id: int | None = None,
+                 max_batch_size: int | None = None, attn_implementation: str = "sdpa"):
         if not eos_token_ids:
             raise ValueError("the hf engine needs at least one EOS token id to stop generation")
         self.shape, self.groups = shape, groups
@@ -118,18 +129,18 @@ class HFEngine(RolloutEngine):
         self.device = torch.device(device) if device is not None else compute_device()
         self.is_generator = groups.tp_rank == 0 and groups.pp_rank == 0 and groups.cp_rank == 0
         self.model = build_hf_model(shape, dtype, self.device, attn_implementation) if self.is_generator else None
-        self._params: Dict[str, Tensor] = dict(self.model.named_parameters()) if self.model is not None else {}
+        self._params: dict[str, Tensor] = dict(self.model.named_parameters()) if self.model is not None else {}
         self._asleep = False
 
     # ------------------------------------------------------------------ weights
     @torch.no_grad()
-    def update_weights(self, buckets: Iterable[WeightBucket], weight_version: Optional[str] = None) -> None:
+    def update_weights(self, buckets: Iterable[WeightBucket], weight_version: str | None = None) -> None:
         """Copy every tensor of the stream into the model (the generating rank); every rank iterates the
         buckets, since producing them is collective. Every model tensor must arrive, each once."""
         copy_weight_stream(buckets, self._params if self.model is not None else None, engine="hf",
                            family=self.shape.family)
 
-    def get_weight(self, name: str) -> Optional[Tensor]:
+    def get_weight(self, name: str) -> Tensor | None:
         """The engine's tensor `name` on the generating rank; None on the other ranks."""
         if self.model is None:
             return None
@@ -138,7 +149,7 @@ class HFEngine(RolloutEngine):
         return self._params[name]
 
     @torch.no_grad()
-    def logits(self, tokens: Tensor) -> Optional[Tensor]:
+    def logits(self, tokens: Tensor) -> Tensor | None:
         """Full-vocabulary logits `[B, S, V]` (float32) of unpadded token rows; None off the generating rank."""
         if self.model is None:
             return None
@@ -146,7 +157,7 @@ class HFEngine(RolloutEngine):
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
-                 on_progress: Optional[Callable[[int], None]] = None) -> List[List[Generation]]:
+                 on_progress: Callable[[int], None] | None = None) -> list[list[Generation]]:
         """See `RolloutEngine.generate`; `on_progress` is called on the generating rank after each batch of
         at most `max_batch_size` rows."""
         check_params(params)
@@ -156,12 +167,12 @@ class HFEngine(RolloutEngine):
         return share_within_replica(result, self.groups)
 
     def _generate_all(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                      on_progress: Optional[Callable[[int], None]]) -> List[List[Generation]]:
+                      on_progress: Callable[[int], None] | None) -> list[list[Generation]]:
         if self._asleep:
             raise RuntimeError("hf engine: generate() while asleep; call wake() first")
         rows = [list(p) for p in prompts for _ in range(params.n)]
         step = self.max_batch_size or max(1, len(rows))
-        out: List[Generation] = []
+        out: list[Generation] = []
         with torch.random.fork_rng(devices=_rng_devices(self.device)):
             torch.manual_seed(sampling_seed(params.seed, self.groups.dp_rank))
             for lo in range(0, len(rows), step):
@@ -171,7 +182,7 @@ class HFEngine(RolloutEngine):
         return [out[i * params.n: (i + 1) * params.n] for i in range(len(prompts))]
 
     @torch.no_grad()
-    def _generate_batch(self, rows: List[List[int]], params: SamplingParams) -> List[Generation]:
+    def _generate_batch(self, rows: list[list[int]], params: SamplingParams) -> list[Generation]:
         stop_ids = list(params.stop_token_ids or self.eos_token_ids)
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
@@ -182,6 +193,7 @@ class HFEngine(RolloutEngine):
         from transformers import LogitsProcessorList
 
         keep = SampledLogprobs(width, params.temperature)
+        assert self.model is not None  # only the generating rank, which holds the model, generates
         sequences = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                         generation_config=self._generation_config(params, stop_ids),
                                         logits_processor=LogitsProcessorList([keep]))
@@ -189,7 +201,7 @@ class HFEngine(RolloutEngine):
         new = sequences[:, width:].cpu()
         return [finish(new[i].tolist(), logp[i].tolist(), stop_ids) for i in range(len(rows))]
 
-    def _generation_config(self, params: SamplingParams, stop_ids: List[int]):
+    def _generation_config(self, params: SamplingParams, stop_ids: list[int]):
         from transformers import GenerationConfig
 
         common = dict(max_new_tokens=params.max_new_tokens, min_new_tokens=0, eos_token_id=stop_ids,

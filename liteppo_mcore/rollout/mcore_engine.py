@@ -20,20 +20,25 @@ and from the last stage over PP; every rank of a replica returns the same genera
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
-
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from torch import Tensor
 
 from liteppo_mcore.models.forward import cp_split, seq_multiple
 from liteppo_mcore.models.logprob import vocab_parallel_logprob_entropy
 from liteppo_mcore.parallel.device import compute_device, make_generator
 from liteppo_mcore.parallel.mcore import ParallelGroups
-from liteppo_mcore.rollout.engine import (Generation, RolloutEngine, SamplingParams, WeightBucket, check_params,
-                                          sampling_seed)
+from liteppo_mcore.rollout.engine import (
+    Generation,
+    RolloutEngine,
+    SamplingParams,
+    WeightBucket,
+    check_params,
+    sampling_seed,
+)
 from liteppo_mcore.rollout.sampling import filtered_logits
 
 
@@ -61,7 +66,7 @@ class MCoreEngine(RolloutEngine):
         self.sequence_parallel = sequence_parallel
         self._device = compute_device()  # (not a parameter's: on later pipeline stages the first may be a norm)
 
-    def update_weights(self, buckets: Iterable[WeightBucket], weight_version: Optional[str] = None) -> None:
+    def update_weights(self, buckets: Iterable[WeightBucket], weight_version: str | None = None) -> None:
         """Nothing to load (the engine IS the actor); the buckets are drained so that ranks that were
         handed a stream still take part in its collectives."""
         for _ in buckets:
@@ -70,7 +75,7 @@ class MCoreEngine(RolloutEngine):
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
-                 on_progress: Optional[Callable[[int], None]] = None) -> List[List[Generation]]:
+                 on_progress: Callable[[int], None] | None = None) -> list[list[Generation]]:
         """See `RolloutEngine.generate`. All responses are decoded in one loop and returned together, with
         no progress reported: `on_progress` is never called."""
         check_params(params)
@@ -83,8 +88,8 @@ class MCoreEngine(RolloutEngine):
                              "Lower prompt_length / response_length.")
         stop_ids = set(params.stop_token_ids or self.eos_token_ids)
         seqs = [list(p) for p in prompts for _ in range(params.n)]
-        new_tokens: List[List[int]] = [[] for _ in seqs]
-        logprobs: List[List[float]] = [[] for _ in seqs]
+        new_tokens: list[list[int]] = [[] for _ in seqs]
+        logprobs: list[list[float]] = [[] for _ in seqs]
         done = [False] * len(seqs)
         generator = make_generator(self._device, sampling_seed(params.seed, self.groups.dp_rank))
         was_training = self.model.training
@@ -105,7 +110,7 @@ class MCoreEngine(RolloutEngine):
         gens = [Generation(new_tokens[i], logprobs[i], "stop" if done[i] else "length") for i in range(len(seqs))]
         return [gens[i * params.n: (i + 1) * params.n] for i in range(len(prompts))]
 
-    def _step(self, rows: List[List[int]], params: SamplingParams, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
+    def _step(self, rows: list[list[int]], params: SamplingParams, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """Next token and its log-prob for each row, identical on every rank of the replica."""
         g = self.groups
         b = len(rows)
@@ -121,9 +126,12 @@ class MCoreEngine(RolloutEngine):
             tokens, logp = chosen.cpu(), lp.float().cpu()
         # token ids are exact in float64; one tensor, one broadcast per group
         packed = torch.stack([tokens.double(), logp.double()], dim=1).to(self._device)
+        # a group of more than one rank is never None (see ParallelGroups)
         if g.tp_size > 1:  # same inputs and generator on every TP rank; broadcast anyway, it costs nothing
+            assert g.tp_group is not None
             dist.broadcast(packed, src=dist.get_global_rank(g.tp_group, 0), group=g.tp_group)
         if g.pp_size > 1:
+            assert g.pp_group is not None
             dist.broadcast(packed, src=dist.get_global_rank(g.pp_group, g.pp_size - 1), group=g.pp_group)
         packed = packed.cpu()
         return packed[:, 0].long(), packed[:, 1].float()
@@ -141,7 +149,7 @@ class MCoreEngine(RolloutEngine):
         multiple = seq_multiple(self.groups, self.sequence_parallel)
         return -(-longest // multiple) * multiple
 
-    def _last_logits(self, rows: List[List[int]]) -> Optional[Tensor]:
+    def _last_logits(self, rows: list[list[int]]) -> Tensor | None:
         """Each row's logits at its last position, `[b, V/TP]` in the model's dtype (last stage only)."""
         g = self.groups
         b, seq_len = len(rows), self._seq_len(max(len(r) for r in rows))

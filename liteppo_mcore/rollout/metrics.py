@@ -8,7 +8,7 @@ of the global batch; `check_weights_equal` finds a broken weight sync directly.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -24,7 +24,7 @@ class WeightSyncError(RuntimeError):
     """The engine's weights differ from the trainer's after a sync."""
 
 
-def _dp_sum(x: Tensor, groups: Optional[ParallelGroups], allreduce: Optional[AllReduce]) -> Tensor:
+def _dp_sum(x: Tensor, groups: ParallelGroups | None, allreduce: AllReduce | None) -> Tensor:
     if allreduce is not None:
         return allreduce(x)
     if groups is not None and groups.dp_size > 1:
@@ -35,7 +35,7 @@ def _dp_sum(x: Tensor, groups: Optional[ParallelGroups], allreduce: Optional[All
 
 
 def logprob_abs_diff(rollout_logp: Tensor, trainer_logp: Tensor, mask: Tensor, *,
-                     groups: Optional[ParallelGroups] = None, allreduce: Optional[AllReduce] = None) -> float:
+                     groups: ParallelGroups | None = None, allreduce: AllReduce | None = None) -> float:
     """Mean of |rollout - trainer| log-prob over every valid token of the GLOBAL batch.
 
     Each rank passes its DP share `[B, T]`; numerator and token count are summed over DP (the ranks of
@@ -64,7 +64,7 @@ def check_weights_equal(engine, exporter, *, atol: float = 0.0) -> int:
     if get_weight is None:
         raise WeightSyncError(f"rollout.check_weight_sync=true, but the {engine.name} engine cannot report its "
                               "weights (no get_weight). Set rollout.check_weight_sync: false for this engine.")
-    first: Optional[str] = None
+    first: str | None = None
     compared = 0
     for bucket in exporter.buckets():
         for name, want in bucket:
@@ -84,7 +84,7 @@ def check_weights_equal(engine, exporter, *, atol: float = 0.0) -> int:
     return compared
 
 
-def _raise_everywhere(problem: Optional[str], engine_name: str) -> None:
+def _raise_everywhere(problem: str | None, engine_name: str) -> None:
     """Raise on every rank when any rank found a problem (with the first rank's message)."""
     problems = [problem]
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -3,14 +3,20 @@ metrics about them (liteppo-semantics sections 1-3 and 6). Every statistic is gl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from liteppo_mcore.algo import (compute_advantages, global_moments, kl_estimate, mean_of_sequence_means,
-                                normalize_rewards, token_level_rewards)
+from liteppo_mcore.algo import (
+    compute_advantages,
+    global_moments,
+    kl_estimate,
+    mean_of_sequence_means,
+    normalize_rewards,
+    token_level_rewards,
+)
 from liteppo_mcore.algo.normalization import RunningMoments
 from liteppo_mcore.algo.stats import STAT_DTYPE
 from liteppo_mcore.config.schema import LitePPOConfig
@@ -25,9 +31,9 @@ class Rollout:
 
     batch: TrainBatch            # tokens, prompt_lens, response_lens (per-token tensors filled later)
     rollout_logp: Tensor         # [N, T] the engine's log-probs
-    finish_reasons: List[str]
-    response_texts: List[str]
-    answers: List[str]
+    finish_reasons: list[str]
+    response_texts: list[str]
+    answers: list[str]
 
     @property
     def mask(self) -> Tensor:
@@ -35,7 +41,7 @@ class Rollout:
         return torch.arange(t)[None, :] < self.batch.response_lens[:, None]
 
 
-def build_rollout(prompts: Sequence[Sequence[int]], answers: Sequence[str], generations: List[List[Generation]],
+def build_rollout(prompts: Sequence[Sequence[int]], answers: Sequence[str], generations: list[list[Generation]],
                   tokenizer) -> Rollout:
     """Pack prompt + response token ids, right-padded, in group order."""
     rows, prompt_lens, response_lens, logps, reasons, texts, row_answers = [], [], [], [], [], [], []
@@ -61,7 +67,7 @@ def build_rollout(prompts: Sequence[Sequence[int]], answers: Sequence[str], gene
     return Rollout(batch=batch, rollout_logp=logp, finish_reasons=reasons, response_texts=texts, answers=row_answers)
 
 
-def global_summary(x: Tensor, reducer: Reducer, prefix: str, mask: Optional[Tensor] = None) -> Dict[str, float]:
+def global_summary(x: Tensor, reducer: Reducer, prefix: str, mask: Tensor | None = None) -> dict[str, float]:
     """`{prefix}/mean, /std, /max, /min` of the valid entries of `x` over every DP rank."""
     moments = global_moments(x, mask, allreduce_sum=reducer.dp_sum)
     values = x.detach().to(STAT_DTYPE)
@@ -74,7 +80,7 @@ def global_summary(x: Tensor, reducer: Reducer, prefix: str, mask: Optional[Tens
             f"{prefix}/min": -neg_lo}
 
 
-def rollout_metrics(rollout: Rollout, reducer: Reducer) -> Dict[str, float]:
+def rollout_metrics(rollout: Rollout, reducer: Reducer) -> dict[str, float]:
     """`response_length/{mean,max,clip_ratio}` over every DP rank."""
     lens = rollout.batch.response_lens.to(STAT_DTYPE)
     clipped = torch.tensor([r == "length" for r in rollout.finish_reasons], dtype=STAT_DTYPE)
@@ -86,7 +92,7 @@ def rollout_metrics(rollout: Rollout, reducer: Reducer) -> Dict[str, float]:
 
 
 def normalized_rewards(scores: Tensor, cfg: LitePPOConfig, reducer: Reducer,
-                       running: Optional[RunningMoments]) -> Tensor:
+                       running: RunningMoments | None) -> Tensor:
     return normalize_rewards(scores, group_size=cfg.num_return_sequences_in_group, reward_norm=cfg.reward_norm,
                              div_std_global=cfg.div_std_global, reward_shift=cfg.reward_shift,
                              reward_scale=cfg.reward_scale, reward_clip=cfg.reward_clip, running=running,
@@ -94,13 +100,13 @@ def normalized_rewards(scores: Tensor, cfg: LitePPOConfig, reducer: Reducer,
 
 
 def advantages_and_returns(rollout: Rollout, normalized: Tensor, cfg: LitePPOConfig, reducer: Reducer, *,
-                           kl_coef: float, values: Optional[Tensor], full_kl: Optional[Tensor] = None
-                           ) -> Dict[str, float]:
+                           kl_coef: float, values: Tensor | None, full_kl: Tensor | None = None
+                           ) -> dict[str, float]:
     """Token rewards (with the token-level KL when configured), then advantages and returns written
     into `rollout.batch`; returns the `kl/*` and `adv/*` metrics. `full_kl` is the exact per-token KL
     (`kl_penalty: full`, computed from both models' logits); otherwise the estimator of `kl_penalty`."""
     batch, mask = rollout.batch, rollout.mask
-    metrics: Dict[str, float] = {}
+    metrics: dict[str, float] = {}
     kl = None
     if full_kl is not None:
         kl = torch.where(mask, full_kl, 0.0)

@@ -18,12 +18,14 @@ Pure logic: no torch, no megatron, no process groups.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any
 
 from liteppo_mcore.halt import EXIT_HALTED, TrainingHalted, step_ranges
 
-__all__ = ["BAD_STEP_KINDS", "EXIT_HALTED", "BadStepKind", "StepHealth", "TrainingHalted", "bad_step_kinds", "step_ranges"]
+__all__ = ["BAD_STEP_KINDS", "EXIT_HALTED", "BadStepKind", "StepHealth", "TrainingHalted", "bad_step_kinds",
+           "step_ranges"]
 
 # ---------------------------------------------------------------------------------------------------
 # The circuit breaker
@@ -51,11 +53,11 @@ ZERO_GRADIENT = BadStepKind(
     "zero_gradient", "the actor's gradient norm was 0",
     "all advantages are zero: every group has identical rewards; check the reward function and the reward "
     "normalization (reward_norm, num_return_sequences_in_group)")
-BAD_STEP_KINDS: Tuple[BadStepKind, ...] = (REWARDS_FAILED, ACTOR_UPDATES_SKIPPED, CRITIC_UPDATES_SKIPPED,
+BAD_STEP_KINDS: tuple[BadStepKind, ...] = (REWARDS_FAILED, ACTOR_UPDATES_SKIPPED, CRITIC_UPDATES_SKIPPED,
                                            ZERO_GRADIENT)
 
 
-def _metric(metrics: Mapping[str, float], key: str) -> Optional[float]:
+def _metric(metrics: Mapping[str, float], key: str) -> float | None:
     value = metrics.get(key)
     if value is None:
         return None
@@ -64,7 +66,7 @@ def _metric(metrics: Mapping[str, float], key: str) -> Optional[float]:
 
 
 def bad_step_kinds(metrics: Mapping[str, float], *, num_responses: int,
-                   updates_per_step: int) -> Tuple[BadStepKind, ...]:
+                   updates_per_step: int) -> tuple[BadStepKind, ...]:
     """The kinds of bad step `metrics` (one step's global metrics) shows, in `BAD_STEP_KINDS` order."""
     found = []
     errors = _metric(metrics, "reward/errors")
@@ -98,10 +100,10 @@ class StepHealth:
             raise ValueError(f"updates_per_step must be >= 1, got {updates_per_step}")
         self.limit = int(max_consecutive_bad_steps)
         self.updates_per_step = int(updates_per_step)
-        self._streak: List[Tuple[int, Tuple[BadStepKind, ...]]] = []
+        self._streak: list[tuple[int, tuple[BadStepKind, ...]]] = []
 
     @classmethod
-    def from_config(cls, cfg) -> "StepHealth":
+    def from_config(cls, cfg) -> StepHealth:
         updates = cfg.ppo_epochs * (cfg.num_responses_per_step // cfg.train.mini_batch_size)
         return cls(cfg.train.max_consecutive_bad_steps, updates_per_step=max(1, updates))
 
@@ -124,7 +126,7 @@ class StepHealth:
             self._streak.clear()
             raise TrainingHalted(message, step=int(step))
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """The current streak (checkpointed, so that a resume continues counting)."""
         return {"streak": [[step, [kind.key for kind in kinds]] for step, kinds in self._streak]}
 
@@ -134,7 +136,7 @@ class StepHealth:
 
     def _message(self) -> str:
         steps = [s for s, _ in self._streak]
-        by_kind: Dict[str, List[int]] = {}
+        by_kind: dict[str, list[int]] = {}
         for s, kinds in self._streak:
             for kind in kinds:
                 by_kind.setdefault(kind.key, []).append(s)

@@ -8,12 +8,13 @@ Every rank runs this same loop (SPMD); actor, critic and reference live on every
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch
 
@@ -31,21 +32,27 @@ from liteppo_mcore.models.shapes import HF_ARCHITECTURES
 from liteppo_mcore.parallel.device import on_gpu
 from liteppo_mcore.parallel.mcore import destroy_model_parallel, initialize_model_parallel
 from liteppo_mcore.parallel.reducer import Reducer, make_allreduce_max
+from liteppo_mcore.parallel.stage import set_stage, set_step, stage
 from liteppo_mcore.rewards import RewardBatchCancelled, build_reward_runner
 from liteppo_mcore.rollout import build_engine, sampling_params_from_config
 from liteppo_mcore.rollout.engine import SamplingParams
 from liteppo_mcore.rollout.exporter import WeightExporter
-from liteppo_mcore.rollout.metrics import (PROBE_PROMPTS, PROBE_TOKENS, check_probe_logprobs, check_weights_equal,
-                                          logprob_abs_diff, probe_tolerance)
-from liteppo_mcore.update import ModelUpdater, gather_over_dp
-from liteppo_mcore.update.offload import module_on_device, move_module, offload_enabled
+from liteppo_mcore.rollout.metrics import (
+    PROBE_PROMPTS,
+    PROBE_TOKENS,
+    check_probe_logprobs,
+    check_weights_equal,
+    logprob_abs_diff,
+    probe_tolerance,
+)
 from liteppo_mcore.trainer import experience
 from liteppo_mcore.trainer.health import StepHealth
-from liteppo_mcore.utils.flops import mfu, train_flops
+from liteppo_mcore.update import ModelUpdater, gather_over_dp
+from liteppo_mcore.update.offload import module_on_device, move_module, offload_enabled
 from liteppo_mcore.utils.console import is_main_rank, print0, progress, run_summary, step_line
-from liteppo_mcore.utils.sinks import SAMPLES_FILE, MetricsWriter, plot_metrics
-from liteppo_mcore.parallel.stage import set_stage, set_step, stage
+from liteppo_mcore.utils.flops import mfu, train_flops
 from liteppo_mcore.utils.seeds import mix_seed
+from liteppo_mcore.utils.sinks import SAMPLES_FILE, MetricsWriter, plot_metrics
 from liteppo_mcore.utils.timers import PhaseTimer
 
 
@@ -53,10 +60,10 @@ from liteppo_mcore.utils.timers import PhaseTimer
 class StepResult:
     """What one training step hands on to the loop that logs it."""
 
-    metrics: Dict[str, float]
-    work: Tuple[float, float] = (0.0, 0.0)
+    metrics: dict[str, float]
+    work: tuple[float, float] = (0.0, 0.0)
     """(tokens, model FLOPs) of the step over all DP ranks, for perf/*."""
-    samples: List[Dict[str, Any]] = field(default_factory=list)
+    samples: list[dict[str, Any]] = field(default_factory=list)
     """A few completions for samples.jsonl (rank 0, on logging steps; each row has its step)."""
 
 
@@ -64,9 +71,9 @@ class StepResult:
 class ForwardPasses:
     """What the forward-only passes give beside the log-probs they write into the rollout's batch."""
 
-    values: Optional[torch.Tensor] = None
+    values: torch.Tensor | None = None
     """[N, T] the critic's values (gae)."""
-    full_kl: Optional[torch.Tensor] = None
+    full_kl: torch.Tensor | None = None
     """[N, T] the exact KL(old || reference) per token (kl_penalty: full)."""
 
 
@@ -157,17 +164,8 @@ class Trainer:
                     self.step == cfg.max_steps or (cfg.eval.interval and self.step % cfg.eval.interval == 0)):
                 with stage("eval"):
                     metrics.update(self.evaluate())
-
-            def log(checkpoint_s: Optional[float] = None) -> None:
-                if checkpoint_s is not None:
-                    metrics["time/checkpoint"] = checkpoint_s
-                step_s = time.perf_counter() - t0
-                metrics.update(self._perf(step_s, result.work))
-                self.sinks.write(self.step, metrics)
-                if self.step % cfg.logging.log_interval == 0 or self.step == cfg.max_steps:
-                    per_step = (time.perf_counter() - start) / (self.step - first)
-                    print0(step_line(self.step, cfg.max_steps, metrics, step_s, per_step * (cfg.max_steps - self.step)))
-
+            log = functools.partial(self._log_step, metrics, result.work, step_start=t0, run_start=start,
+                                    first_step=first)
             if stopping or self.checkpointer.should_save(self.step):
                 with stage("checkpoint"):
                     self.checkpointer.save(self.step, before_final=log)  # the row is written before `latest` moves
@@ -181,8 +179,22 @@ class Trainer:
             plot_metrics(self.sinks.path, os.path.join(self.run_dir, "reward_accuracy.png"))
         if first < cfg.max_steps:
             self.sinks.flush()
-            print0(run_summary(self.run_dir, self.sinks.path, steps=self.step - first, seconds=time.perf_counter() - start,
-                               last_checkpoint=self.checkpointer.last_saved_step))
+            print0(run_summary(self.run_dir, self.sinks.path, steps=self.step - first,
+                               seconds=time.perf_counter() - start, last_checkpoint=self.checkpointer.last_saved_step))
+
+    def _log_step(self, metrics: dict[str, float], work: tuple[float, float], checkpoint_s: float | None = None, *,
+                  step_start: float, run_start: float, first_step: int) -> None:
+        """Write the row of the step just taken (with its time, and the checkpoint's when it saved) and, on
+        logging steps, its console line."""
+        cfg = self.cfg
+        if checkpoint_s is not None:
+            metrics["time/checkpoint"] = checkpoint_s
+        step_s = time.perf_counter() - step_start
+        metrics.update(self._perf(step_s, work))
+        self.sinks.write(self.step, metrics)
+        if self.step % cfg.logging.log_interval == 0 or self.step == cfg.max_steps:
+            per_step = (time.perf_counter() - run_start) / (self.step - first_step)
+            print0(step_line(self.step, cfg.max_steps, metrics, step_s, per_step * (cfg.max_steps - self.step)))
 
     def _stop(self, when: str) -> None:
         """End the run for a signal: the last completed step is checkpointed (saved now if it was not)."""
@@ -204,7 +216,7 @@ class Trainer:
         tokens, flops = self.reducer.dp_sum(torch.tensor([float(sum(lens)), flops], dtype=torch.float64)).tolist()
         return tokens, flops
 
-    def _perf(self, step_s: float, work: Tuple[float, float]) -> Dict[str, float]:
+    def _perf(self, step_s: float, work: tuple[float, float]) -> dict[str, float]:
         tokens, flops = work
         out = {"perf/step_s": step_s, "perf/tokens_per_s": tokens / step_s}
         peak = self.cfg.logging.peak_tflops
@@ -242,7 +254,7 @@ class Trainer:
             self.checkpointer.close()
 
     # ------------------------------------------------------------------ one step
-    def train_step(self, step: int) -> Optional[StepResult]:
+    def train_step(self, step: int) -> StepResult | None:
         """Take step `step` (1-based: the steps completed so far + 1); None when a signal came before the
         update (nothing changed but the data position and RNG, which the caller restores). The caller
         moves the step counter."""
@@ -256,11 +268,13 @@ class Trainer:
         scores, metrics = scored
         with stage("normalization"):
             normalized = experience.normalized_rewards(scores, cfg, self.reducer, self.running_moments)
-            metrics["reward/normalized_mean"] = float(global_moments(normalized, allreduce_sum=self.reducer.dp_sum).mean)
+            moments = global_moments(normalized, allreduce_sum=self.reducer.dp_sum)
+            metrics["reward/normalized_mean"] = float(moments.mean)
         passes = self.log_probs_and_values(rollout, timer)
         with stage("advantages"):
-            metrics.update(experience.advantages_and_returns(rollout, normalized, cfg, self.reducer, kl_coef=self.kl_ctl.value,
-                                                    values=passes.values, full_kl=passes.full_kl))
+            metrics.update(experience.advantages_and_returns(rollout, normalized, cfg, self.reducer,
+                                                             kl_coef=self.kl_ctl.value, values=passes.values,
+                                                             full_kl=passes.full_kl))
         with stage("metrics"):
             metrics.update(experience.rollout_metrics(rollout, self.reducer))
         with timer("train"):
@@ -334,9 +348,9 @@ class Trainer:
                 passes.values = forward_per_token(self.models.critic, seqs, self.groups, kind="critic", **kw)["values"]
         return passes
 
-    def update(self, rollout: experience.Rollout, step: int) -> Dict[str, float]:
+    def update(self, rollout: experience.Rollout, step: int) -> dict[str, float]:
         """The actor's (and critic's) update of step `step` from the step's whole batch."""
-        metrics: Dict[str, float] = {}
+        metrics: dict[str, float] = {}
         if rollout.batch.old_logp is not None:
             metrics["rollout/logprob_abs_diff"] = logprob_abs_diff(rollout.rollout_logp, rollout.batch.old_logp,
                                                                    rollout.mask, allreduce=self.reducer.dp_sum)
@@ -388,7 +402,7 @@ class Trainer:
             models["reference"] = self.models.reference  # random initial weights: cannot be rebuilt
         return models, optimizers
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """The trainer's own state (plain data, the same on every rank)."""
         return {"step": self.step, "kl_ctl": self.kl_ctl.state_dict(), "sampler": self.sampler.state_dict(),
                 "running": self.running_moments.state_dict() if self.running_moments is not None else None,
@@ -396,7 +410,7 @@ class Trainer:
                                 "critic": self.critic.num_updates if self.critic is not None else 0},
                 "health": self.health.state_dict()}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.sampler.load_state_dict(state["sampler"])
@@ -427,12 +441,15 @@ class Trainer:
     def _eval_enabled(self) -> bool:
         return self.cfg.eval.enabled and self.eval_set is not None and len(self.eval_set) > 0
 
-    def evaluate(self) -> Dict[str, float]:
+    def evaluate(self) -> dict[str, float]:
         """Greedy pass@1 (`eval/accuracy`: the share of held-out prompts whose reward is 1) and, with
         `eval.num_samples = k > 1`, sampled `eval/pass@k`."""
         cfg, ev = self.cfg, self.cfg.eval
-        count = len(self.eval_set) if ev.max_prompts is None else min(ev.max_prompts, len(self.eval_set))
-        samples = shard_for_rank(self.eval_set.select(range(count - count % self.groups.dp_size)),
+        eval_set = self.eval_set
+        if eval_set is None:  # the loop calls this only when _eval_enabled()
+            raise RuntimeError("evaluate() needs held-out prompts: set data.eval_path or data.builtin_task")
+        count = len(eval_set) if ev.max_prompts is None else min(ev.max_prompts, len(eval_set))
+        samples = shard_for_rank(eval_set.select(range(count - count % self.groups.dp_size)),
                                  self.groups.dp_rank, self.groups.dp_size)
         prompts, answers = [s.prompt_ids for s in samples], [s.answer for s in samples]
         self.engine.wake()
@@ -442,7 +459,8 @@ class Trainer:
         metrics = {}
         for k, params in runs:
             generations = self.engine.generate(prompts, params)
-            texts = [self.tokenizer.decode(g.token_ids, skip_special_tokens=True) for group in generations for g in group]
+            texts = [self.tokenizer.decode(g.token_ids, skip_special_tokens=True)
+                     for group in generations for g in group]
             scores, _ = self.rewards(texts, [a for a in answers for _ in range(k)])
             solved = torch.tensor(scores, dtype=torch.float64).reshape(-1, k) >= 1.0 - 1e-9
             hits = self.reducer.dp_sum(torch.tensor([float(solved.any(dim=1).sum()), float(len(prompts))]))
@@ -454,7 +472,7 @@ class Trainer:
     def _sampling(self, *, n: int, seed: int, greedy: bool = False) -> SamplingParams:
         return sampling_params_from_config(self.cfg, greedy=greedy, n=n, seed=seed, stop_token_ids=self.eos_ids)
 
-    def _samples(self, step: int, rollout: experience.Rollout, scores: torch.Tensor) -> List[Dict[str, Any]]:
+    def _samples(self, step: int, rollout: experience.Rollout, scores: torch.Tensor) -> list[dict[str, Any]]:
         """`logging.num_sample_completions` rows of step `step` for samples.jsonl: on rank 0 and on the
         steps the console logs (every `logging.log_interval` and the last), else none."""
         k = self.cfg.logging.num_sample_completions
@@ -467,7 +485,7 @@ class Trainer:
                 for prompt, text, answer, score in zip(prompts, rollout.response_texts[:k], rollout.answers[:k],
                                                        scores[:k].tolist())]
 
-    def _write_samples(self, rows: List[Dict[str, Any]]) -> None:
+    def _write_samples(self, rows: list[dict[str, Any]]) -> None:
         if not rows:
             return
         with open(os.path.join(self.run_dir, SAMPLES_FILE), "a", encoding="utf-8") as f:

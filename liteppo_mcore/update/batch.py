@@ -13,15 +13,14 @@ splits them over CP exactly like the tokens.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
-from typing import Dict, Iterator, List, Optional
 
 import torch
 from torch import Tensor
 
-from liteppo_mcore.models.forward import (SequenceBatch, cp_split, shifted_labels_and_mask,
-                                          to_sequence_coords)
-from liteppo_mcore.models.microbatch import MicroPlan, plan_micro_batches
+from liteppo_mcore.models.forward import SequenceBatch, cp_split, shifted_labels_and_mask, to_sequence_coords
+from liteppo_mcore.models.microbatch import MicroPlan
 from liteppo_mcore.parallel.mcore import ParallelGroups
 from liteppo_mcore.parallel.reducer import all_gather_padded
 from liteppo_mcore.utils.seeds import mix_seed
@@ -42,24 +41,24 @@ class TrainBatch:
     tokens: Tensor
     prompt_lens: Tensor
     response_lens: Tensor
-    advantages: Optional[Tensor] = None
-    old_logp: Optional[Tensor] = None
-    ref_logp: Optional[Tensor] = None
-    returns: Optional[Tensor] = None
-    old_values: Optional[Tensor] = None
-    rollout_logp: Optional[Tensor] = None  # the engine's; only for the train-vs-rollout mismatch metric
+    advantages: Tensor | None = None
+    old_logp: Tensor | None = None
+    ref_logp: Tensor | None = None
+    returns: Tensor | None = None
+    old_values: Tensor | None = None
+    rollout_logp: Tensor | None = None  # the engine's; only for the train-vs-rollout mismatch metric
 
     @property
     def size(self) -> int:
         return int(self.tokens.shape[0])
 
-    def per_token(self) -> Dict[str, Tensor]:
+    def per_token(self) -> dict[str, Tensor]:
         return {k: getattr(self, k) for k in PER_TOKEN_KEYS if getattr(self, k) is not None}
 
     def sequences(self) -> SequenceBatch:
         return SequenceBatch(self.tokens, self.prompt_lens, self.response_lens)
 
-    def select(self, rows: Tensor) -> "TrainBatch":
+    def select(self, rows: Tensor) -> TrainBatch:
         """The responses `rows` (in that order), trimmed to their own longest sequence/response."""
         rows = rows.long()
         if rows.numel() == 0:
@@ -110,7 +109,7 @@ def gather_over_dp(local: TrainBatch, groups: ParallelGroups) -> TrainBatch:
     return TrainBatch(**out)
 
 
-def minibatch_indices(num_responses: int, mini_batch_size: int, *, seed: int, step: int, epoch: int) -> List[Tensor]:
+def minibatch_indices(num_responses: int, mini_batch_size: int, *, seed: int, step: int, epoch: int) -> list[Tensor]:
     """The mini-batches of one epoch: slices of a permutation drawn from (seed, step, epoch)."""
     if num_responses % mini_batch_size:
         raise ValueError(f"train.mini_batch_size={mini_batch_size} must divide the step's {num_responses} responses")
@@ -139,8 +138,8 @@ def _pad_rows(batch: TrainBatch, rows: int) -> TrainBatch:
     return replace(batch, **out)
 
 
-def micro_batches(rank_minibatch: TrainBatch, plans: List[MicroPlan], groups: ParallelGroups,
-                  device: torch.device) -> Iterator[Dict[str, Tensor]]:
+def micro_batches(rank_minibatch: TrainBatch, plans: list[MicroPlan], groups: ParallelGroups,
+                  device: torch.device) -> Iterator[dict[str, Tensor]]:
     """Model inputs and per-position targets of each micro-batch of this DP rank's share of a mini-batch
     (`plans` from plan_micro_batches), this CP rank's part, on `device`.
 

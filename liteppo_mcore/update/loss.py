@@ -15,7 +15,6 @@ never averages of rank averages. `ratio_max` is a maximum.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -39,16 +38,16 @@ class LossSettings:
     agg_mode: str
     response_length: int
     pg_clip: float
-    dual_clip_ratio: Optional[float]
+    dual_clip_ratio: float | None
     use_kl_loss: bool
     kl_loss_coef: float
     kl_loss_type: str
     entropy_coef: float
-    value_clip: Optional[float]
+    value_clip: float | None
     temperature: float
 
     @classmethod
-    def from_config(cls, cfg: LitePPOConfig) -> "LossSettings":
+    def from_config(cls, cfg: LitePPOConfig) -> LossSettings:
         return cls(agg_mode=cfg.effective_loss_agg_mode, response_length=cfg.response_length,
                    pg_clip=cfg.pg_clip, dual_clip_ratio=cfg.dual_clip_ratio if cfg.dual_clip_loss else None,
                    use_kl_loss=cfg.use_kl_loss, kl_loss_coef=cfg.kl_loss_coef, kl_loss_type=cfg.kl_loss_type,
@@ -63,18 +62,18 @@ class Denominators:
     num_seqs: Tensor
 
 
-def _agg(x: Tensor, micro_batch: Dict[str, Tensor], settings: LossSettings, counts: Denominators) -> Tensor:
+def _agg(x: Tensor, micro_batch: dict[str, Tensor], settings: LossSettings, counts: Denominators) -> Tensor:
     return aggregate(x, micro_batch["mask"], mode=settings.agg_mode, num_tokens=counts.num_tokens,
                      num_seqs=counts.num_seqs, response_length=settings.response_length,
                      seq_token_counts=micro_batch["seq_token_counts"])
 
 
-def _sums(names: Tuple[str, ...], values: Dict[str, Tensor]) -> Tensor:
+def _sums(names: tuple[str, ...], values: dict[str, Tensor]) -> Tensor:
     return torch.stack([values[k].detach().to(STAT_DTYPE).reshape(()) for k in names])
 
 
-def actor_loss(output: Tensor, micro_batch: Dict[str, Tensor], settings: LossSettings, counts: Denominators,
-               groups: ParallelGroups, vocab_size: int) -> Tuple[Tensor, Dict[str, Tensor]]:
+def actor_loss(output: Tensor, micro_batch: dict[str, Tensor], settings: LossSettings, counts: Denominators,
+               groups: ParallelGroups, vocab_size: int) -> tuple[Tensor, dict[str, Tensor]]:
     """Policy loss (+ KL loss, - entropy bonus) share of one micro-batch from the actor's logits
     `[b, S/cp, V/tp]`. `counts`: the mini-batch's global token and sequence counts the aggregation
     divides by. Returns the loss to back-propagate and {"sums": [ACTOR_SUMS], "ratio_max"}."""
@@ -83,6 +82,7 @@ def actor_loss(output: Tensor, micro_batch: Dict[str, Tensor], settings: LossSet
         output, micro_batch["labels"], mask, tp_group=groups.tp_group, temperature=settings.temperature,
         vocab_start=groups.tp_rank * output.shape[-1], vocab_size=vocab_size, compute_entropy=True,
         entropy_grad=settings.entropy_coef != 0.0)
+    assert entropy is not None  # compute_entropy=True
     # One optimizer update per step: the update's own detached log-probs are old_logp (ratio 1).
     old_logp = micro_batch["old_logp"] if "old_logp" in micro_batch else logp.detach()
     pg, pg_stats = policy_loss(logp, old_logp, micro_batch["advantages"], mask, clip=settings.pg_clip,
@@ -105,8 +105,8 @@ def actor_loss(output: Tensor, micro_batch: Dict[str, Tensor], settings: LossSet
     return loss, {"sums": sums, "ratio_max": pg_stats["ratio_max"].reshape(1)}
 
 
-def critic_loss(output: Tensor, micro_batch: Dict[str, Tensor], settings: LossSettings, counts: Denominators
-                ) -> Tuple[Tensor, Dict[str, Tensor]]:
+def critic_loss(output: Tensor, micro_batch: dict[str, Tensor], settings: LossSettings, counts: Denominators
+                ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped value loss `0.5 * Agg(e)` share of one micro-batch from the critic's `[b, S/cp, 1]`."""
     mask = micro_batch["mask"]
     values = torch.where(mask, output.squeeze(-1).float(), 0.0)

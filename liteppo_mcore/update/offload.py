@@ -4,7 +4,8 @@ During rollout the engine wants the GPU memory; during training the engine sleep
 the GPU without touching megatron's DDP buffers (whose parameters are views into one flat buffer):
 the optimizer states (the Adam moments: 8 bytes per parameter, the largest part after the master
 weights) of the actor and the critic, and the whole frozen reference model. Master weights stay: in
-some layouts megatron makes them views of the model's own buffers. They go to pinned CPU memory and come back before use.
+some layouts megatron makes them views of the model's own buffers. They go to pinned CPU memory and
+come back before use.
 
 Copies to the host go straight into pinned buffers (`torch.empty(..., pin_memory=True)` then a
 non-blocking `copy_`), never through pageable memory first; one synchronisation after the last copy
@@ -15,7 +16,8 @@ everything already lives on the CPU and these calls do nothing.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 

@@ -10,15 +10,15 @@ weights are still finite (the caller agrees on it over all ranks, see `update.py
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
-from torch import Tensor
-
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor
 
 from liteppo_mcore.config.schema import LitePPOConfig
 
@@ -41,7 +41,7 @@ class OptimSettings:
     use_distributed_optimizer: bool
 
     @classmethod
-    def from_config(cls, cfg: LitePPOConfig, kind: str) -> "OptimSettings":
+    def from_config(cls, cfg: LitePPOConfig, kind: str) -> OptimSettings:
         t = cfg.train
         lr, wd = (cfg.critic.lr, cfg.critic.weight_decay) if kind == "critic" else (t.lr, t.weight_decay)
         updates_per_step = cfg.ppo_epochs * (cfg.num_responses_per_step // t.mini_batch_size)
@@ -70,9 +70,9 @@ def _finalize_summed_grads(model, num_tokens=None, **kwargs) -> None:
     finalize_model_grads(model, None, **kwargs)
 
 
-def wrap_for_training(model: torch.nn.Module, s: OptimSettings) -> Tuple[DistributedDataParallel, object]:
+def wrap_for_training(model: torch.nn.Module, s: OptimSettings) -> tuple[DistributedDataParallel, MegatronOptimizer]:
     """megatron DDP around `model` and a megatron optimizer over it."""
-    config = model.config
+    config: TransformerConfig = model.config  # a megatron module's
     if not config.calculate_per_token_loss:
         raise RuntimeError("models for training must be built with calculate_per_token_loss=True (models/gpt.py)")
     ddp_config = DistributedDataParallelConfig(
@@ -96,7 +96,7 @@ def set_learning_rate(optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def guarded_step(optimizer, clip_grad: float, loss_is_finite: bool) -> Tuple[bool, float, Optional[str]]:
+def guarded_step(optimizer, clip_grad: float, loss_is_finite: bool) -> tuple[bool, float, str | None]:
     """Clip and apply the gradients unless the loss or the gradient norm is not finite.
 
     Returns (applied, grad_norm before clipping, reason when skipped). Every rank reaches the same
@@ -116,10 +116,10 @@ def guarded_step(optimizer, clip_grad: float, loss_is_finite: bool) -> Tuple[boo
     return bool(optimizer.step_with_ready_grads()), grad_norm, None
 
 
-def group_by_dtype(tensors: Iterable[Tensor]) -> List[List[Tensor]]:
+def group_by_dtype(tensors: Iterable[Tensor]) -> list[list[Tensor]]:
     """The non-empty `tensors` in one list per dtype: the fused (foreach) kernels take one dtype per call
     (and an infinity norm has no value for an empty tensor)."""
-    groups: Dict[torch.dtype, List[Tensor]] = {}
+    groups: dict[torch.dtype, list[Tensor]] = {}
     for t in tensors:
         if t.numel():
             groups.setdefault(t.dtype, []).append(t)
@@ -127,7 +127,7 @@ def group_by_dtype(tensors: Iterable[Tensor]) -> List[List[Tensor]]:
 
 
 @torch.no_grad()
-def count_nonfinite(groups: List[List[Tensor]]) -> Tensor:
+def count_nonfinite(groups: list[list[Tensor]]) -> Tensor:
     """How many of the tensors hold a NaN or an infinity: a 0-dim int64 tensor on their device, computed
     without a host synchronisation (one fused max-abs reduction per dtype, then one comparison).
 

@@ -25,28 +25,32 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Dict, List
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
-
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from torch import Tensor
 
 from liteppo_mcore.algo.stats import STAT_DTYPE
 from liteppo_mcore.config.schema import LitePPOConfig
+from liteppo_mcore.halt import NonFiniteParameter, nonfinite_weights_error
 from liteppo_mcore.models.forward import seq_multiple
+from liteppo_mcore.models.microbatch import plan_micro_batches
 from liteppo_mcore.parallel.device import compute_device
 from liteppo_mcore.parallel.mcore import ParallelGroups
 from liteppo_mcore.parallel.reducer import Reducer, make_allreduce_max, make_allreduce_sum
-from liteppo_mcore.update.batch import (TrainBatch, micro_batches, minibatch_indices, plan_micro_batches,
-                                       rank_share)
-from liteppo_mcore.update.loss import (ACTOR_SUMS, CRITIC_SUMS, Denominators, LossSettings, actor_loss,
-                                      critic_loss)
+from liteppo_mcore.update.batch import TrainBatch, micro_batches, minibatch_indices, rank_share
+from liteppo_mcore.update.loss import ACTOR_SUMS, CRITIC_SUMS, Denominators, LossSettings, actor_loss, critic_loss
 from liteppo_mcore.update.offload import offload_enabled, optimizer_state_on_device
-from liteppo_mcore.update.optim import (OptimSettings, count_nonfinite, group_by_dtype, guarded_step, learning_rate,
-                                       set_learning_rate, wrap_for_training)
-from liteppo_mcore.halt import NonFiniteParameter, nonfinite_weights_error
+from liteppo_mcore.update.optim import (
+    OptimSettings,
+    count_nonfinite,
+    group_by_dtype,
+    guarded_step,
+    learning_rate,
+    set_learning_rate,
+    wrap_for_training,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +61,10 @@ class _StepTotals:
 
     sums: Tensor
     ratio_max: float = 0.0
-    grad_norms: List[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
     lr: float = 0.0
     num_minibatches: int = 0
-    skipped: List[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
     has_rollout_logp: bool = False
 
 
@@ -86,7 +90,7 @@ class ModelUpdater:
         self._world_sum = make_allreduce_sum(dist.group.WORLD if dist.is_initialized() else None)
 
     # ------------------------------------------------------------------ the update
-    def update(self, batch: TrainBatch, step: int) -> Dict[str, float]:
+    def update(self, batch: TrainBatch, step: int) -> dict[str, float]:
         """`ppo_epochs` passes over the step's whole batch (the same on every rank: see gather_over_dp).
 
         `step` is the trainer's 0-based step counter (the step is logged as step + 1). Raises
@@ -126,7 +130,8 @@ class ModelUpdater:
         denominators = self._denominators(rank_minibatch)
         plans = plan_micro_batches(rank_minibatch.prompt_lens + rank_minibatch.response_lens,
                                    micro_batch_size=t.micro_batch_size, max_tokens=t.max_tokens_per_micro_batch,
-                                   pipeline=g.pp_size > 1, multiple=seq_multiple(g, self.cfg.parallel.sequence_parallel))
+                                   pipeline=g.pp_size > 1,
+                                   multiple=seq_multiple(g, self.cfg.parallel.sequence_parallel))
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         data = micro_batches(rank_minibatch, plans, g, compute_device())
@@ -187,7 +192,7 @@ class ModelUpdater:
 
         return output, loss_func
 
-    def _reduce(self, store: List[Dict[str, Tensor]]) -> tuple[Tensor, float]:
+    def _reduce(self, store: list[dict[str, Tensor]]) -> tuple[Tensor, float]:
         """Sum the micro-batches' metric sums (held by the last stage) over PP, then DP x CP."""
         sums = torch.zeros(len(self._sum_names), dtype=STAT_DTYPE)
         ratio_max = torch.zeros(1, dtype=STAT_DTYPE)
@@ -201,7 +206,7 @@ class ModelUpdater:
         return sums, float(ratio_max)
 
     # ------------------------------------------------------------------ metrics
-    def _metrics(self, totals: _StepTotals) -> Dict[str, float]:
+    def _metrics(self, totals: _StepTotals) -> dict[str, float]:
         s = dict(zip(self._sum_names, totals.sums.tolist()))
         applied = max(1, len(totals.grad_norms))
         tokens = max(1.0, s["num_tokens"])

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Callable, List, Optional, Tuple
+from collections.abc import Callable
+from typing import Any
 
 
 def time_calls(fn: Callable[[], Any], device, warmup: int, repeats: int, *,
-               before: Optional[Callable[[], None]] = None) -> Tuple[List[float], Any]:
+               before: Callable[[], None] | None = None) -> tuple[list[float], Any]:
     """(seconds of each timed call, the last call's return value). `before` runs untimed before each
     timed call (e.g. a barrier)."""
     import torch
@@ -27,7 +28,7 @@ def time_calls(fn: Callable[[], Any], device, warmup: int, repeats: int, *,
     out = None
     for _ in range(warmup):
         out = fn()
-    times: List[float] = []
+    times: list[float] = []
     events = device.type == "cuda" and torch.cuda.is_available()  # not under the strict mode on a CPU
     for _ in range(repeats):
         if before is not None:
@@ -49,11 +50,12 @@ def time_calls(fn: Callable[[], Any], device, warmup: int, repeats: int, *,
     return times, out
 
 
-def max_over_ranks(values: List[float], group=None) -> List[float]:
+def max_over_ranks(values: list[float], group=None) -> list[float]:
     """Element-wise maximum over the ranks of `group` (default: all), sent on the device the group's
     collectives take (CUDA for NCCL, the CPU for gloo)."""
     import torch
     import torch.distributed as dist
+
     from liteppo_mcore.parallel.device import collective_device
 
     box = torch.tensor(values, dtype=torch.float64, device=collective_device(group))
@@ -67,6 +69,7 @@ STRICT_ENV = "LITEPPO_STRICT_DEVICE"
 def check_cuda_or_strict() -> None:
     """`--device cuda` needs a GPU, or the strict virtual-device mode for a functional run."""
     import torch
+
     from liteppo_mcore.parallel import strict_device
 
     if not torch.cuda.is_available() and not strict_device.requested():
@@ -77,6 +80,7 @@ def check_cuda_or_strict() -> None:
 def strict_virtual() -> bool:
     """Whether 'cuda' is the strict mode's virtual device (no real GPU): times are CPU times."""
     import torch
+
     from liteppo_mcore.parallel import strict_device
 
     return not torch.cuda.is_available() and strict_device.requested()
@@ -94,7 +98,7 @@ def bench_device(args):
     return torch.device("cpu")
 
 
-def device_name(device) -> Optional[str]:
+def device_name(device) -> str | None:
     """The GPU's name, the strict mode's virtual device, or None on the CPU."""
     import torch
 
@@ -114,7 +118,7 @@ def print_args(args) -> bool:
     return True
 
 
-def emit(result: dict, out_path: Optional[str], print_table: Callable[[dict], None]) -> None:
+def emit(result: dict, out_path: str | None, print_table: Callable[[dict], None]) -> None:
     """Write the JSON (when asked), then print the table last."""
     if out_path:
         with open(out_path, "w") as f:
@@ -137,7 +141,7 @@ def add_common_args(parser, sizes) -> None:
                              "--dry-run checks a GPU run's arguments with it on any machine)")
 
 
-def resolve_common_args(args, *, warmup: Tuple[int, int], repeats: Tuple[int, int]) -> bool:
+def resolve_common_args(args, *, warmup: tuple[int, int], repeats: tuple[int, int]) -> bool:
     """Fill the device-dependent defaults (`warmup`/`repeats` as (gpu, cpu)); returns whether on a GPU.
     `--device cpu` hides the GPUs (and turns the strict virtual-device mode off) before anything asks
     torch about CUDA; `--device cuda` without CUDA needs the strict mode (module doc)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-from typing import Dict, Optional
 
 import torch.distributed as dist
 
@@ -29,7 +28,7 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
-def step_line(step: int, max_steps: int, metrics: Dict[str, float], step_s: float, eta_s: float) -> str:
+def step_line(step: int, max_steps: int, metrics: dict[str, float], step_s: float, eta_s: float) -> str:
     """`step 12/500 | reward 0.41 | kl 0.002 | clipfrac 0.08 | len 812 | 41 s/step | eta 3h02m`."""
     parts = [f"step {step}/{max_steps}"]
     for label, key, fmt in (("reward", "reward/mean", ".3f"), ("kl", "kl/mean", ".4f"),
@@ -42,7 +41,7 @@ def step_line(step: int, max_steps: int, metrics: Dict[str, float], step_s: floa
     return " | ".join(parts)
 
 
-def progress(total: int, desc: str, enabled: Optional[bool] = None):
+def progress(total: int, desc: str, enabled: bool | None = None):
     """A tqdm bar on rank 0 when stderr is a terminal (a no-op elsewhere)."""
     from tqdm import tqdm
 
@@ -52,7 +51,7 @@ def progress(total: int, desc: str, enabled: Optional[bool] = None):
 
 
 def run_summary(run_dir: str, metrics_path: str, *, steps: int, seconds: float,
-                last_checkpoint: Optional[int]) -> str:
+                last_checkpoint: int | None) -> str:
     """What a finished run prints: steps and time, held-out accuracy first -> last (best), where the
     outputs are, and the command that exports the last checkpoint to Hugging Face."""
     from liteppo_mcore.utils.sinks import read_metrics

@@ -24,7 +24,8 @@ the trainer's metrics and the tests can use it anywhere.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Optional
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # only for the annotations: importing the models package is not needed to count
     from liteppo_mcore.models.shapes import ModelShape
@@ -44,7 +45,7 @@ def layer_matmul_params(shape: ModelShape) -> int:
     return qkv + proj + fc1 + fc2
 
 
-def model_flops_per_token(shape: ModelShape, seq_len: int, *, vocab: Optional[int] = None) -> float:
+def model_flops_per_token(shape: ModelShape, seq_len: int, *, vocab: int | None = None) -> float:
     """Forward FLOPs of one token in a sequence of `seq_len` tokens (see the module doc).
 
     `vocab` is the output layer's width; default: the vocabulary padded for TP=1
@@ -58,7 +59,7 @@ def model_flops_per_token(shape: ModelShape, seq_len: int, *, vocab: Optional[in
     return float(2 * dense + attention)
 
 
-def train_flops(shape: ModelShape, seq_lens: Iterable[int], *, vocab: Optional[int] = None) -> float:
+def train_flops(shape: ModelShape, seq_lens: Iterable[int], *, vocab: int | None = None) -> float:
     """Forward + backward FLOPs of a batch of sequences, each of its own non-padding length
     (attention is quadratic in each sequence's own length, so a batch is not its token count
     times one per-token figure)."""

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,8 @@ class MetricsWriter:
     """Append-only sinks for `{name: float}` per step."""
 
     def __init__(self, run_dir: str, *, enabled: bool, tensorboard: bool = True,
-                 wandb_project: Optional[str] = None, config: Optional[Dict[str, Any]] = None,
-                 resume_step: Optional[int] = None) -> None:
+                 wandb_project: str | None = None, config: dict[str, Any] | None = None,
+                 resume_step: int | None = None) -> None:
         """`resume_step`: the step of the checkpoint the run continues from (None: a fresh start,
         which drops every row an earlier attempt left)."""
         self.enabled = enabled
@@ -57,7 +57,7 @@ class MetricsWriter:
             else:
                 self._wandb = wandb.init(project=wandb_project, dir=run_dir, config=config)
 
-    def write(self, step: int, metrics: Dict[str, float]) -> None:
+    def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
         record = {"step": step, **{k: _json_value(float(v)) for k, v in sorted(metrics.items())}}
@@ -117,12 +117,12 @@ def drop_rows_after(path: str, step: int) -> int:
     return dropped
 
 
-def read_metrics(path: str) -> List[Dict[str, Any]]:
+def read_metrics(path: str) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_metrics(metrics_path: str, out_png: str, title: Optional[str] = None) -> Optional[str]:
+def plot_metrics(metrics_path: str, out_png: str, title: str | None = None) -> str | None:
     """Reward and held-out accuracy over steps, as a PNG titled `title` (default: the run directory's
     name); None when there is nothing to plot."""
     rows = read_metrics(metrics_path) if os.path.exists(metrics_path) else []
@@ -141,7 +141,7 @@ def plot_metrics(metrics_path: str, out_png: str, title: Optional[str] = None) -
     return out_png
 
 
-def metrics_figure(series: Dict[str, List[Any]], title: str):
+def metrics_figure(series: dict[str, list[Any]], title: str):
     """The plot of `series` ({metric: [(step, value), ...]}): steps across, the metric's value up."""
     import matplotlib.pyplot as plt
 

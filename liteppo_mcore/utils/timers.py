@@ -4,8 +4,8 @@ process's current stage (parallel/stage.py), which a failed collective reports."
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Dict, Iterator
 
 import torch
 
@@ -14,7 +14,7 @@ from liteppo_mcore.parallel.stage import stage
 
 class PhaseTimer:
     def __init__(self) -> None:
-        self.seconds: Dict[str, float] = {}
+        self.seconds: dict[str, float] = {}
 
     @contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
@@ -29,7 +29,7 @@ class PhaseTimer:
                     torch.cuda.synchronize()
                 self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
-    def metrics(self) -> Dict[str, float]:
+    def metrics(self) -> dict[str, float]:
         out = {f"time/{k}": v for k, v in self.seconds.items()}
         self.seconds = {}
         return out

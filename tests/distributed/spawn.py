@@ -18,8 +18,9 @@ import pickle
 import queue
 import time
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any
 
 from liteppo_mcore.parallel.setup import free_port
 
@@ -34,7 +35,7 @@ def _resolve(module: str, qualname: str) -> Callable[..., Any]:
     return target
 
 
-def _child(rank: int, world_size: int, env: Dict[str, str], fn_ref: tuple, payload: bytes,
+def _child(rank: int, world_size: int, env: dict[str, str], fn_ref: tuple, payload: bytes,
            timeout: float, results: Any) -> None:
     # Environment first: torch reads OMP_NUM_THREADS when it is imported, which happens below.
     os.environ.update(env)
@@ -55,7 +56,7 @@ def _child(rank: int, world_size: int, env: Dict[str, str], fn_ref: tuple, paylo
         dist.destroy_process_group()
 
 
-def _stop(procs: List[mp.process.BaseProcess], grace_s: float) -> None:
+def _stop(procs: list[mp.process.BaseProcess], grace_s: float) -> None:
     """Let the children exit on their own for ``grace_s`` seconds, then kill what is left."""
     deadline = time.monotonic() + grace_s
     for proc in procs:
@@ -66,12 +67,12 @@ def _stop(procs: List[mp.process.BaseProcess], grace_s: float) -> None:
             proc.join(timeout=5)
 
 
-def _collect(procs: List[mp.process.BaseProcess], results: Any, timeout: float) -> Dict[int, bytes]:
+def _collect(procs: list[mp.process.BaseProcess], results: Any, timeout: float) -> dict[int, bytes]:
     """Wait for one message per rank; raise on the first failure, a silent death, or the deadline."""
     world_size = len(procs)
-    done: Dict[int, bytes] = {}
+    done: dict[int, bytes] = {}
     deadline = time.monotonic() + timeout
-    dead_since: Dict[int, float] = {}
+    dead_since: dict[int, float] = {}
     while len(done) < world_size:
         try:
             rank, ok, body, stamp = results.get(timeout=_POLL_S)
@@ -79,12 +80,12 @@ def _collect(procs: List[mp.process.BaseProcess], results: Any, timeout: float) 
             now = time.monotonic()
             if now > deadline:
                 raise TimeoutError(f"run_gloo: ranks {sorted(set(range(world_size)) - set(done))} did not "
-                                   f"finish within {timeout:.0f} s")
+                                   f"finish within {timeout:.0f} s") from None
             for rank, proc in enumerate(procs):
                 if rank not in done and not proc.is_alive():
                     if now - dead_since.setdefault(rank, now) > _GRACE_S:
                         raise RuntimeError(f"run_gloo: rank {rank} exited with code {proc.exitcode} "
-                                           "without reporting a result")
+                                           "without reporting a result") from None
             continue
         if not ok:
             raise RuntimeError(_failure_report((stamp, rank, body), results, world_size,
@@ -114,7 +115,7 @@ def _failure_report(first: tuple, results: Any, world_size: int, pending: int) -
 
 
 def run_gloo(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120,
-             env: Optional[Dict[str, str]] = None) -> List[Any]:
+             env: dict[str, str] | None = None) -> list[Any]:
     """``[fn(0, world_size, *args), ..., fn(world_size - 1, world_size, *args)]``, each in its own process.
 
     Each child gets ``MASTER_ADDR=127.0.0.1``, a free ``MASTER_PORT``, ``RANK``, ``LOCAL_RANK``,
@@ -135,7 +136,7 @@ def run_gloo(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float
                     name=f"gloo-rank{rank}", daemon=False)  # ranks may start processes (dist-checkpoint writers)
         for rank in range(world_size)
     ]
-    done: Dict[int, bytes] = {}
+    done: dict[int, bytes] = {}
     try:
         for proc in procs:
             proc.start()

@@ -232,9 +232,9 @@ def save_worker(rank, ws, root):
 def load_worker(rank, ws, root, name, tp=1, pp=1):
     """Another layout (one process, TP 2 or PP 2): load, save again as `<kind>_resaved_<name>`; report
     the local shard size."""
-    from liteppo_mcore.parallel.mcore import destroy_model_parallel
-
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    from liteppo_mcore.parallel.mcore import destroy_model_parallel
 
     out = {}
     model, updater, groups = _build(ws, True, tp=tp, pp=pp, scramble=True)

@@ -4,8 +4,6 @@ not a checkpoint is a CheckpointError naming it."""
 
 import os
 
-import pytest
-
 from tests.distributed.spawn import run_gloo
 
 CONFIG = "examples/tiny_cpu.yaml"

@@ -360,7 +360,8 @@ def sbatch_job(line):
         k, _, v = item.partition("=")
         variables[k] = v
     nodes = int(given.get("--nodes") or _sbatch_default(script, "nodes"))
-    gpus = int(variables.get("GPUS_PER_NODE") or given.get("--gpus-per-node") or _sbatch_default(script, "gpus-per-node"))
+    gpus = int(variables.get("GPUS_PER_NODE") or given.get("--gpus-per-node")
+               or _sbatch_default(script, "gpus-per-node"))
     sglang_nodes = int(variables.get("SGLANG_NODES", 0))
     overrides = variables.get("EXTRA_OVERRIDES", "").split()
     if "TIMEOUT_MINUTES" in variables:

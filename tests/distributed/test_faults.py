@@ -27,7 +27,8 @@ def _run(run_dir, *overrides, expect=0, env=None, timeout=300):
     if expect == 0:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     else:  # torchrun exits 1 when a process fails and reports each process's own status
-        assert proc.returncode != 0 and f"exitcode  : {expect} " in proc.stderr, proc.stdout[-3000:] + proc.stderr[-5000:]
+        assert proc.returncode != 0 and f"exitcode  : {expect} " in proc.stderr, (proc.stdout[-3000:]
+                                                                                 + proc.stderr[-5000:])
     return proc
 
 

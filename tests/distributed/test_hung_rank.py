@@ -16,8 +16,8 @@ import sys
 import threading
 import time
 
-from tests.launch_utils import ENTRY, REPO
 from liteppo_mcore.parallel.setup import free_port
+from tests.launch_utils import ENTRY, REPO
 
 TIMEOUT_S = 15
 STAGES = ("rollout", "reward", "normalization", "advantages", "ref", "old_logp", "values", "train", "sync", "eval",

@@ -15,7 +15,8 @@ TRAINING_BUDGET_S = 600  # the training run itself, after setup, on 2 cores
 
 # README.md's quick start, in order: the layout, the kernels megatron-core runs without, where the
 # configuration went, the step-0 evaluation, one line per 10 steps (acc every 50), the summary.
-STEP = r"step {}/300 \| reward [01]\.\d{{3}} \| clipfrac \d\.\d{{3}} \| len \d\.\d{}\| \d+\.\d s/step \| eta (\d+m)?\d+s"
+STEP = (r"step {}/300 \| reward [01]\.\d{{3}} \| clipfrac \d\.\d{{3}} \| len \d\.\d{}\| "
+        r"\d+\.\d s/step \| eta (\d+m)?\d+s")
 CONSOLE = [
     r"liteppo: layout world 2 = tp 1 x pp 1 x cp 1 x dp 2 \(backend gloo\)",
     r"liteppo: Transformer Engine and apex not installed: megatron-core uses its local layers, .*",

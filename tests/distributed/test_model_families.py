@@ -19,8 +19,8 @@ def families_worker(rank, ws):
     from liteppo_mcore.config import load_config
     from liteppo_mcore.models.forward import SequenceBatch, forward_per_token
     from liteppo_mcore.models.gpt import build_models
-    from liteppo_mcore.parallel.mcore import destroy_model_parallel, initialize_model_parallel
     from liteppo_mcore.parallel.device import compute_device
+    from liteppo_mcore.parallel.mcore import destroy_model_parallel, initialize_model_parallel
 
     out = {}
     for family, overrides in FAMILIES.items():

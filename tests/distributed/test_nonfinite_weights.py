@@ -7,7 +7,7 @@ import math
 import torch
 
 from tests.distributed.spawn import run_gloo
-from tests.distributed.test_train_invariance import BASE, N, VOCAB, make_step_batch
+from tests.distributed.test_train_invariance import BASE, VOCAB, N, make_step_batch
 
 STEP = 3  # the trainer's 0-based counter: the step is logged (and named) as 4
 TWO_UPDATES = ["ppo_epochs=1", "train.mini_batch_size=4", "train.micro_batch_size=2"]
@@ -23,8 +23,8 @@ def run_case(ws, overrides, data, *, checked=True, poison_tp_rank=None, poison_m
     from liteppo_mcore.models.gpt import build_models
     from liteppo_mcore.models.state import whole_state_dict
     from liteppo_mcore.parallel.mcore import destroy_model_parallel, initialize_model_parallel
-    from liteppo_mcore.update import ModelUpdater, TrainBatch, gather_over_dp
     from liteppo_mcore.trainer.health import TrainingHalted
+    from liteppo_mcore.update import ModelUpdater, TrainBatch, gather_over_dp
 
     cfg = load_config(overrides=BASE + overrides, world_size=ws)
     groups = initialize_model_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, seed=cfg.seed)

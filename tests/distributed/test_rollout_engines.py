@@ -151,7 +151,8 @@ def test_engines_match_the_actor_in_two_process_layouts():
                 assert r["mcore-greedy"] == r["reference"], where
                 assert any(seq[-1] == r["stop"] and len(seq) < MAX_NEW for seq in r["reference"]), where
                 if r["logit_diff"] is not None:
-                    assert r["logit_diff"] <= 1e-4, f"{where}: hf logits differ from the actor's by {r['logit_diff']:.2e}"
+                    assert r["logit_diff"] <= 1e-4, (f"{where}: hf logits differ from the actor's by "
+                                                     f"{r['logit_diff']:.2e}")
             for name in ("hf", "mcore"):
                 lengths = {len(t) for gs in r[f"{name}-sample"] for t, _ in gs}
                 assert lengths, where

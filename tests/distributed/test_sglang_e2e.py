@@ -52,7 +52,8 @@ def _run(run_dir, hf_dir, version, name, *overrides):
     args = ["--config", CONFIG, f"output_dir={run_dir}", f"model.hf_path={hf_dir}", "rollout.engine=sglang",
             "rollout.mode=colocated", "rollout.server_command=[" + ",".join(command) + "]",
             "rollout.check_weight_sync=true", "rollout.server_start_timeout_s=120", "rollout.request_timeout_s=120",
-            "rollout_batch_size=8", "train.mini_batch_size=64", "train.micro_batch_size=64", "eval.max_prompts=16", "eval.interval=2", "logging.log_interval=1",
+            "rollout_batch_size=8", "train.mini_batch_size=64", "train.micro_batch_size=64", "eval.max_prompts=16",
+            "eval.interval=2", "logging.log_interval=1",
             "logging.tensorboard=false", "checkpoint.save_interval=2", *overrides]
     proc = run_entry(args, nproc=1, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

@@ -30,7 +30,8 @@ MODES = [("token_level", ["token_level_loss=true", "loss_agg_mode=seq-mean-token
 LAYOUTS_1 = [("one_micro_batch", [f"train.micro_batch_size={N}"]), ("micro_1", ["train.micro_batch_size=1"]),
              ("token_bound", [f"train.micro_batch_size={N}", "train.max_tokens_per_micro_batch=40"])]
 LAYOUTS_2 = [("dp2", ["train.micro_batch_size=2"]), ("tp2", ["parallel.tp=2", "train.micro_batch_size=3"]),
-             ("pp2", ["parallel.pp=2", "train.micro_batch_size=2"]), ("cp2", ["parallel.cp=2", "train.micro_batch_size=4"]),
+             ("pp2", ["parallel.pp=2", "train.micro_batch_size=2"]),
+             ("cp2", ["parallel.cp=2", "train.micro_batch_size=4"]),
              ("pp2_token_bound", ["parallel.pp=2", "train.micro_batch_size=8", "train.max_tokens_per_micro_batch=40"])]
 LAYOUTS_4 = [("tp2pp2", ["parallel.tp=2", "parallel.pp=2", "train.micro_batch_size=4"])]
 ADAMW = ["train.optimizer=adamw", "train.lr=0.001", "critic.lr=0.001", "train.weight_decay=0", "critic.weight_decay=0"]
@@ -156,7 +157,7 @@ def _whole_grads(model, groups):
 
     saved = {n: p.detach().clone() for n, p in model.named_parameters()}
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             p.copy_(p.grad if p.grad is not None else torch.zeros_like(p))
     grads = whole_state_dict(model, groups, VOCAB)
     with torch.no_grad():
@@ -260,7 +261,8 @@ def _check(results, refs, layouts):
         assert math.isfinite(m["critic/value_loss"]) and m["critic/vf_clipfrac"] > 0
         for kind in ("actor", "critic"):  # the global gradient norm, each parameter counted once
             want = refs[(optimizer, name)][f"{kind}_grad_norm"].item()
-            assert math.isclose(m[f"{kind}/grad_norm"], want, rel_tol=1e-5), (layout, kind, m[f"{kind}/grad_norm"], want)
+            assert math.isclose(m[f"{kind}/grad_norm"], want, rel_tol=1e-5), (layout, kind, m[f"{kind}/grad_norm"],
+                                                                              want)
     assert {k[0] for k in results} == {name for name, _ in layouts}
 
 

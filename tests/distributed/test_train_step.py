@@ -8,7 +8,7 @@ import math
 import torch
 
 from tests.distributed.spawn import run_gloo
-from tests.distributed.test_train_invariance import BASE, N, VOCAB, make_step_batch
+from tests.distributed.test_train_invariance import BASE, VOCAB, N, make_step_batch
 
 STEP = 3
 ADAMW = ["train.optimizer=adamw", "train.lr=0.001", "train.weight_decay=0.01"]
@@ -115,7 +115,8 @@ def test_update_step_is_independent_of_dp_and_guards_non_finite_losses():
                 assert math.isclose(rank_result[name]["metrics"][key], value, rel_tol=1e-5, abs_tol=1e-9), (name, key)
     # ZeRO-1 (distributed optimizer) gives the same AdamW steps as the replicated optimizer
     for rank_result in two:
-        assert _relative_difference(rank_result["adamw_distopt"]["actor"], rank_result["adamw"]["actor"]) <= MULTI_STEP_TOL
+        assert (_relative_difference(rank_result["adamw_distopt"]["actor"], rank_result["adamw"]["actor"])
+                <= MULTI_STEP_TOL)
         assert _moved(rank_result["adamw"]["actor"], init) > 1e-3
     # token-bounded micro-batches change nothing but the memory
     assert _relative_difference(one["token_bound"]["actor"], ref["actor"]) <= MULTI_STEP_TOL

@@ -22,7 +22,8 @@ import re
 import sys
 import time
 import xml.etree.ElementTree as ET
-from typing import Any, Callable, Dict, List, Optional
+from collections.abc import Callable
+from typing import Any
 
 STEPS_FILE = "steps.jsonl"
 RESULT_FILE = "gpu_check.json"
@@ -49,10 +50,11 @@ MODULES = {"torch": "everything", "megatron.core": "models, optimizer, checkpoin
 
 
 # ------------------------------------------------------------------------------------------ wheels, env
-def find_wheels(folder: str) -> Dict[str, Dict[str, Optional[str]]]:
+def find_wheels(folder: str) -> dict[str, dict[str, str | None]]:
     """{group: {package: wheel file name or None}} for the wheels in `folder`."""
-    files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.whl"))) if os.path.isdir(folder) else []
-    out: Dict[str, Dict[str, Optional[str]]] = {}
+    files = (sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.whl")))
+             if os.path.isdir(folder) else [])
+    out: dict[str, dict[str, str | None]] = {}
     for group, packages in WHEELS.items():
         out[group] = {}
         for package, prefix in packages.items():
@@ -61,7 +63,7 @@ def find_wheels(folder: str) -> Dict[str, Dict[str, Optional[str]]]:
     return out
 
 
-def unpack_wheels(folder: str, site: str, names: List[str]) -> List[str]:
+def unpack_wheels(folder: str, site: str, names: list[str]) -> list[str]:
     """Where pip is missing: extract the wheels of `names` from `folder` into `site` (a wheel is a zip of
     its files; scripts and metadata hooks are not run). Returns the wheel files used."""
     import zipfile
@@ -78,12 +80,12 @@ def unpack_wheels(folder: str, site: str, names: List[str]) -> List[str]:
     return used
 
 
-def missing_wheels(found: Dict[str, Dict[str, Optional[str]]]) -> List[str]:
+def missing_wheels(found: dict[str, dict[str, str | None]]) -> list[str]:
     """Packages without a wheel that a full check needs (required ones and the trainer's)."""
     return [name for group in ("required", "trainer") for name, wheel in found[group].items() if not wheel]
 
 
-def env_note(info: Dict[str, Any]) -> str:
+def env_note(info: dict[str, Any]) -> str:
     lacks = [m for m, ok in info.get("modules", {}).items() if not ok]
     note = (f"python {info.get('python')}, torch {info.get('torch')}, cuda {info.get('cuda_version')}, "
             f"gpu {info.get('gpu')}")
@@ -92,12 +94,12 @@ def env_note(info: Dict[str, Any]) -> str:
     return note + (f"; missing modules: {' '.join(lacks)}" if lacks else "")
 
 
-def environment() -> Dict[str, Any]:
+def environment() -> dict[str, Any]:
     """What this Python has: versions, CUDA, the GPU, and which modules import."""
     import importlib.util
     import platform
 
-    info: Dict[str, Any] = {"python": platform.python_version(), "executable": sys.executable}
+    info: dict[str, Any] = {"python": platform.python_version(), "executable": sys.executable}
     modules = {}
     for name in MODULES:
         try:
@@ -119,13 +121,13 @@ def environment() -> Dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ steps
-def add_step(out: str, record: Dict[str, Any]) -> None:
+def add_step(out: str, record: dict[str, Any]) -> None:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, STEPS_FILE), "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
 
 
-def read_steps(out: str) -> List[Dict[str, Any]]:
+def read_steps(out: str) -> list[dict[str, Any]]:
     path = os.path.join(out, STEPS_FILE)
     if not os.path.exists(path):
         return []
@@ -133,7 +135,7 @@ def read_steps(out: str) -> List[Dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _load(path: Optional[str]) -> Optional[Any]:
+def _load(path: str | None) -> Any | None:
     if not path or not os.path.exists(path):
         return None
     try:
@@ -144,17 +146,17 @@ def _load(path: Optional[str]) -> Optional[Any]:
 
 
 # ------------------------------------------------------------------------------------------ summaries
-def _ratio(x: Optional[float]) -> str:
+def _ratio(x: float | None) -> str:
     return f"{x:.2f}x" if isinstance(x, (int, float)) else "-"
 
 
-def summarize_train_step(result: Dict[str, Any]) -> Dict[str, Any]:
+def summarize_train_step(result: dict[str, Any]) -> dict[str, Any]:
     rows = result.get("rows", [])
     table = [{k: r.get(k) for k in ("case", "median_s", "tokens_per_s", "tflops", "mfu", "peak_bytes",
                                     "ratio_tokens_per_s", "ratio_peak_memory")} for r in rows]
     seq = result.get("seq_len") or 1
 
-    def label(r: Dict[str, Any]) -> str:
+    def label(r: dict[str, Any]) -> str:
         base = f"mb{r['micro_batch']}" if r.get("micro_batch") else f"<={(r.get('max_tokens') or 0) // seq}seq"
         return base + ("+offload/" + base if r.get("kind") == "ours + offload" else "")
 
@@ -163,7 +165,7 @@ def summarize_train_step(result: Dict[str, Any]) -> Dict[str, Any]:
     return {"rows": table, "headline": f"ours/stock tokens/s: {', '.join(parts)}; best MFU {100 * best:.0f}%"}
 
 
-def summarize_logprob(result: Dict[str, Any]) -> Dict[str, Any]:
+def summarize_logprob(result: dict[str, Any]) -> dict[str, Any]:
     rows = result.get("rows", [])
     table = [{k: r.get(k) for k in ("version", "median_ms", "time_ratio_vs_naive", "extra_peak_bytes")} for r in rows]
     ours = [r for r in rows if r.get("version", "").startswith("ours")]
@@ -176,21 +178,22 @@ def summarize_logprob(result: Dict[str, Any]) -> Dict[str, Any]:
     return {"rows": table, "headline": head}
 
 
-def summarize_rollout(result: Dict[str, Any]) -> Dict[str, Any]:
+def summarize_rollout(result: dict[str, Any]) -> dict[str, Any]:
     rows = result.get("rows", [])
     table = [{k: r.get(k) for k in ("engine", "batch", "median_s", "tokens_per_s", "ratio_vs_transformers", "error")}
              for r in rows]
     parts = []
     for r in rows:
         if r.get("engine", "").startswith("ours"):
-            parts.append(f"b{r['batch']}: " + (f"{r['tokens_per_s']:,.0f} tok/s ({_ratio(r.get('ratio_vs_transformers'))})"
+            parts.append(f"b{r['batch']}: " + (f"{r['tokens_per_s']:,.0f} tok/s "
+                                               f"({_ratio(r.get('ratio_vs_transformers'))})"
                                                if "tokens_per_s" in r else "failed"))
     errors = [f"{r.get('engine')} @ {r.get('batch')}: {r['error'][:200]}" for r in rows if "error" in r]
     head = "fast engine " + "; ".join(parts) + (f"; {len(errors)} rows failed" if errors else "")
     return {"rows": table, "headline": head, "problems": errors}
 
 
-def summarize_weight_sync(result: Dict[str, Any]) -> Dict[str, Any]:
+def summarize_weight_sync(result: dict[str, Any]) -> dict[str, Any]:
     rows = result.get("rows", [])
     table = [{k: r.get(k) for k in ("case", "median_s", "gb_per_s", "time_vs_state_dict_copy",
                                     "cuda_peak_extra_bytes")} for r in rows]
@@ -202,14 +205,14 @@ def summarize_weight_sync(result: Dict[str, Any]) -> Dict[str, Any]:
     return {"rows": table, "headline": head}
 
 
-SUMMARIES: Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]] = {
+SUMMARIES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "bench_train_step": summarize_train_step, "bench_logprob": summarize_logprob,
     "bench_rollout": summarize_rollout, "bench_weight_sync": summarize_weight_sync}
 
 
-def summarize_tests(out: str) -> Dict[str, Any]:
+def summarize_tests(out: str) -> dict[str, Any]:
     """Counts and failures from the junit XML, and the tests' own reports (reports/*.json)."""
-    summary: Dict[str, Any] = {}
+    summary: dict[str, Any] = {}
     path = os.path.join(out, TESTS_XML)
     if os.path.exists(path):
         try:
@@ -245,7 +248,7 @@ _ARG_KEYS = ("size", "dtype", "warmup", "repeats", "micro_batches", "offload_row
              "new_tokens", "skip_megatron")
 
 
-def dry_check(out: str, step: Dict[str, Any]) -> str:
+def dry_check(out: str, step: dict[str, Any]) -> str:
     """What a dry step checked, from its log: the tests collected, or a benchmark's resolved arguments
     (also kept in the step as `args`)."""
     if not step.get("log"):
@@ -268,7 +271,7 @@ def dry_check(out: str, step: Dict[str, Any]) -> str:
     return "arguments accepted: " + ", ".join(f"{k} {args[k]}" for k in _ARG_KEYS if k in args)
 
 
-def summarize(out: str, mode: str, extra: Dict[str, Any]) -> Dict[str, Any]:
+def summarize(out: str, mode: str, extra: dict[str, Any]) -> dict[str, Any]:
     steps = read_steps(out)
     for step in steps:
         if step["status"] == "dry":
@@ -296,7 +299,7 @@ def summarize(out: str, mode: str, extra: Dict[str, Any]) -> Dict[str, Any]:
     return result
 
 
-def print_table(result: Dict[str, Any], out: str) -> None:
+def print_table(result: dict[str, Any], out: str) -> None:
     print(f"\ngpu check ({result['mode']}) | {'PASSED' if result['passed'] else 'FAILED'} | "
           f"{result['seconds']:.0f} s | {os.path.join(out, RESULT_FILE)}")
     print(f"{'step':<18} {'status':<8} {'seconds':>8} {'budget':>7}  result")
@@ -306,9 +309,9 @@ def print_table(result: Dict[str, Any], out: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ command line
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    command_line: List[str] = []
+    command_line: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
         argv, command_line = argv[:cut], argv[cut + 1:]

@@ -21,9 +21,13 @@ import json
 import math
 import os
 import re
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from liteppo_mcore.config import choices  # torch-free, like this module
+
+if TYPE_CHECKING:
+    import torch
 
 REQUIRE_ENV = "LITEPPO_REQUIRE_GPU"
 ON_CPU_ENV = "LITEPPO_GPU_TESTS_ON_CPU"
@@ -79,7 +83,7 @@ def _importable(name: str) -> bool:
         return False
 
 
-def missing_requirements(*, cuda_only: bool = False) -> List[str]:
+def missing_requirements(*, cuda_only: bool = False) -> list[str]:
     """What these tests need and this machine lacks (empty: run). `cuda_only`: the test needs a real
     GPU even in the CPU rehearsal (CUDA graphs, host-sync counting)."""
     missing = []
@@ -105,7 +109,7 @@ def gpu_marks(*, cuda_only: bool = False) -> list:
     return marks
 
 
-def check_required(*, cuda_only: bool = False) -> Optional[str]:
+def check_required(*, cuda_only: bool = False) -> str | None:
     """The failure message when LITEPPO_REQUIRE_GPU=1 and something is missing, else None."""
     missing = missing_requirements(cuda_only=cuda_only)
     if missing and required():
@@ -113,13 +117,13 @@ def check_required(*, cuda_only: bool = False) -> Optional[str]:
     return None
 
 
-def dtypes() -> List[str]:
+def dtypes() -> list[str]:
     """bf16 and fp32 on a GPU; fp32 only on the CPU (megatron's bf16 optimizer refuses CPU parameters).
     A subset of config.choices.EXPLICIT_DTYPES on purpose: fp16 is not part of the GPU check."""
     return ["bf16", "fp32"] if cuda_available() else ["fp32"]
 
 
-def attention_backends() -> List[str]:
+def attention_backends() -> list[str]:
     """Every explicit model.attention_backend (sdpa, local, te), te only where Transformer Engine imports."""
     return [b for b in choices.EXPLICIT_ATTENTION_BACKENDS if b != "te" or _importable("transformer_engine")]
 
@@ -129,7 +133,7 @@ def attention_backends() -> List[str]:
 # own server processes, so the trainer matrix leaves it out.
 ENGINES = ("hf", "fast", "mcore")
 # The algorithm variants of the trainer matrix (on top of tiny_cpu.yaml's LitePPO: no KL, no critic).
-VARIANTS: Dict[str, List[str]] = {
+VARIANTS: dict[str, list[str]] = {
     "no_kl": [],
     "kl_loss": ["use_kl_loss=true", "kl_loss_type=k3", "kl_loss_coef=0.01"],
     "gae_critic": ["adv_estimator=gae", "critic.lr=1e-3"],
@@ -138,7 +142,7 @@ VARIANTS: Dict[str, List[str]] = {
 
 
 def trainer_overrides(run_dir: str, *, engine: str = "hf", variant: str = "no_kl", dtype: str = "bf16",
-                      steps: int = 1, save_interval: int = 0, extra: Iterable[str] = ()) -> List[str]:
+                      steps: int = 1, save_interval: int = 0, extra: Iterable[str] = ()) -> list[str]:
     """A tiny one-process run of examples/tiny_cpu.yaml (8 prompts x 8 responses, one optimizer update per
     step), on the GPU when there is one, with the engine's weights checked after every sync."""
     return [
@@ -156,13 +160,13 @@ def load_trainer_config(overrides: Sequence[str]):
     return load_config(CONFIG, list(overrides), world_size=1)
 
 
-def comparable(row: Mapping[str, Any]) -> Dict[str, Any]:
+def comparable(row: Mapping[str, Any]) -> dict[str, Any]:
     """A metrics row without its timings (which never repeat)."""
     return {k: v for k, v in row.items() if not k.startswith(("time/", "perf/"))}
 
 
 def step_problems(rows: Sequence[Mapping[str, Any]], *, steps: int, logprob_bound: float,
-                  critic: bool = False) -> List[str]:
+                  critic: bool = False) -> list[str]:
     """What is wrong with a run's metrics rows (empty: nothing): the steps 1..steps each once, every
     number finite, no skipped update (actor, and critic with a critic), the engine-vs-trainer log-prob
     difference present and under `logprob_bound`."""
@@ -187,7 +191,7 @@ def step_problems(rows: Sequence[Mapping[str, Any]], *, steps: int, logprob_boun
     return problems
 
 
-def differences(a: Mapping[str, Any], b: Mapping[str, Any], *, rel: float, abs_: float) -> List[str]:
+def differences(a: Mapping[str, Any], b: Mapping[str, Any], *, rel: float, abs_: float) -> list[str]:
     """Keys whose values differ between two comparable rows beyond rel/abs (or exist in only one)."""
     out = []
     for key in sorted(set(a) | set(b)):
@@ -204,7 +208,7 @@ def differences(a: Mapping[str, Any], b: Mapping[str, Any], *, rel: float, abs_:
 _SYNC_WARNING = re.compile(r"synchroniz", re.IGNORECASE)
 
 
-def summarize_sync_warnings(records: Iterable[Any], *, top: int = 40) -> Dict[str, Any]:
+def summarize_sync_warnings(records: Iterable[Any], *, top: int = 40) -> dict[str, Any]:
     """The host synchronisations `torch.cuda.set_sync_debug_mode("warn")` reported (warning records, as
     `warnings.catch_warnings(record=True)` gives them): the total, and the call sites by count."""
     sites: collections.Counter = collections.Counter()
@@ -230,14 +234,14 @@ def _short_path(path: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ reports
-def report_dir() -> Optional[str]:
+def report_dir() -> str | None:
     path = os.environ.get(REPORT_ENV)
     if path:
         os.makedirs(path, exist_ok=True)
     return path or None
 
 
-def write_report(name: str, data: Any) -> Optional[str]:
+def write_report(name: str, data: Any) -> str | None:
     """Write `data` as JSON to LITEPPO_GPU_REPORT_DIR/<name>.json (nothing when unset); the path."""
     where = report_dir()
     if where is None:
@@ -248,7 +252,7 @@ def write_report(name: str, data: Any) -> Optional[str]:
     return path
 
 
-def run_trainer(overrides: Sequence[str], *, inspect=None, train_steps: Optional[int] = None):
+def run_trainer(overrides: Sequence[str], *, inspect=None, train_steps: int | None = None):
     """Run the trainer in this process (the session's process group must exist). Without `train_steps`:
     `fit()`, which also saves a checkpoint at the end, and the rows of its metrics.jsonl; with it: that
     many `train_step()` calls and nothing else (no checkpoint, no file), and their metrics as rows.
@@ -263,7 +267,7 @@ def run_trainer(overrides: Sequence[str], *, inspect=None, train_steps: Optional
     except BaseException:
         destroy_model_parallel()  # the next run must be able to build its groups again
         raise
-    rows: List[Dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
     try:
         if train_steps is None:
             trainer.fit()
@@ -281,7 +285,7 @@ def run_trainer(overrides: Sequence[str], *, inspect=None, train_steps: Optional
     return rows, extra
 
 
-def flat_parameters(*modules) -> "torch.Tensor":
+def flat_parameters(*modules) -> torch.Tensor:
     """Every parameter of `modules`, in order, as one float64 host vector (for run-to-run comparisons)."""
     import torch
 

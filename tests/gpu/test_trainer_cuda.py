@@ -54,7 +54,8 @@ def test_offload_on_and_off_give_the_same_run(process_group, tmp_path):
     for offload in (True, False):
         overrides = H.trainer_overrides(str(tmp_path / f"offload_{offload}"), engine="hf", variant="gae_critic",
                                         dtype="fp32", steps=2,
-                                        extra=["use_kl_loss=true", f"train.offload_between_phases={str(offload).lower()}"])
+                                        extra=["use_kl_loss=true",
+                                               f"train.offload_between_phases={str(offload).lower()}"])
 
         def inspect(t):
             return {"weights": H.flat_parameters(t.models.actor, t.models.critic), "active": t.actor.offload,

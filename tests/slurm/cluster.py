@@ -32,8 +32,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
 
 PACKAGES = ("slurmd", "slurmctld", "slurm-client", "munge")
 DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd")
@@ -49,14 +49,14 @@ START_TIMEOUT_S = 60        # munged up, then every node idle
 STOP_TIMEOUT_S = 15         # per daemon, SIGTERM then SIGKILL
 
 
-_install_failure: Optional[str] = None     # why the install failed, once it has
+_install_failure: str | None = None     # why the install failed, once it has
 
 
 class SlurmUnavailable(RuntimeError):
     """This machine cannot host the test cluster; the message says why."""
 
 
-def find_programs() -> Dict[str, Optional[str]]:
+def find_programs() -> dict[str, str | None]:
     """Absolute path of every program the cluster needs (None where missing)."""
     return {name: shutil.which(name, path=_SEARCH_PATH) for name in DAEMONS + CLIENTS}
 
@@ -69,7 +69,7 @@ def _tail(path: str, limit: int = 3000) -> str:
         return f"<{e}>"
 
 
-def ensure_slurm(install: bool = True) -> Dict[str, str]:
+def ensure_slurm(install: bool = True) -> dict[str, str]:
     """The SLURM and munge programs, installed from Debian's packages when missing and allowed.
 
     Installing needs root and apt-get; it first tries the package lists already on the machine and runs
@@ -143,7 +143,7 @@ def ensure_slurm(install: bool = True) -> Dict[str, str]:
     return {name: path for name, path in programs.items() if path}
 
 
-def _free_ports(n: int) -> List[int]:
+def _free_ports(n: int) -> list[int]:
     """`n` distinct TCP ports free right now (held open together so that none is handed out twice)."""
     socks = []
     try:
@@ -171,7 +171,7 @@ def _first_job_id() -> int:
     return rng.randrange(1000, 20000)
 
 
-def parse_key_values(text: str) -> Dict[str, str]:
+def parse_key_values(text: str) -> dict[str, str]:
     """`Key=Value Key2=Value two ...` (the `scontrol -o` format; a value may hold spaces) as a dict."""
     return {m.group(1): m.group(2).strip()
             for m in re.finditer(r"(?:^|\s)([A-Za-z][\w:/]*)=(.*?)(?=\s+[A-Za-z][\w:/]*=|\s*$)", text.strip())}
@@ -181,14 +181,14 @@ def parse_key_values(text: str) -> Dict[str, str]:
 class JobResult:
     """What one `sbatch --wait` left behind."""
 
-    job_id: Optional[str]
+    job_id: str | None
     returncode: int             # sbatch's own exit status: the job's exit code with --wait
     sbatch_output: str          # sbatch's stdout + stderr
-    info: Dict[str, str] = field(default_factory=dict)  # `scontrol show job -o`, read right after
+    info: dict[str, str] = field(default_factory=dict)  # `scontrol show job -o`, read right after
     output: str = ""            # the job's output file (--output)
 
     @property
-    def state(self) -> Optional[str]:
+    def state(self) -> str | None:
         return self.info.get("JobState")
 
 
@@ -207,17 +207,17 @@ class SlurmCluster:
             raise ValueError("the local cluster has 1 or 2 nodes")
         self.nodes = nodes
         self.start_timeout = start_timeout
-        self.dir: Optional[str] = None
+        self.dir: str | None = None
         self.conf = ""
-        self.node_names: List[str] = []
+        self.node_names: list[str] = []
         self.cpus_per_node = 0
         self.real_memory_mb = 0
-        self._procs: List[tuple] = []   # (name, Popen, log path), in start order
-        self._programs: Dict[str, str] = {}
+        self._procs: list[tuple] = []   # (name, Popen, log path), in start order
+        self._programs: dict[str, str] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
-    def __enter__(self) -> "SlurmCluster":
+    def __enter__(self) -> SlurmCluster:
         try:
             self.start()
         except BaseException:
@@ -253,7 +253,7 @@ class SlurmCluster:
         ctld = next((p for n, p, _ in self._procs if n == "slurmctld"), None)
         if ctld is not None and ctld.poll() is None:
             self.cancel_all()
-        for name, proc, _ in reversed(self._procs):
+        for _name, proc, _ in reversed(self._procs):
             _stop_process(proc)
         self._procs.clear()
         self._kill_leftovers()
@@ -311,7 +311,7 @@ class SlurmCluster:
             try:
                 socket.gethostbyname(name)
             except OSError as e:
-                raise SlurmUnavailable(f"node name {name!r} does not resolve ({e}): jobs could not reach it")
+                raise SlurmUnavailable(f"node name {name!r} does not resolve ({e}): jobs could not reach it") from e
         ctld_port, *node_ports = _free_ports(1 + self.nodes)
         d = self.dir
         lines = [
@@ -412,7 +412,7 @@ class SlurmCluster:
     # -- using it ------------------------------------------------------------------------------------
 
     @property
-    def env(self) -> Dict[str, str]:
+    def env(self) -> dict[str, str]:
         """The environment for client commands and jobs: ours, with SLURM_CONF, without a foreign job's."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(_FOREIGN_ENV_PREFIXES)}
         if self.conf:
@@ -420,8 +420,8 @@ class SlurmCluster:
         env["PATH"] = _SEARCH_PATH
         return env
 
-    def client(self, args: Sequence[str], *, timeout: float, check: bool = True, cwd: Optional[str] = None,
-               env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    def client(self, args: Sequence[str], *, timeout: float, check: bool = True, cwd: str | None = None,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         """Run a SLURM client command (`sinfo`, `scontrol`, ...) against this cluster."""
         cmd = [self._programs.get(args[0], args[0]), *args[1:]]
         proc = subprocess.run(cmd, env={**self.env, **(env or {})}, cwd=cwd, capture_output=True, text=True,
@@ -430,14 +430,14 @@ class SlurmCluster:
             raise RuntimeError(f"{' '.join(args)} exited {proc.returncode}: {proc.stdout}{proc.stderr}")
         return proc
 
-    def show_job(self, job_id: str) -> Dict[str, str]:
+    def show_job(self, job_id: str) -> dict[str, str]:
         """`scontrol show job` as a dict (empty when the controller no longer knows the job)."""
         proc = self.client(["scontrol", "-o", "show", "job", str(job_id)], timeout=15, check=False)
         return parse_key_values(proc.stdout) if proc.returncode == 0 else {}
 
     def submit_and_wait(self, script: str, sbatch_args: Sequence[str] = (), script_args: Sequence[str] = (), *,
-                        output: str, timeout: float, cwd: Optional[str] = None,
-                        env: Optional[Dict[str, str]] = None) -> JobResult:
+                        output: str, timeout: float, cwd: str | None = None,
+                        env: dict[str, str] | None = None) -> JobResult:
         """`sbatch --wait` the script (its output to `output`, where `%j` is the job id) and collect the outcome.
 
         `env` is sbatch's whole environment (default: `self.env`); with `--export=ALL` the job gets it.

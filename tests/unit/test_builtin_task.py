@@ -14,11 +14,11 @@ from liteppo_mcore.data import (
     build_builtin_tokenizer,
     build_datasets,
     builtin_task_names,
+    builtin_tasks,
     get_builtin_task,
     is_held_out,
     task_examples,
 )
-from liteppo_mcore.data import builtin_tasks
 from liteppo_mcore.rewards import answer_match_reward, get_reward, reward_names
 
 TASK = "max_digit"

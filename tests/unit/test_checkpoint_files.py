@@ -13,8 +13,12 @@ import pytest
 
 from liteppo_mcore.checkpoint import lock as L
 from liteppo_mcore.checkpoint import manifest as M
-from liteppo_mcore.checkpoint.checkpointer import (REPLACED_SUFFIX, complete_checkpoints, is_disk_full,
-                                                   recover_interrupted_replacements)
+from liteppo_mcore.checkpoint.checkpointer import (
+    REPLACED_SUFFIX,
+    complete_checkpoints,
+    is_disk_full,
+    recover_interrupted_replacements,
+)
 from liteppo_mcore.checkpoint.lock import being_read, reading
 from liteppo_mcore.utils.sinks import MetricsWriter, drop_rows_after, read_metrics
 

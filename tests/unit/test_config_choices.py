@@ -37,7 +37,7 @@ def _string_leaves(cls=LitePPOConfig, prefix=""):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             yield from _string_leaves(tp, prefix + f.name + ".")
-        elif tp in (str, typing.Optional[str]):
+        elif tp in (str, str | None):
             yield prefix + f.name, docs.get(f.name, "")
 
 

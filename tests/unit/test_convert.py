@@ -10,12 +10,31 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from liteppo_mcore.checkpoint.paths import (CheckpointError, iteration_dir, read_latest, resolve_iteration_dir,
-                                            write_latest)
-from liteppo_mcore.convert import (ConversionError, MegatronView, SafetensorsReader, ShardedSafetensorsWriter,
-                                   TensorLayout, check_hf_tensors, fuse_gate_up, fuse_qkv, hf_config_from_shape,
-                                   hf_shapes, hf_tensors, megatron_sources, normalize_config, parse_size,
-                                   split_gate_up, split_qkv)
+from liteppo_mcore.checkpoint.paths import (
+    CheckpointError,
+    iteration_dir,
+    read_latest,
+    resolve_iteration_dir,
+    write_latest,
+)
+from liteppo_mcore.convert import (
+    ConversionError,
+    MegatronView,
+    SafetensorsReader,
+    ShardedSafetensorsWriter,
+    TensorLayout,
+    check_hf_tensors,
+    fuse_gate_up,
+    fuse_qkv,
+    hf_config_from_shape,
+    hf_shapes,
+    hf_tensors,
+    megatron_sources,
+    normalize_config,
+    parse_size,
+    split_gate_up,
+    split_qkv,
+)
 from liteppo_mcore.models.shapes import ModelShapeError, shape_from_hf_config
 from tests.distributed.test_convert import make_hf_model
 
@@ -115,7 +134,8 @@ def test_check_hf_tensors_names_the_problem(tmp_path):
         check_hf_tensors(SafetensorsReader(str(no_head)), lay)
     extra = tmp_path / "extra"
     os.makedirs(extra)
-    save_file(_random_hf(lay, **{"model.layers.2.mlp.up_proj.weight": torch.randn(12, 8)}), str(extra / "m.safetensors"))
+    save_file(_random_hf(lay, **{"model.layers.2.mlp.up_proj.weight": torch.randn(12, 8)}),
+              str(extra / "m.safetensors"))
     with pytest.raises(ConversionError, match="does not account for.*layers.2"):
         check_hf_tensors(SafetensorsReader(str(extra)), lay)
 

@@ -52,7 +52,8 @@ def test_dry_run_checks_every_step_and_writes_the_json(tmp_path):
     assert result["mode"] == "dry" and result["passed"] is True
     steps = {s["name"]: s for s in result["steps"]}
     assert list(steps) == STEPS
-    assert all(s["status"] == "dry" for s in steps.values()), [(s["name"], s["status"], s["note"]) for s in steps.values()]
+    assert all(s["status"] == "dry" for s in steps.values()), [(s["name"], s["status"], s["note"])
+                                                               for s in steps.values()]
     assert "megatron-core" in steps["install"]["note"] and "math-verify" in steps["install"]["note"]
     collected = steps["tests"]["headline"]
     assert "tests collected" in collected and int(collected.split("dry run: ")[1].split()[0]) >= 20
@@ -178,8 +179,9 @@ def test_summaries_of_a_full_run(tmp_path):
          "median_s": 1.8, "tokens_per_s": 1.1, "mfu": 0.44, "ratio_tokens_per_s": 1.1},
         {"case": "ours, micro-batch 2 + optimizer offload", "kind": "ours + offload", "micro_batch": 2,
          "max_tokens": None, "median_s": 2.2, "tokens_per_s": 0.9, "mfu": 0.36, "ratio_tokens_per_s": 0.86}]}
-    logprob = {"memory_floor_ms": 3.5, "rows": [{"version": "naive", "median_ms": 80.0, "time_ratio_vs_naive": 1.0},
-                                                {"version": "ours (x)", "median_ms": 30.0, "time_ratio_vs_naive": 0.375}]}
+    logprob = {"memory_floor_ms": 3.5, "rows": [
+        {"version": "naive", "median_ms": 80.0, "time_ratio_vs_naive": 1.0},
+        {"version": "ours (x)", "median_ms": 30.0, "time_ratio_vs_naive": 0.375}]}
     rollout = {"rows": [{"engine": "transformers generate", "batch": 64, "tokens_per_s": 1000.0},
                         {"engine": "megatron-core StaticInferenceEngine", "batch": 64, "error": "RuntimeError: x"},
                         {"engine": "ours: fast engine", "batch": 64, "tokens_per_s": 20000.0,
@@ -208,7 +210,8 @@ def test_summaries_of_a_full_run(tmp_path):
     assert steps["bench_rollout"]["status"] == "failed" and "1 rows failed" in steps["bench_rollout"]["headline"]
     assert "20.0 ms (150 GB/s" in steps["bench_weight_sync"]["headline"]
     assert steps["tests"]["summary"]["failed"] == ["tests.gpu.t::b"]
-    assert steps["tests"]["headline"] == "2 passed, 1 failed, 0 skipped; host syncs/step 17; max logprob_abs_diff 2.0e-03"
+    assert steps["tests"]["headline"] == ("2 passed, 1 failed, 0 skipped; host syncs/step 17; "
+                                          "max logprob_abs_diff 2.0e-03")
     assert json.loads((tmp_path / "gpu_check.json").read_text())["steps"][0]["name"] == "bench_train_step"
 
 

@@ -12,8 +12,8 @@ from datetime import timedelta
 import pytest
 
 import liteppo_mcore
-from liteppo_mcore.parallel.hang import analyse, describe_collective_failure
 from liteppo_mcore.parallel import stage as S
+from liteppo_mcore.parallel.hang import analyse, describe_collective_failure
 from liteppo_mcore.utils.timers import PhaseTimer
 from tests.distributed.spawn import run_gloo
 
@@ -153,11 +153,15 @@ def test_nccl_watchdog_timeout_is_recognised_from_its_message():
 
 def test_chained_exceptions_are_searched():
     timeout = raised(chain(REDUCER_PATH, RuntimeError(GLOO_TIMEOUT)))
+
+    def clean_up():
+        raise ValueError("a clean-up step failed too")
+
     try:
         try:
             raise timeout
         except RuntimeError:
-            raise ValueError("a clean-up step failed too")
+            clean_up()  # fails while the timeout is handled: chained implicitly (__context__), not `from`
     except ValueError as later:
         assert "all_reduce timed out" in describe_collective_failure(later, rank=0)
 

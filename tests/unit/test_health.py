@@ -3,8 +3,14 @@
 import pytest
 
 from liteppo_mcore.halt import NonFiniteParameter, nonfinite_weights_error
-from liteppo_mcore.trainer.health import (BAD_STEP_KINDS, EXIT_HALTED, StepHealth,
-                                          TrainingHalted, bad_step_kinds, step_ranges)
+from liteppo_mcore.trainer.health import (
+    BAD_STEP_KINDS,
+    EXIT_HALTED,
+    StepHealth,
+    TrainingHalted,
+    bad_step_kinds,
+    step_ranges,
+)
 
 RESPONSES = 16
 UPDATES = 2

@@ -109,7 +109,8 @@ def test_every_part_of_the_package_is_in_the_table():
 def test_module_imports_only_what_its_package_may(path):
     part = _part(path)
     extra = [name for name in _imported_parts(path) if name not in ALLOWED[part]]
-    assert not extra, f"{path.relative_to(PACKAGE.parent)} ({part}) imports {extra}; the table allows {sorted(ALLOWED[part])}"
+    assert not extra, (f"{path.relative_to(PACKAGE.parent)} ({part}) imports {extra}; "
+                       f"the table allows {sorted(ALLOWED[part])}")
 
 
 def test_the_table_has_no_cycle_and_no_unused_permission():
@@ -145,7 +146,8 @@ def test_the_readme_layout_table_matches_the_folders():
     named = set(re.findall(r"`(liteppo_mcore/[\w/.]*)`", section))
     for entry in named:
         assert (PACKAGE.parent / entry).exists(), f"README's layout table names {entry}, which does not exist"
-    listed = {entry.split("/")[1].removesuffix(".py") for entry in named if entry.count("/") >= 1 and entry != "liteppo_mcore/"}
+    listed = {entry.split("/")[1].removesuffix(".py") for entry in named
+              if entry.count("/") >= 1 and entry != "liteppo_mcore/"}
     assert listed == set(ALLOWED), (sorted(set(ALLOWED) - listed), sorted(listed - set(ALLOWED)))
     for folder in ("launch", "examples", "tools", "tests", "docs"):
         assert f"`{folder}/`" in section, folder

@@ -6,8 +6,13 @@ import torch
 from liteppo_mcore.parallel import cpu_compat
 from liteppo_mcore.parallel.device import on_gpu
 from liteppo_mcore.parallel.strict_device import is_device
-from liteppo_mcore.update.offload import (module_on_device, move_module, move_optimizer_state, offload_enabled,
-                                        optimizer_state_on_device)
+from liteppo_mcore.update.offload import (
+    module_on_device,
+    move_module,
+    move_optimizer_state,
+    offload_enabled,
+    optimizer_state_on_device,
+)
 
 
 class _Wrapped:  # the shape of a megatron optimizer: the torch optimizer in `.optimizer`

@@ -23,7 +23,8 @@ def test_torchrun_then_srun_then_a_lone_process(env):
 
 def test_several_processes_without_a_local_index_are_refused(env):
     env.setenv("WORLD_SIZE", "8")
-    with pytest.raises(RuntimeError, match="neither LOCAL_RANK nor SLURM_LOCALID is set, so every process would use GPU 0"):
+    with pytest.raises(RuntimeError,
+                       match="neither LOCAL_RANK nor SLURM_LOCALID is set, so every process would use GPU 0"):
         local_rank()
     env.setenv("SLURM_LOCALID", "7")
     assert local_rank() == 7

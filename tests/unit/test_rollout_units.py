@@ -137,7 +137,8 @@ def test_engine_selection_and_errors(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: types.SimpleNamespace() if name == "sglang" else real_find_spec(name, *a))
     assert rollout.resolve_engine_name("auto") == "sglang"
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sglang" else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "sglang" else real_find_spec(name, *a))
     assert rollout.resolve_engine_name("auto") == "hf"
     assert rollout.resolve_engine_name("mcore") == "mcore"
     with pytest.raises(rollout.RolloutEngineError, match="not an engine"):

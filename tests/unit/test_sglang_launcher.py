@@ -13,8 +13,13 @@ import pytest
 
 from liteppo_mcore.rollout.sglang import launcher
 from liteppo_mcore.rollout.sglang.client import SGLangServerError
-from liteppo_mcore.rollout.sglang.launcher import (build_server_command, extra_args_from_env, free_port,
-                                                    launch_server, server_env)
+from liteppo_mcore.rollout.sglang.launcher import (
+    build_server_command,
+    extra_args_from_env,
+    free_port,
+    launch_server,
+    server_env,
+)
 
 STANDIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sglang_standin.py")
 

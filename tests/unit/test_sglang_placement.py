@@ -2,8 +2,14 @@
 
 import pytest
 
-from liteppo_mcore.rollout.sglang.placement import (colocated_server_groups, colocated_slot, disaggregated_url,
-                                                     replica_member, share_bounds, weight_group_offsets)
+from liteppo_mcore.rollout.sglang.placement import (
+    colocated_server_groups,
+    colocated_slot,
+    disaggregated_url,
+    replica_member,
+    share_bounds,
+    weight_group_offsets,
+)
 
 
 @pytest.mark.parametrize("tp, expected_servers", [
@@ -24,7 +30,8 @@ def test_colocated_server_groups_match_the_slots():
     groups = colocated_server_groups(8, 4, 2)
     assert groups == [(0, 1), (2, 3), (4, 5), (6, 7)]
     for rank in range(8):
-        assert groups[colocated_slot(rank, rank % 4, 4, 2).server_index] == colocated_slot(rank, rank % 4, 4, 2).group_ranks
+        slot = colocated_slot(rank, rank % 4, 4, 2)
+        assert groups[slot.server_index] == slot.group_ranks
 
 
 def test_colocated_tp_must_divide_the_node():

@@ -12,8 +12,12 @@ import pytest
 
 from liteppo_mcore.rollout.engine import SamplingParams
 from liteppo_mcore.rollout.sglang.client import SGLangServerError
-from liteppo_mcore.rollout.sglang.protocol import (generate_payload, parse_generate_response, parse_generation,
-                                                    sample_seed)
+from liteppo_mcore.rollout.sglang.protocol import (
+    generate_payload,
+    parse_generate_response,
+    parse_generation,
+    sample_seed,
+)
 from liteppo_mcore.rollout.sglang.version import SGLangVersionError, check_sglang_version, parse_version
 
 PARAMS = SamplingParams(temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=8, n=2, seed=5,

@@ -22,9 +22,20 @@ import urllib.request
 import pytest
 import torch
 
-from tests.sglang_standin import (_API_SAMPLING_FIELDS, CPU_WIRE_KIND, MSG_FLUSH_AFTER_UPDATE, MSG_SESSION_DIST,
-                                  MSG_SESSION_NONE, MSG_SESSION_OPEN, MSG_SESSION_TENSOR, NOT_MODELLED, REQUIRED,
-                                  StandIn, encode_cpu_bucket, generate_contract_error)
+from tests.sglang_standin import (
+    _API_SAMPLING_FIELDS,
+    CPU_WIRE_KIND,
+    MSG_FLUSH_AFTER_UPDATE,
+    MSG_SESSION_DIST,
+    MSG_SESSION_NONE,
+    MSG_SESSION_OPEN,
+    MSG_SESSION_TENSOR,
+    NOT_MODELLED,
+    REQUIRED,
+    StandIn,
+    encode_cpu_bucket,
+    generate_contract_error,
+)
 
 VERSIONS = ("0.5.20", "0.5.23")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -117,7 +117,8 @@ def test_an_update_outside_the_session_is_what_the_server_refuses(servers):
 
 def test_a_failed_update_closes_the_session_and_stays_paused(servers):
     [(standin, client)] = servers(1, version="0.5.23",
-                                  answers={"/update_weights_from_tensor": {"success": False, "message": "no such weight"}})
+                                  answers={"/update_weights_from_tensor": {"success": False,
+                                                                           "message": "no such weight"}})
     ops = FakeOps()
     with pytest.raises(SGLangServerError, match="no such weight"):
         TensorSyncer(client, ops, describe).sync(_buckets()[0])
@@ -227,7 +228,8 @@ def test_generating_on_released_weights_is_impossible(servers):
     engine = _engine(client)
     engine.update_weights(_buckets()[0], weight_version="0")
     engine.sleep()
-    for attempt in (lambda: engine.generate([[1]], SamplingParams()), lambda: (engine.wake(), engine.generate([[1]], SamplingParams()))):
+    for attempt in (lambda: engine.generate([[1]], SamplingParams()),
+                    lambda: (engine.wake(), engine.generate([[1]], SamplingParams()))):
         with pytest.raises(SGLangServerError, match="weights were released and not pushed again"):
             attempt()
     assert "/generate" not in standin.paths()

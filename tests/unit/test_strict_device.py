@@ -230,7 +230,8 @@ def test_collectives_over_nccl_groups_refuse_host_tensors():
     results = run_gloo(collectives_worker, 2, env={"LITEPPO_STRICT_DEVICE": "1"})
     for rank, r in enumerate(results):
         assert r["device_ok"] == [2.0, 2.0]
-        assert "c10d.allreduce_.default over process group '0'" in r["host_world"] and "NCCL only takes CUDA tensors" in r["host_world"]
+        assert "c10d.allreduce_.default over process group '0'" in r["host_world"]
+        assert "NCCL only takes CUDA tensors" in r["host_world"]
         assert r["host_gloo"] == [2.0, 2.0]
         assert r["objects"] == [{"rank": 0}, {"rank": 1}]
         assert r["placement"] == (True, False, f"cuda:{rank}")

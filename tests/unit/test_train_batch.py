@@ -7,8 +7,14 @@ import torch
 
 from liteppo_mcore.config import load_config
 from liteppo_mcore.models.forward import SequenceBatch, to_response_coords, to_sequence_coords
-from liteppo_mcore.update import (OptimSettings, TrainBatch, learning_rate, minibatch_indices, plan_micro_batches,
-                                 rank_share)
+from liteppo_mcore.update import (
+    OptimSettings,
+    TrainBatch,
+    learning_rate,
+    minibatch_indices,
+    plan_micro_batches,
+    rank_share,
+)
 
 
 def test_minibatches_are_a_seeded_permutation_and_shares_do_not_depend_on_dp():

@@ -18,8 +18,9 @@ def test_missing_dataset_and_model_paths(tmp_path):
     from liteppo_mcore.data import build_builtin_tokenizer
 
     build_builtin_tokenizer().save_pretrained(str(tmp_path / "tok"))
-    proc = run_entry(BASE + [f"output_dir={tmp_path}/a", "data.builtin_task=null", f"model.tokenizer_path={tmp_path}/tok",
-                             f"data.train_path={tmp_path}/nope.jsonl"], timeout=180)
+    proc = run_entry(BASE + [f"output_dir={tmp_path}/a", "data.builtin_task=null",
+                             f"model.tokenizer_path={tmp_path}/tok", f"data.train_path={tmp_path}/nope.jsonl"],
+                     timeout=180)
     _fails_cleanly(proc, "nope.jsonl")
     proc = run_entry(BASE + [f"output_dir={tmp_path}/b", f"model.hf_path={tmp_path}/no-model"], timeout=180)
     _fails_cleanly(proc, "no-model")

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any
 
 from .client import ServerClient, SGLangServerError
 from .engine import SGLangEngine
 from .launcher import build_server_command, extra_args_from_env, free_port, launch_server
-from .placement import (colocated_server_groups, colocated_slot, disaggregated_url, replica_member)
+from .placement import colocated_server_groups, colocated_slot, disaggregated_url, replica_member
 from .version import SUPPORTED_RANGE, check_sglang_version
 from .weight_sync import DistributedSyncer, TensorSyncer, init_weights_update_group
 
@@ -30,7 +31,7 @@ class TorchGroupOps:
     def __init__(self, server_group: Any = None, leader_rank: int = 0, is_leader: bool = True):
         self.server_group, self.leader_rank, self.is_leader = server_group, leader_rank, is_leader
 
-    def gather_to_leader(self, obj: Any) -> Optional[List[Any]]:
+    def gather_to_leader(self, obj: Any) -> list[Any] | None:
         import torch.distributed as dist
 
         if self.server_group is None:
@@ -39,24 +40,24 @@ class TorchGroupOps:
         dist.gather_object(obj, out, dst=self.leader_rank, group=self.server_group)
         return out
 
-    def agree(self, error: Optional[str]) -> Optional[str]:
+    def agree(self, error: str | None) -> str | None:
         import torch.distributed as dist
 
-        errors: List[Optional[str]] = [None] * dist.get_world_size()
+        errors: list[str | None] = [None] * dist.get_world_size()
         dist.all_gather_object(errors, error)
         return next((e for e in errors if e), None)
 
 
-def gather_replica_fn(groups: Any) -> Callable[[Any], List[Any]]:
+def gather_replica_fn(groups: Any) -> Callable[[Any], list[Any]]:
     """Gather one object per replica member over the TP, CP and PP groups (member order: pp, cp, tp)."""
     import torch.distributed as dist
 
-    def gather(obj: Any) -> List[Any]:
+    def gather(obj: Any) -> list[Any]:
         level: Any = obj
         for group, size in ((groups.tp_group, groups.tp_size), (groups.cp_group, groups.cp_size),
                             (groups.pp_group, groups.pp_size)):
             if size > 1:
-                out: List[Any] = [None] * size
+                out: list[Any] = [None] * size
                 dist.all_gather_object(out, level, group=group)
                 level = out
             else:
@@ -66,7 +67,7 @@ def gather_replica_fn(groups: Any) -> Callable[[Any], List[Any]]:
     return gather
 
 
-def weight_serializer() -> Callable[[List[Tuple[str, Any]]], Tuple[Any, Any]]:
+def weight_serializer() -> Callable[[list[tuple[str, Any]]], tuple[Any, Any]]:
     """How buckets travel to a colocated server: SGLang's own serializer (CUDA IPC handles) on a GPU;
     without CUDA, the CPU wire format of `cpu_wire.py` (no CUDA IPC exists there)."""
     import importlib.util
@@ -86,7 +87,7 @@ def weight_serializer() -> Callable[[List[Tuple[str, Any]]], Tuple[Any, Any]]:
     return serialize_cpu_bucket
 
 
-def sglang_serialize(named_tensors: List[Tuple[str, Any]]) -> Tuple[str, Any]:
+def sglang_serialize(named_tensors: list[tuple[str, Any]]) -> tuple[str, Any]:
     """One bucket (any mix of dtypes) -> SGLang's flattened-bucket payload, serialized (CUDA IPC handles
     on GPU)."""
     from sglang.srt.utils import MultiprocessingSerializer
@@ -124,7 +125,7 @@ def _broadcast_fn(group: Any):
     return broadcast
 
 
-def server_urls(configured: Sequence[str]) -> List[str]:
+def server_urls(configured: Sequence[str]) -> list[str]:
     urls = [u for u in configured if u] or [u.strip() for u in os.environ.get(URLS_ENV, "").split(",") if u.strip()]
     return [u if "://" in u else f"http://{u}" for u in urls]
 
@@ -152,7 +153,7 @@ def build_sglang_engine(cfg: Any, models: Any, groups: Any, eos_token_ids: Seque
     raise ValueError(f"rollout.mode must be colocated or disaggregated, got {mode!r}")
 
 
-def _local_layout(rank: int, world: int) -> Tuple[int, int]:
+def _local_layout(rank: int, world: int) -> tuple[int, int]:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or min(world, _device_count() or world)
     local_rank = int(os.environ.get("LOCAL_RANK", rank % local_world))
     return local_rank, local_world
@@ -176,11 +177,12 @@ def _build_colocated(cfg: Any, rank: int, world: int, common: dict) -> SGLangEng
         if slot.leader_rank == ranks[0]:
             server_group = group
     client, error = (_launch_colocated(cfg, slot) if slot.is_leader else (None, None))
-    shared: List[Any] = [None] * world
+    shared: list[Any] = [None] * world
     dist.all_gather_object(shared, (client.url if client else None, error))
     errors = [e for _, e in shared if e]
     if errors:
         if client is not None:
+            assert client.process is not None  # launch_server's clients carry the process it started
             client.process.shutdown()
         raise SGLangServerError(f"launching the colocated SGLang servers failed: {errors[0]}")
     if client is None:
@@ -193,7 +195,7 @@ def _build_colocated(cfg: Any, rank: int, world: int, common: dict) -> SGLangEng
                         manages_memory=True, owned=owned, **common)
 
 
-def _launch_colocated(cfg: Any, slot: Any) -> Tuple[Optional[ServerClient], Optional[str]]:
+def _launch_colocated(cfg: Any, slot: Any) -> tuple[ServerClient | None, str | None]:
     r = cfg.rollout
     if not cfg.model.hf_path:
         return None, ("rollout.engine=sglang needs model.hf_path: SGLang loads the architecture (and first "
@@ -230,7 +232,7 @@ def _build_disaggregated(cfg: Any, groups: Any, rank: int, common: dict) -> SGLa
     url = disaggregated_url(urls, groups.dp_rank, common["member"], common["members"])
     client = ServerClient(url, timeout_s=r.request_timeout_s, max_retries=r.max_retries)
     ops = TorchGroupOps(None)
-    admin: List[ServerClient] = []
+    admin: list[ServerClient] = []
     broadcast, error = None, None
     if rank == 0:
         admin = [ServerClient(u, timeout_s=r.request_timeout_s, max_retries=r.max_retries) for u in urls]
@@ -252,7 +254,7 @@ def _build_disaggregated(cfg: Any, groups: Any, rank: int, common: dict) -> SGLa
                         on_shutdown=destroy_group if rank == 0 else None, **common)
 
 
-def _connect_servers(clients: List[ServerClient], r: Any):
+def _connect_servers(clients: list[ServerClient], r: Any):
     tp_sizes = []
     for client in clients:
         client.wait_healthy(r.server_start_timeout_s)

@@ -10,7 +10,8 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Callable, Dict, Iterable, Optional, Protocol
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
 
@@ -20,11 +21,13 @@ class SGLangServerError(RuntimeError):
 
 
 class ProcessInfo(Protocol):
-    """What the client needs from a server process we launched (see launcher.ServerProcess)."""
+    """What the client (and the rank that launched it) needs from a server process (see launcher.ServerProcess)."""
 
-    def poll(self) -> Optional[int]: ...
+    def poll(self) -> int | None: ...
 
     def diagnostics(self) -> str: ...
+
+    def shutdown(self, grace_s: float = ...) -> None: ...
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -38,7 +41,7 @@ class ServerClient:
     """JSON requests to one server. `process` is set when this rank launched the server."""
 
     def __init__(self, url: str, *, timeout_s: float = 600.0, max_retries: int = 3,
-                 retry_delay_s: float = 1.0, process: Optional[ProcessInfo] = None):
+                 retry_delay_s: float = 1.0, process: ProcessInfo | None = None):
         self.url = url.rstrip("/")
         self.timeout_s = float(timeout_s)
         self.max_retries = int(max_retries)
@@ -75,7 +78,7 @@ class ServerClient:
             return body.decode(errors="replace")
 
     def request(self, path: str, payload: Any = None, *, method: str = "POST",
-                timeout_s: Optional[float] = None, retries: Optional[int] = None,
+                timeout_s: float | None = None, retries: int | None = None,
                 retry_statuses: Iterable[int] = RETRY_STATUSES) -> Any:
         """Send one request; retry transient failures at most `retries` times, then raise a clear error."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
@@ -129,7 +132,7 @@ class ServerClient:
                     "minutes to load: raise rollout.server_start_timeout_s, or check the server's log.")
             sleep(poll_s)
 
-    def server_info(self) -> Dict[str, Any]:
+    def server_info(self) -> dict[str, Any]:
         """/server_info (the server's arguments and `version`), else its deprecated alias
         /get_server_info; {} when neither answers."""
         from .version import SERVER_INFO_PATHS

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 import torch
 
 WIRE_KIND = "liteppo-cpu-flattened-bucket-v1"
 
 
-def flatten_bucket(named_tensors: List[Tuple[str, torch.Tensor]]) -> Dict[str, Any]:
+def flatten_bucket(named_tensors: list[tuple[str, torch.Tensor]]) -> dict[str, Any]:
     """One uint8 tensor holding every tensor's bytes, and where each one lies in it."""
     if not named_tensors:
         raise ValueError("cannot send an empty weight bucket")
@@ -34,7 +34,7 @@ def flatten_bucket(named_tensors: List[Tuple[str, torch.Tensor]]) -> Dict[str, A
     return {"kind": WIRE_KIND, "flattened_tensor": torch.cat(parts), "metadata": metadata}
 
 
-def unflatten_bucket(payload: Dict[str, Any]) -> List[Tuple[str, torch.Tensor]]:
+def unflatten_bucket(payload: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
     """The (name, tensor) pairs of a flattened bucket (copies, in the bucket's order)."""
     if payload.get("kind") != WIRE_KIND:
         raise ValueError(f"not a {WIRE_KIND} payload (kind {payload.get('kind')!r})")
@@ -47,13 +47,13 @@ def unflatten_bucket(payload: Dict[str, Any]) -> List[Tuple[str, torch.Tensor]]:
     return out
 
 
-def serialize_cpu_bucket(named_tensors: List[Tuple[str, torch.Tensor]]) -> Tuple[str, Any]:
+def serialize_cpu_bucket(named_tensors: list[tuple[str, torch.Tensor]]) -> tuple[str, Any]:
     """(the wire string, what to keep alive until the server has loaded it: nothing, it is a copy)."""
     buffer = io.BytesIO()
     torch.save(flatten_bucket(named_tensors), buffer)
     return base64.b64encode(buffer.getvalue()).decode("ascii"), None
 
 
-def deserialize_cpu_bucket(wire: str) -> List[Tuple[str, torch.Tensor]]:
+def deserialize_cpu_bucket(wire: str) -> list[tuple[str, torch.Tensor]]:
     payload = torch.load(io.BytesIO(base64.b64decode(wire)), map_location="cpu", weights_only=True)
     return unflatten_bucket(payload)

@@ -20,7 +20,8 @@ the end-to-end guard that the rollout used the weights just trained.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable, List, Optional, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from ..engine import Generation, RolloutEngine, SamplingParams, WeightBucket
 from .client import ServerClient, SGLangServerError
@@ -28,7 +29,7 @@ from .placement import share_bounds
 from .protocol import check_weight_versions, generate_payload, parse_generate_response
 from .version import TAG_KV_CACHE, TAG_WEIGHTS
 
-ReplicaGather = Callable[[Any], List[Any]]  # one object per replica member, in member order
+ReplicaGather = Callable[[Any], list[Any]]  # one object per replica member, in member order
 
 
 class SGLangEngine(RolloutEngine):
@@ -40,7 +41,7 @@ class SGLangEngine(RolloutEngine):
     def __init__(self, *, client: ServerClient, syncer: Any, ops: Any, member: int, members: int,
                  gather_replica: ReplicaGather, admin_clients: Sequence[ServerClient] = (),
                  stream: int = 0, eos_token_ids: Sequence[int] = (), manages_memory: bool = True,
-                 owned: Sequence[Any] = (), on_shutdown: Optional[Callable[[], None]] = None):
+                 owned: Sequence[Any] = (), on_shutdown: Callable[[], None] | None = None):
         self.client = client                      # the server this rank generates on
         self.syncer = syncer
         self.ops = ops
@@ -54,7 +55,7 @@ class SGLangEngine(RolloutEngine):
         self.on_shutdown = on_shutdown
         self.released: set = set()                # memory tags released on the servers
         self.weights_pushed = True                # False from a weights release until the next push
-        self.weight_version: Optional[str] = None  # of the last push; every answer must report it
+        self.weight_version: str | None = None  # of the last push; every answer must report it
         self._closed = False
 
     @property
@@ -63,7 +64,7 @@ class SGLangEngine(RolloutEngine):
 
     # -- generation -----------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
-                 on_progress: Optional[Callable[[int], None]] = None) -> List[List[Generation]]:
+                 on_progress: Callable[[int], None] | None = None) -> list[list[Generation]]:
         """See `RolloutEngine.generate`. Each rank's share is one /generate request whose answer holds all
         its responses, so `on_progress` is never called."""
         if not self.weights_pushed:
@@ -75,7 +76,7 @@ class SGLangEngine(RolloutEngine):
         if not params.stop_token_ids and self.eos_token_ids:
             params = dataclasses.replace(params, stop_token_ids=self.eos_token_ids)
         start, end = share_bounds(len(prompts), self.member, self.members)
-        mine: List[List[Generation]] = []
+        mine: list[list[Generation]] = []
         error = None
         if end > start:
             try:
@@ -97,7 +98,7 @@ class SGLangEngine(RolloutEngine):
         return results
 
     # -- weights and memory ----------------------------------------------------------------------
-    def update_weights(self, buckets: Iterable[WeightBucket], weight_version: Optional[str] = None) -> None:
+    def update_weights(self, buckets: Iterable[WeightBucket], weight_version: str | None = None) -> None:
         """Weights back (if released), push, then the KV cache back (module doc)."""
         self._resume([TAG_WEIGHTS])
         self.syncer.sync(buckets, weight_version)

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 from collections import deque
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 from .client import ServerClient
 
@@ -28,7 +28,7 @@ _DROPPED_ENV = ("SGLANG_RETURN_ORIGINAL_LOGPROB", "RETURN_ORIGINAL_LOGPROB", "RA
                 "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT",
                 "TORCHELASTIC_RUN_ID")
 
-_LIVE: "set[ServerProcess]" = set()
+_LIVE: set[ServerProcess] = set()
 _LIVE_LOCK = threading.Lock()
 
 
@@ -42,7 +42,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 def build_server_command(model_path: str, *, port: int, tp: int = 1, base_gpu_id: int = 0,
                          mem_fraction_static: float = 0.5, seed: int = 0, host: str = "127.0.0.1",
                          enable_memory_saver: bool = True, extra_args: Sequence[str] = (),
-                         launcher: Optional[Sequence[str]] = None) -> List[str]:
+                         launcher: Sequence[str] | None = None) -> list[str]:
     """The `python -m sglang.launch_server` command line of one server.
 
     Token ids in and out (`--skip-tokenizer-init`), so the server needs no tokenizer and never
@@ -59,12 +59,12 @@ def build_server_command(model_path: str, *, port: int, tp: int = 1, base_gpu_id
     return command + list(extra_args)
 
 
-def extra_args_from_env(env: Optional[Dict[str, str]] = None) -> List[str]:
+def extra_args_from_env(env: dict[str, str] | None = None) -> list[str]:
     """User flags for every launched server, e.g. LITEPPO_SGLANG_EXTRA_ARGS='--attention-backend fa3'."""
     return shlex.split((env if env is not None else os.environ).get(EXTRA_ARGS_ENV, ""))
 
 
-def server_env(base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     for key in _DROPPED_ENV:
         env.pop(key, None)
@@ -75,8 +75,8 @@ def server_env(base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
 class ServerProcess:
     """One launched server: its process group, a rolling tail of its output, and its shutdown."""
 
-    def __init__(self, command: Sequence[str], url: str, *, log_path: Optional[str] = None,
-                 env: Optional[Dict[str, str]] = None, tail_lines: int = 40):
+    def __init__(self, command: Sequence[str], url: str, *, log_path: str | None = None,
+                 env: dict[str, str] | None = None, tail_lines: int = 40):
         self.command = list(command)
         self.url = url
         self.log_path = log_path
@@ -95,9 +95,11 @@ class ServerProcess:
 
     def _pump(self) -> None:
         """Copy the server's output to its log file (and keep the last lines for error messages)."""
+        stdout = self._proc.stdout
+        assert stdout is not None  # started with stdout=PIPE
         log = open(self.log_path, "a", buffering=1) if self.log_path else None
         try:
-            for raw in iter(self._proc.stdout.readline, b""):
+            for raw in iter(stdout.readline, b""):
                 line = raw.decode(errors="replace").rstrip("\n")
                 self._tail.append(line)
                 if log is not None:
@@ -106,10 +108,10 @@ class ServerProcess:
             if log is not None:
                 log.close()
 
-    def poll(self) -> Optional[int]:
+    def poll(self) -> int | None:
         return self._proc.poll()
 
-    def log_tail(self, lines: int = 20) -> List[str]:
+    def log_tail(self, lines: int = 20) -> list[str]:
         return list(self._tail)[-lines:]
 
     def diagnostics(self) -> str:
@@ -143,8 +145,8 @@ class ServerProcess:
 
 
 def launch_server(command: Sequence[str], url: str, *, start_timeout_s: float, request_timeout_s: float,
-                  max_retries: int, log_path: Optional[str] = None,
-                  env: Optional[Dict[str, str]] = None, poll_s: float = 1.0) -> ServerClient:
+                  max_retries: int, log_path: str | None = None,
+                  env: dict[str, str] | None = None, poll_s: float = 1.0) -> ServerClient:
     """Start a server and wait for /health; on any failure the server is shut down before raising."""
     process = ServerProcess(command, url, log_path=log_path, env=env)
     client = ServerClient(url, timeout_s=request_timeout_s, max_retries=max_retries, process=process)

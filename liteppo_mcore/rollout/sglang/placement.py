@@ -11,8 +11,8 @@ so that every member returns the same results (the engine protocol's collective 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class ColocatedSlot:
     leader_rank: int                # global rank that launches and feeds the server
     is_leader: bool
     base_gpu_id: int                # first local GPU of the server (SGLang's --base-gpu-id)
-    group_ranks: Tuple[int, ...]    # global ranks sharing the server, leader first
+    group_ranks: tuple[int, ...]    # global ranks sharing the server, leader first
 
 
 def colocated_slot(rank: int, local_rank: int, local_world_size: int, rollout_tp: int) -> ColocatedSlot:
@@ -50,7 +50,7 @@ def colocated_slot(rank: int, local_rank: int, local_world_size: int, rollout_tp
                          group_ranks=tuple(range(leader, leader + rollout_tp)))
 
 
-def colocated_server_groups(world_size: int, local_world_size: int, rollout_tp: int) -> List[Tuple[int, ...]]:
+def colocated_server_groups(world_size: int, local_world_size: int, rollout_tp: int) -> list[tuple[int, ...]]:
     """Every server's ranks, in server order (each rank must create the same groups in the same order)."""
     if world_size % local_world_size:
         raise ValueError(f"world size {world_size} is not a multiple of the ranks per node {local_world_size}")
@@ -65,7 +65,7 @@ def replica_member(tp_rank: int, tp_size: int, pp_rank: int, cp_rank: int, cp_si
     return (pp_rank * cp_size + cp_rank) * tp_size + tp_rank
 
 
-def share_bounds(num_items: int, member: int, members: int) -> Tuple[int, int]:
+def share_bounds(num_items: int, member: int, members: int) -> tuple[int, int]:
     """[start, end) of member `member`'s contiguous share of `num_items` (sizes differ by at most one)."""
     if not 0 <= member < members:
         raise ValueError(f"member {member} out of range for {members} members")
@@ -82,7 +82,7 @@ def disaggregated_url(urls: Sequence[str], dp_rank: int, member: int, members: i
     return urls[(dp_rank * members + member) % len(urls)]
 
 
-def weight_group_offsets(server_tp_sizes: Sequence[int]) -> Tuple[List[int], int]:
+def weight_group_offsets(server_tp_sizes: Sequence[int]) -> tuple[list[int], int]:
     """Rank offsets of the servers in the weights-update group (rank 0 is the trainer's source rank)
     and the group's world size."""
     offsets, next_rank = [], 1

@@ -20,7 +20,8 @@ with deterministic inference (otherwise sampling uses the server's RNG, seeded b
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from liteppo_mcore.utils.seeds import mix_seed
 
@@ -36,9 +37,9 @@ def sample_seed(seed: int, stream: int, prompt_index: int, sample_index: int) ->
     return mix_seed(seed, stream, prompt_index, sample_index) % _SEED_MODULUS
 
 
-def sampling_params_payload(params: SamplingParams, seed: int) -> Dict[str, Any]:
+def sampling_params_payload(params: SamplingParams, seed: int) -> dict[str, Any]:
     """SGLang `sampling_params` of one single-sample request."""
-    payload: Dict[str, Any] = {
+    payload: dict[str, Any] = {
         "max_new_tokens": int(params.max_new_tokens),
         "n": 1,
         "stop_token_ids": [int(t) for t in params.stop_token_ids],
@@ -56,10 +57,10 @@ def sampling_params_payload(params: SamplingParams, seed: int) -> Dict[str, Any]
 
 
 def generate_payload(prompts: Sequence[Sequence[int]], params: SamplingParams, *, stream: int = 0,
-                     first_prompt_index: int = 0) -> Dict[str, Any]:
+                     first_prompt_index: int = 0) -> dict[str, Any]:
     """One batched /generate request: every prompt repeated `n` times, prompt-major."""
-    input_ids: List[List[int]] = []
-    sampling: List[Dict[str, Any]] = []
+    input_ids: list[list[int]] = []
+    sampling: list[dict[str, Any]] = []
     for offset, prompt in enumerate(prompts):
         for sample in range(params.n):
             input_ids.append([int(t) for t in prompt])
@@ -69,7 +70,7 @@ def generate_payload(prompts: Sequence[Sequence[int]], params: SamplingParams, *
             "top_logprobs_num": 0, "stream": False}
 
 
-def _finish_type(meta: Dict[str, Any]) -> str:
+def _finish_type(meta: dict[str, Any]) -> str:
     reason = meta.get("finish_reason")
     if isinstance(reason, dict):
         kind = str(reason.get("type", ""))
@@ -84,7 +85,7 @@ def _finish_type(meta: Dict[str, Any]) -> str:
     return str(reason or "")
 
 
-def parse_generation(item: Dict[str, Any], params: SamplingParams) -> Generation:
+def parse_generation(item: dict[str, Any], params: SamplingParams) -> Generation:
     """One /generate answer -> `Generation`. Tokens and log-probs come from `output_token_logprobs`
     ([logprob, token_id, text] per generated token, the stop token included)."""
     meta = item.get("meta_info") or {}
@@ -111,7 +112,7 @@ def parse_generation(item: Dict[str, Any], params: SamplingParams) -> Generation
     return Generation(token_ids=token_ids, logprobs=logprobs, finish_reason=finish)
 
 
-def parse_generate_response(response: Any, num_prompts: int, params: SamplingParams) -> List[List[Generation]]:
+def parse_generate_response(response: Any, num_prompts: int, params: SamplingParams) -> list[list[Generation]]:
     """The batched answer (a list, in request order) -> `n` generations per prompt."""
     if isinstance(response, dict):
         response = [response]

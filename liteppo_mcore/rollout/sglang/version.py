@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 import sys
 from dataclasses import dataclass
-from typing import Optional, Tuple
 
 MIN_VERSION = (0, 5, 20)
 MAX_VERSION_EXCLUSIVE = (0, 6, 0)
@@ -20,7 +19,7 @@ class SGLangVersionError(RuntimeError):
     """The installed (or serving) SGLang is missing or outside the supported range."""
 
 
-def parse_version(text: str) -> Tuple[int, int, int]:
+def parse_version(text: str) -> tuple[int, int, int]:
     """The leading `major.minor.patch` of a version string ("0.5.23.post1" -> (0, 5, 23))."""
     match = re.match(r"\s*v?(\d+)(?:\.(\d+))?(?:\.(\d+))?", str(text))
     if not match:
@@ -32,7 +31,7 @@ def is_supported(version: str) -> bool:
     return MIN_VERSION <= parse_version(version) < MAX_VERSION_EXCLUSIVE
 
 
-def installed_version() -> Optional[str]:
+def installed_version() -> str | None:
     """The installed sglang distribution's version, or None when it is not installed."""
     from importlib import metadata
 
@@ -42,7 +41,7 @@ def installed_version() -> Optional[str]:
         return None
 
 
-def check_sglang_version(version: Optional[str] = None, *, where: str = "installed") -> str:
+def check_sglang_version(version: str | None = None, *, where: str = "installed") -> str:
     """Raise `SGLangVersionError` unless `version` (default: the installed one) is supported."""
     if version is None:
         version = installed_version()

@@ -27,8 +27,10 @@ raises on every rank instead of leaving the others waiting in a collective.
 
 from __future__ import annotations
 
+import functools
 import threading
-from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Tuple
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
 
 from torch import Tensor
 
@@ -42,10 +44,10 @@ FLUSH_RETRY_STATUSES = (400, 500, 502, 503, 504)  # /flush_cache answers 400 whi
 class GroupOps(Protocol):
     """The collectives a sync needs (torch.distributed in production, trivial ones in tests)."""
 
-    def gather_to_leader(self, obj: Any) -> Optional[List[Any]]:
+    def gather_to_leader(self, obj: Any) -> list[Any] | None:
         """Gather `obj` from the ranks sharing this rank's server; the list on the leader, else None."""
 
-    def agree(self, error: Optional[str]) -> Optional[str]:
+    def agree(self, error: str | None) -> str | None:
         """All trainer ranks exchange their error (or None); every rank gets the first error."""
 
 
@@ -90,7 +92,7 @@ def abandon_update(clients: Sequence[ServerClient]) -> None:
         pass
 
 
-def update_payload(base: Dict[str, Any], weight_version: Optional[str]) -> Dict[str, Any]:
+def update_payload(base: dict[str, Any], weight_version: str | None) -> dict[str, Any]:
     payload = dict(base, flush_cache=False)
     if weight_version is not None:
         payload["weight_version"] = str(weight_version)
@@ -102,7 +104,7 @@ def dtype_name(tensor: Tensor) -> str:
     return str(tensor.dtype).replace("torch.", "")
 
 
-def _leader_step(action: Callable[[], None], is_leader: bool) -> Optional[str]:
+def _leader_step(action: Callable[[], None], is_leader: bool) -> str | None:
     if not is_leader:
         return None
     try:
@@ -112,13 +114,13 @@ def _leader_step(action: Callable[[], None], is_leader: bool) -> Optional[str]:
         return f"{type(exc).__name__}: {exc}"
 
 
-def _raise_agreed(ops: GroupOps, error: Optional[str]) -> None:
+def _raise_agreed(ops: GroupOps, error: str | None) -> None:
     error = ops.agree(error)
     if error:
         raise SGLangServerError(f"weight sync failed: {error}")
 
 
-Serializer = Callable[[WeightBucket], Tuple[Any, Any]]  # dtype bucket -> (wire form, buffers to keep alive)
+Serializer = Callable[[WeightBucket], tuple[Any, Any]]  # dtype bucket -> (wire form, buffers to keep alive)
 
 
 class TensorSyncer:
@@ -127,16 +129,16 @@ class TensorSyncer:
     `client` is set on the server's leader only; `serialize` turns a bucket into what entry i of
     serialized_named_tensors carries (SGLang's serializer on GPU, the CPU wire format without CUDA)."""
 
-    def __init__(self, client: Optional[ServerClient], ops: GroupOps, serialize: Serializer,
+    def __init__(self, client: ServerClient | None, ops: GroupOps, serialize: Serializer,
                  load_format: str = "flattened_bucket"):
         self.client = client
         self.ops = ops
         self.serialize = serialize
         self.load_format = load_format
 
-    def sync(self, buckets: Iterable[WeightBucket], weight_version: Optional[str] = None) -> None:
+    def sync(self, buckets: Iterable[WeightBucket], weight_version: str | None = None) -> None:
         leader = self.client is not None
-        clients = [self.client] if leader else []
+        clients = [self.client] if self.client is not None else []
 
         def start() -> None:
             pause_and_flush(clients)
@@ -147,7 +149,7 @@ class TensorSyncer:
             for bucket in buckets:
                 wire, keep_alive = self.serialize(bucket)
                 gathered = self.ops.gather_to_leader(wire)
-                error = _leader_step(lambda: self._send(gathered, weight_version), leader)
+                error = _leader_step(functools.partial(self._send, gathered, weight_version), leader)
                 _raise_agreed(self.ops, error)  # the server has loaded (or failed) before buffers go
                 del keep_alive
             _raise_agreed(self.ops, _leader_step(lambda: end_update(clients), leader))
@@ -156,11 +158,13 @@ class TensorSyncer:
             raise
         _raise_agreed(self.ops, _leader_step(lambda: continue_generation(clients), leader))
 
-    def _send(self, gathered: Optional[List[Any]], weight_version: Optional[str]) -> None:
+    def _send(self, gathered: list[Any] | None, weight_version: str | None) -> None:
+        client = self.client
+        assert client is not None  # sent through _leader_step: on the leader, which has the client
         payload = update_payload({"serialized_named_tensors": gathered, "load_format": self.load_format},
                                  weight_version)
-        _check_answer(self.client.request("/update_weights_from_tensor", payload, retries=0),
-                      self.client, "update_weights_from_tensor")
+        _check_answer(client.request("/update_weights_from_tensor", payload, retries=0),
+                      client, "update_weights_from_tensor")
 
 
 def init_weights_update_group(clients: Sequence[ServerClient], tp_sizes: Sequence[int], *, master_address: str,
@@ -181,10 +185,10 @@ def init_weights_update_group(clients: Sequence[ServerClient], tp_sizes: Sequenc
 
 
 class _Concurrent:
-    def __init__(self, threads: List[threading.Thread], results: List[Any]):
+    def __init__(self, threads: list[threading.Thread], results: list[Any]):
         self.threads, self.results = threads, results
 
-    def wait(self, timeout_s: Optional[float] = None) -> List[Any]:
+    def wait(self, timeout_s: float | None = None) -> list[Any]:
         for thread in self.threads:
             thread.join(timeout_s)
         for result in self.results:
@@ -195,7 +199,7 @@ class _Concurrent:
 
 def _post_concurrently(clients: Sequence[ServerClient], path: str, payloads: Sequence[Any]) -> _Concurrent:
     """POST to every server from its own thread (the calls block until the broadcast completes)."""
-    results: List[Any] = [None] * len(clients)
+    results: list[Any] = [None] * len(clients)
 
     def run(index: int) -> None:
         try:
@@ -216,7 +220,7 @@ class DistributedSyncer:
     `clients` (every server) and `broadcast` are set on the source rank only."""
 
     def __init__(self, clients: Sequence[ServerClient], ops: GroupOps,
-                 broadcast: Optional[Callable[[Tensor], None]], group_name: str):
+                 broadcast: Callable[[Tensor], None] | None, group_name: str):
         self.clients = list(clients)
         self.ops = ops
         self.broadcast = broadcast
@@ -226,7 +230,7 @@ class DistributedSyncer:
     def is_source(self) -> bool:
         return bool(self.clients)
 
-    def sync(self, buckets: Iterable[WeightBucket], weight_version: Optional[str] = None) -> None:
+    def sync(self, buckets: Iterable[WeightBucket], weight_version: str | None = None) -> None:
         source = self.is_source
 
         def start() -> None:
@@ -236,23 +240,25 @@ class DistributedSyncer:
         _raise_agreed(self.ops, _leader_step(start, source))
         try:
             for bucket in buckets:
-                _raise_agreed(self.ops, _leader_step(lambda: self._push(bucket, weight_version), source))
+                _raise_agreed(self.ops, _leader_step(functools.partial(self._push, bucket, weight_version), source))
             _raise_agreed(self.ops, _leader_step(lambda: end_update(self.clients), source))
         except BaseException:
             abandon_update(self.clients)
             raise
         _raise_agreed(self.ops, _leader_step(lambda: continue_generation(self.clients), source))
 
-    def payload(self, bucket: WeightBucket, weight_version: Optional[str] = None) -> Dict[str, Any]:
+    def payload(self, bucket: WeightBucket, weight_version: str | None = None) -> dict[str, Any]:
         return update_payload({"names": [name for name, _ in bucket], "dtypes": [dtype_name(t) for _, t in bucket],
                                "shapes": [list(t.shape) for _, t in bucket], "group_name": self.group_name},
                               weight_version)
 
-    def _push(self, bucket: WeightBucket, weight_version: Optional[str]) -> None:
+    def _push(self, bucket: WeightBucket, weight_version: str | None) -> None:
+        broadcast = self.broadcast
+        assert broadcast is not None  # pushed through _leader_step: on the source rank, which has it
         payload = self.payload(bucket, weight_version)
         pending = _post_concurrently(self.clients, "/update_weights_from_distributed",
                                      [payload] * len(self.clients))
         for _, tensor in bucket:
-            self.broadcast(tensor)
+            broadcast(tensor)
         for client, answer in zip(self.clients, pending.wait()):
             _check_answer(answer, client, "update_weights_from_distributed")
