@@ -40,25 +40,27 @@ def resolve_dtype(name: str) -> torch.dtype:
 def transformer_config(shape: ModelShape, cfg: LitePPOConfig, dtype: torch.dtype) -> TransformerConfig:
     """megatron's TransformerConfig for `shape` under the configured layout. Dropout is 0 everywhere:
     PPO ratios must be exactly 1 before the first update, and trainer and engine log-probs must agree."""
-    m, p = cfg.model, cfg.parallel
+    model_cfg, parallel = cfg.model, cfg.parallel
     return TransformerConfig(
         num_layers=shape.num_layers, hidden_size=shape.hidden_size, ffn_hidden_size=shape.ffn_hidden_size,
         num_attention_heads=shape.num_attention_heads, num_query_groups=shape.num_query_groups,
         kv_channels=shape.head_dim, normalization="RMSNorm", layernorm_epsilon=shape.norm_epsilon,
         gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, add_qkv_bias=shape.qkv_bias,
         qk_layernorm=shape.qk_norm, hidden_dropout=0.0, attention_dropout=0.0,
-        tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp, context_parallel_size=p.cp,
-        sequence_parallel=p.sequence_parallel, params_dtype=dtype, pipeline_dtype=dtype,
-        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, init_method_std=m.init_std,
+        tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp,
+        context_parallel_size=parallel.cp,
+        sequence_parallel=parallel.sequence_parallel, params_dtype=dtype, pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, init_method_std=model_cfg.init_std,
         # Always initialize, also before loading weights: with CPU initialization megatron sets the
         # tensor-parallel attributes (partition_dim, stride) only while drawing the random weights.
         use_cpu_initialization=not on_gpu(), perform_initialization=True,
         # Fusions: on CPU they would trigger torch.compile (slow start, nothing gained).
         bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
         bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
-        recompute_granularity=m.recompute_granularity,
-        recompute_method=m.recompute_method if m.recompute_granularity == "full" else None,
-        recompute_num_layers=m.recompute_num_layers if m.recompute_granularity == "full" else None,
+        recompute_granularity=model_cfg.recompute_granularity,
+        recompute_method=model_cfg.recompute_method if model_cfg.recompute_granularity == "full" else None,
+        recompute_num_layers=(model_cfg.recompute_num_layers if model_cfg.recompute_granularity == "full"
+                              else None),
         deallocate_pipeline_outputs=False,
         cuda_graph_scope=[],  # megatron's default "full" means the same and warns that it is deprecated
         # Training losses arrive already divided by the GLOBAL token/sequence counts of the mini-batch

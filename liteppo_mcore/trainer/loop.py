@@ -34,7 +34,7 @@ from liteppo_mcore.parallel.mcore import destroy_model_parallel, initialize_mode
 from liteppo_mcore.parallel.reducer import Reducer, make_allreduce_max
 from liteppo_mcore.parallel.stage import set_stage, set_step, stage
 from liteppo_mcore.rewards import RewardBatchCancelled, build_reward_runner
-from liteppo_mcore.rollout import build_engine, sampling_params_from_config
+from liteppo_mcore.rollout import build_engine, eos_token_ids, sampling_params_from_config
 from liteppo_mcore.rollout.engine import SamplingParams
 from liteppo_mcore.rollout.exporter import WeightExporter
 from liteppo_mcore.rollout.metrics import (
@@ -111,7 +111,7 @@ class Trainer:
                        if self.models.critic is not None else None)
         if self.models.reference is not None and offload_enabled(cfg.train.offload_between_phases):
             move_module(self.models.reference, torch.device("cpu"))  # on the GPU only for its forward pass
-        self.eos_ids = tuple(i for i in [self.tokenizer.eos_token_id] if i is not None)
+        self.eos_ids = eos_token_ids(self.tokenizer)  # a tokenizer without one is refused, naming the fix
         self.engine = build_engine(cfg, self.models, self.groups, self.eos_ids)
         self.exporter = (WeightExporter(self.models.actor, self.groups, self.models.shape,
                                         cfg.rollout.weight_sync_bucket_mb << 20)
