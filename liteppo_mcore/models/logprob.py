@@ -263,6 +263,108 @@ def vocab_parallel_logprob_entropy(
     return logp, (ent if compute_entropy else None)
 
 
+class _FusedLogProbEntropy(torch.autograd.Function):
+    """(hidden [N, H], weight [V/TP, H], targets [N]) -> (log p(target) [N], entropy [N]) with the output
+    layer's matmul inside the chunk loop: the logits of one chunk of rows exist at a time, forward and
+    backward (which recomputes them); see `vocab_parallel_logprob_entropy_from_hidden`."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, shard: _Shard, compute_entropy: bool,
+                entropy_grad: bool) -> tuple[Tensor, Tensor]:
+        n = hidden.shape[0]
+        stats = torch.empty(4, n, dtype=shard.compute_dtype, device=hidden.device)
+        if shard.num_valid == 0:  # a shard of vocabulary padding only
+            stats.zero_()
+            stats[0].fill_(_EMPTY_MAX)
+        else:
+            w = weight[: shard.num_valid]
+            local_t = targets - shard.vocab_start
+            work = torch.empty(2 if compute_entropy else 1, min(shard.rows_per_chunk, n), shard.num_valid,
+                               dtype=shard.compute_dtype, device=hidden.device)
+            for lo in range(0, n, shard.rows_per_chunk):
+                hi = min(n, lo + shard.rows_per_chunk)
+                logits = hidden[lo:hi] @ w.t()  # this chunk's logits, in the hidden states' dtype
+                stats[:, lo:hi] = _chunk_stats(logits, local_t[lo:hi], shard, compute_entropy, work)
+        log_z, logp, ent = _merge_stats(_gather_stats(stats, shard.group))
+        if not compute_entropy:
+            ent = ent.new_empty(0)
+        if not (compute_entropy and entropy_grad):
+            ctx.mark_non_differentiable(ent)
+        ctx.shard = shard
+        ctx.entropy_grad = compute_entropy and entropy_grad
+        ctx.save_for_backward(hidden, weight, targets, log_z, ent if ctx.entropy_grad else None)
+        ctx.set_materialize_grads(False)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp: Tensor | None, g_ent: Tensor | None):
+        hidden, weight, targets, log_z, ent = ctx.saved_tensors
+        shard: _Shard = ctx.shard
+        g_ent = g_ent if ctx.entropy_grad else None
+        if g_logp is None and g_ent is None:
+            return None, None, None, None, None, None
+        grad_hidden = torch.zeros_like(hidden)
+        grad_weight = torch.zeros_like(weight)  # padding rows keep a zero gradient
+        n = hidden.shape[0]
+        if shard.num_valid and n:
+            w = weight[: shard.num_valid]
+            gw = grad_weight[: shard.num_valid]
+            local_t = targets - shard.vocab_start
+            work = torch.empty(1 if g_ent is None else 2, min(shard.rows_per_chunk, n), shard.num_valid,
+                               dtype=shard.compute_dtype, device=hidden.device)
+            for lo in range(0, n, shard.rows_per_chunk):
+                sl = slice(lo, min(n, lo + shard.rows_per_chunk))
+                logits = hidden[sl] @ w.t()  # recomputed: nothing of the forward's chunk was kept
+                g = _chunk_grad(logits, local_t[sl], log_z[sl], None if ent is None else ent[sl],
+                                None if g_logp is None else g_logp[sl], None if g_ent is None else g_ent[sl],
+                                shard, work).to(hidden.dtype)
+                grad_hidden[sl] = g @ w
+                gw.add_(g.t() @ hidden[sl])
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def vocab_parallel_logprob_entropy_from_hidden(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    tp_group: dist.ProcessGroup | None = None,
+    temperature: float = 1.0,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    compute_entropy: bool = True,
+    entropy_grad: bool = False,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """`vocab_parallel_logprob_entropy` of the logits ``hidden @ weight.T``, without ever holding them
+    whole: the output layer's matmul runs per chunk of rows, in the forward pass and again in the
+    backward pass, so besides the inputs a call holds one chunk of logits and its fp32 buffers.
+
+    Args:
+        hidden: ``[N, H]`` the last hidden states (after the final norm) of N selected positions, the
+            same on every rank of ``tp_group``.
+        weight: ``[V/TP, H]`` this rank's shard of the output layer (tied or untied), padded rows included.
+        targets, tp_group, temperature, vocab_start, vocab_size, compute_entropy, entropy_grad,
+        chunk_size: as for `vocab_parallel_logprob_entropy` (``chunk_size``: rows per chunk; None: as many
+            as make 256 MiB of fp32 per temporary).
+
+    Gradients: ``weight`` gets this rank's full gradient; ``hidden`` gets this rank's share (its vocabulary
+    slice's part), to be summed over ``tp_group``, as megatron's column-parallel output layer does in the
+    backward of its input (pass ``hidden`` through ``copy_to_tensor_model_parallel_region``).
+    Returns ``(logp [N], entropy [N] or None)``, float32 (float64 for float64 inputs).
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden [N, H] and weight [V/TP, H] must share H, got {tuple(hidden.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets {tuple(targets.shape)} must be [N] for hidden {tuple(hidden.shape)}")
+    # the shard's geometry is the logits' [N, V/TP]: a view of that shape describes it without computing it
+    shape_only = weight.new_empty(()).expand(hidden.shape[0], weight.shape[0])
+    shard = _make_shard(shape_only, tp_group, temperature, vocab_start, vocab_size, chunk_size)
+    logp, ent = _FusedLogProbEntropy.apply(hidden, weight, targets.long(), shard, compute_entropy, entropy_grad)
+    return logp, (ent if compute_entropy else None)
+
+
 def logprob_entropy_at(logits: Tensor, targets: Tensor, mask: Tensor, **kwargs) -> tuple[Tensor, Tensor | None]:
     """``vocab_parallel_logprob_entropy`` at the positions where ``mask`` is True, zeros elsewhere.
 

@@ -53,6 +53,7 @@ def _tp_checks(rank, world_size, group, bounds):
         logprob_entropy_at,
         vocab_parallel_full_kl,
         vocab_parallel_logprob_entropy,
+        vocab_parallel_logprob_entropy_from_hidden,
     )
 
     logits, other, targets, w_logp, w_ent = _inputs()
@@ -81,7 +82,31 @@ def _tp_checks(rank, world_size, group, bounds):
         even64, w_logp.view(1, N), w_ent.view(1, N))
     empty, _ = vocab_parallel_logprob_entropy(even32[:0], targets[:0], **common)  # collectives still meet
     out["empty"] = tuple(empty.shape)
+    # The fused path: this rank's rows of the output layer's weight, the same hidden states on every rank
+    hidden, weight = _hidden_inputs()
+    h = hidden.clone().requires_grad_(True)
+    w = weight[cols].clone().requires_grad_(True)
+    logp, ent = vocab_parallel_logprob_entropy_from_hidden(h, w, targets, entropy_grad=True, chunk_size=5, **common)
+    ((w_logp * logp) + (w_ent * ent)).sum().backward()
+    out["fused"] = {"logp": logp.detach(), "ent": ent.detach(), "d_hidden_share": h.grad, "d_weight": w.grad}
     return out
+
+
+def _hidden_inputs(hidden_size=16):
+    gen = torch.Generator().manual_seed(7)
+    return (torch.randn(N, hidden_size, generator=gen, dtype=torch.float64),
+            torch.randn(V, hidden_size, generator=gen, dtype=torch.float64) * 0.6)
+
+
+def _fused_reference():
+    logits, other, targets, w_logp, w_ent = _inputs()
+    hidden, weight = _hidden_inputs()
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    logsm = torch.log_softmax(h @ w.t() / TEMPERATURE, -1)
+    logp = logsm.gather(1, targets[:, None])[:, 0]
+    ent = -(logsm.exp() * logsm).sum(-1)
+    (w_logp * logp + w_ent * ent).sum().backward()
+    return logp.detach(), ent.detach(), h.grad, w.grad
 
 
 def _reference(logits, other, targets, w_logp, w_ent, mask=None):
@@ -136,3 +161,15 @@ def _check_tp(results, world_size, bounds):
         at_out = {k: v.reshape(N, -1).squeeze(-1) if k != "grad" else v for k, v in out["at"].items()}
         _check(at_out, at, cols, 1e-10)
         assert out["empty"] == (0,)
+    # fused: values on every rank, the weight's gradient per shard, the hidden states' summed over the group
+    logp, ent, d_hidden, d_weight = _fused_reference()
+    for start in range(0, len(results), world_size):
+        group = results[start:start + world_size]
+        for rank, out in enumerate(group):
+            fused = out["fused"]
+            torch.testing.assert_close(fused["logp"], logp, rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(fused["ent"], ent, rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(fused["d_weight"], d_weight[rank * v_local:(rank + 1) * v_local],
+                                       rtol=1e-10, atol=1e-10)
+        summed = torch.stack([out["fused"]["d_hidden_share"] for out in group]).sum(0)
+        torch.testing.assert_close(summed, d_hidden, rtol=1e-10, atol=1e-10)

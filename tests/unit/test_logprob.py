@@ -210,3 +210,67 @@ def test_no_rows_int32_targets_and_bad_arguments():
         vocab_parallel_logprob_entropy(torch.zeros(2, 5), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="chunk_size"):
         vocab_parallel_logprob_entropy(torch.zeros(2, 5), torch.zeros(2, dtype=torch.long), chunk_size=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The fused path: log-probs and entropy straight from the hidden states and the output layer's weight
+
+
+def _fused_case(n=41, h=24, v=50, padded=56, dtype=torch.float32, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=gen, dtype=torch.float64).to(dtype)
+    weight = (torch.randn(padded, h, generator=gen, dtype=torch.float64) * 0.5).to(dtype)
+    targets = torch.randint(0, v, (n,), generator=gen)
+    w_logp = torch.randn(n, generator=gen, dtype=torch.float64)
+    w_ent = torch.randn(n, generator=gen, dtype=torch.float64)
+    return hidden, weight, targets, w_logp, w_ent
+
+
+def _hidden_and_weight_grads(fn, hidden, weight, w_logp, w_ent):
+    h = hidden.detach().clone().requires_grad_(True)
+    w = weight.detach().clone().requires_grad_(True)
+    logp, ent = fn(h, w)
+    loss = (w_logp.to(logp.dtype) * logp).sum()
+    if ent is not None and ent.requires_grad:
+        loss = loss + (w_ent.to(ent.dtype) * ent).sum()
+    loss.backward()
+    return logp.detach(), None if ent is None else ent.detach(), h.grad, w.grad
+
+
+@pytest.mark.parametrize("entropy_grad", [False, True])
+@pytest.mark.parametrize("chunk_size", [None, 1, 7])
+def test_fused_equals_the_unfused_path_in_values_and_gradients(entropy_grad, chunk_size):
+    from liteppo_mcore.models.logprob import vocab_parallel_logprob_entropy_from_hidden
+
+    hidden, weight, targets, w_logp, w_ent = _fused_case()
+    common = dict(temperature=0.7, vocab_size=50, entropy_grad=entropy_grad)
+    fused = _hidden_and_weight_grads(lambda h, w: vocab_parallel_logprob_entropy_from_hidden(
+        h, w, targets, chunk_size=chunk_size, **common), hidden, weight, w_logp, w_ent)
+    unfused = _hidden_and_weight_grads(lambda h, w: vocab_parallel_logprob_entropy(
+        h @ w.t(), targets, **common), hidden, weight, w_logp, w_ent)
+    # to 1e-6 of each quantity's largest magnitude: fp32 matmuls of one row and of 41 rows sum in other orders
+    for got, want, name in zip(fused, unfused, ("logp", "entropy", "d hidden", "d weight")):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * max(1.0, float(want.abs().max())), msg=name)
+    assert fused[3][50:].abs().max() == 0  # vocabulary padding rows of the weight get no gradient
+
+
+def test_fused_float64_gradcheck_and_edge_cases():
+    from liteppo_mcore.models.logprob import vocab_parallel_logprob_entropy_from_hidden
+
+    hidden, weight, targets, _, _ = _fused_case(n=5, h=4, v=6, padded=8, dtype=torch.float64)
+    h = hidden.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+
+    def fn(h, w):
+        logp, ent = vocab_parallel_logprob_entropy_from_hidden(h, w, targets, vocab_size=6, entropy_grad=True,
+                                                               chunk_size=2, temperature=1.3)
+        return logp, ent
+
+    assert torch.autograd.gradcheck(fn, (h, w))
+    empty_logp, empty_ent = vocab_parallel_logprob_entropy_from_hidden(
+        hidden[:0], weight, targets[:0], vocab_size=6)
+    assert empty_logp.shape == (0,) and empty_ent.shape == (0,)
+    logp, ent = vocab_parallel_logprob_entropy_from_hidden(hidden, weight, targets, compute_entropy=False)
+    assert ent is None and logp.shape == (5,)
+    with pytest.raises(ValueError, match="must share H"):
+        vocab_parallel_logprob_entropy_from_hidden(hidden, weight[:, :3], targets)
