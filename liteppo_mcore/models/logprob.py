@@ -27,6 +27,7 @@ Outputs are float32 (float64 when the logits are float64), whatever the input dt
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -86,10 +87,10 @@ def _gather_stats(stats: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     return torch.stack(parts)
 
 
-def _workspace(logits: Tensor, shard: _Shard, count: int) -> Tensor:
-    """``count`` fp32 chunk buffers reused by every chunk of a call (no allocation per chunk)."""
-    rows = min(shard.rows_per_chunk, logits.shape[0])
-    return torch.empty(count, rows, shard.num_valid, dtype=shard.compute_dtype, device=logits.device)
+def _workspace(n: int, shard: _Shard, count: int, device: torch.device) -> Tensor:
+    """``count`` fp32 chunk buffers reused by every chunk of a call over ``n`` rows (no allocation per chunk)."""
+    return torch.empty(count, min(shard.rows_per_chunk, n), shard.num_valid, dtype=shard.compute_dtype,
+                       device=device)
 
 
 def _scaled_minus(x: Tensor, shift: Tensor, inv_t: float, out: Tensor) -> Tensor:
@@ -129,21 +130,41 @@ def _chunk_stats(x: Tensor, local_t: Tensor, shard: _Shard, entropy: bool, work:
     return torch.stack([m, s, a, z_t])
 
 
-def _local_stats(logits: Tensor, targets: Tensor, shard: _Shard, entropy: bool) -> Tensor:
+# The logits of rows lo:hi of this shard's real vocabulary columns, `[hi - lo, num_valid]`: a slice of
+# stored logits, or (the fused path) a chunk computed from the hidden states.
+ChunkLogits = Callable[[int, int], Tensor]
+
+
+def _local_stats(chunk_logits: ChunkLogits, n: int, targets: Tensor, shard: _Shard, entropy: bool,
+                 device: torch.device) -> Tensor:
     """``[4, N]`` rows (m, s, a, z_target) of this shard, chunk by chunk."""
-    n = logits.shape[0]
-    stats = torch.empty(4, n, dtype=shard.compute_dtype, device=logits.device)
+    stats = torch.empty(4, n, dtype=shard.compute_dtype, device=device)
     if shard.num_valid == 0:  # a shard of vocabulary padding only
         stats.zero_()
         stats[0].fill_(_EMPTY_MAX)
         return stats
-    x = logits[:, : shard.num_valid]
     local_t = targets - shard.vocab_start
-    work = _workspace(logits, shard, 2 if entropy else 1)
+    work = _workspace(n, shard, 2 if entropy else 1, device)
     for lo in range(0, n, shard.rows_per_chunk):
         hi = min(n, lo + shard.rows_per_chunk)
-        stats[:, lo:hi] = _chunk_stats(x[lo:hi], local_t[lo:hi], shard, entropy, work)
+        stats[:, lo:hi] = _chunk_stats(chunk_logits(lo, hi), local_t[lo:hi], shard, entropy, work)
     return stats
+
+
+def _chunk_grads(chunk_logits: ChunkLogits, n: int, targets: Tensor, log_z: Tensor, ent: Tensor | None,
+                 g_logp: Tensor | None, g_ent: Tensor | None, shard: _Shard,
+                 device: torch.device) -> Iterator[tuple[slice, Tensor]]:
+    """(rows, d loss / d logits of those rows) chunk by chunk (nothing when the shard is padding only);
+    each gradient lives in a reused buffer, valid until the next one is produced."""
+    if not shard.num_valid:
+        return
+    local_t = targets - shard.vocab_start
+    work = _workspace(n, shard, 1 if g_ent is None else 2, device)
+    for lo in range(0, n, shard.rows_per_chunk):
+        sl = slice(lo, min(n, lo + shard.rows_per_chunk))
+        yield sl, _chunk_grad(chunk_logits(sl.start, sl.stop), local_t[sl], log_z[sl],
+                              None if ent is None else ent[sl], None if g_logp is None else g_logp[sl],
+                              None if g_ent is None else g_ent[sl], shard, work)
 
 
 def _merge_stats(gathered: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -187,7 +208,9 @@ class _LogProbEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor, shard: _Shard, compute_entropy: bool,
                 entropy_grad: bool, inplace_backward: bool) -> tuple[Tensor, Tensor]:
-        stats = _gather_stats(_local_stats(logits, targets, shard, compute_entropy), shard.group)
+        columns = logits[:, : shard.num_valid]
+        stats = _gather_stats(_local_stats(lambda lo, hi: columns[lo:hi], logits.shape[0], targets, shard,
+                                           compute_entropy, logits.device), shard.group)
         log_z, logp, ent = _merge_stats(stats)
         if not compute_entropy:
             ent = ent.new_empty(0)
@@ -209,16 +232,9 @@ class _LogProbEntropy(torch.autograd.Function):
         # In place: the caller promised the logits are not used after backward; saves a logits-sized buffer.
         grad = logits if ctx.inplace_backward else torch.empty_like(logits)
         grad[:, shard.num_valid:].zero_()  # vocabulary padding is outside the distribution
-        local_t = targets - shard.vocab_start
-        n = logits.shape[0]
-        work = _workspace(logits, shard, 1 if g_ent is None else 2) if shard.num_valid else None
-        for lo in range(0, n if shard.num_valid else 0, shard.rows_per_chunk):
-            assert work is not None  # allocated when num_valid > 0, the only case the loop runs
-            hi = min(n, lo + shard.rows_per_chunk)
-            sl = slice(lo, hi)
-            chunk = _chunk_grad(logits[sl, : shard.num_valid], local_t[sl], log_z[sl],
-                                None if ent is None else ent[sl], None if g_logp is None else g_logp[sl],
-                                None if g_ent is None else g_ent[sl], shard, work)
+        columns = logits[:, : shard.num_valid]
+        for sl, chunk in _chunk_grads(lambda lo, hi: columns[lo:hi], logits.shape[0], targets, log_z, ent, g_logp,
+                                      g_ent, shard, logits.device):
             grad[sl, : shard.num_valid].copy_(chunk)
         return grad, None, None, None, None, None
 
@@ -271,20 +287,9 @@ class _FusedLogProbEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, shard: _Shard, compute_entropy: bool,
                 entropy_grad: bool) -> tuple[Tensor, Tensor]:
-        n = hidden.shape[0]
-        stats = torch.empty(4, n, dtype=shard.compute_dtype, device=hidden.device)
-        if shard.num_valid == 0:  # a shard of vocabulary padding only
-            stats.zero_()
-            stats[0].fill_(_EMPTY_MAX)
-        else:
-            w = weight[: shard.num_valid]
-            local_t = targets - shard.vocab_start
-            work = torch.empty(2 if compute_entropy else 1, min(shard.rows_per_chunk, n), shard.num_valid,
-                               dtype=shard.compute_dtype, device=hidden.device)
-            for lo in range(0, n, shard.rows_per_chunk):
-                hi = min(n, lo + shard.rows_per_chunk)
-                logits = hidden[lo:hi] @ w.t()  # this chunk's logits, in the hidden states' dtype
-                stats[:, lo:hi] = _chunk_stats(logits, local_t[lo:hi], shard, compute_entropy, work)
+        w = weight[: shard.num_valid]
+        stats = _local_stats(lambda lo, hi: hidden[lo:hi] @ w.t(),  # this chunk's logits, in hidden's dtype
+                             hidden.shape[0], targets, shard, compute_entropy, hidden.device)
         log_z, logp, ent = _merge_stats(_gather_stats(stats, shard.group))
         if not compute_entropy:
             ent = ent.new_empty(0)
@@ -305,21 +310,13 @@ class _FusedLogProbEntropy(torch.autograd.Function):
             return None, None, None, None, None, None
         grad_hidden = torch.zeros_like(hidden)
         grad_weight = torch.zeros_like(weight)  # padding rows keep a zero gradient
-        n = hidden.shape[0]
-        if shard.num_valid and n:
-            w = weight[: shard.num_valid]
-            gw = grad_weight[: shard.num_valid]
-            local_t = targets - shard.vocab_start
-            work = torch.empty(1 if g_ent is None else 2, min(shard.rows_per_chunk, n), shard.num_valid,
-                               dtype=shard.compute_dtype, device=hidden.device)
-            for lo in range(0, n, shard.rows_per_chunk):
-                sl = slice(lo, min(n, lo + shard.rows_per_chunk))
-                logits = hidden[sl] @ w.t()  # recomputed: nothing of the forward's chunk was kept
-                g = _chunk_grad(logits, local_t[sl], log_z[sl], None if ent is None else ent[sl],
-                                None if g_logp is None else g_logp[sl], None if g_ent is None else g_ent[sl],
-                                shard, work).to(hidden.dtype)
-                grad_hidden[sl] = g @ w
-                gw.add_(g.t() @ hidden[sl])
+        w, gw = weight[: shard.num_valid], grad_weight[: shard.num_valid]
+        # the chunk's logits are recomputed: nothing of the forward's chunk was kept
+        for sl, chunk in _chunk_grads(lambda lo, hi: hidden[lo:hi] @ w.t(), hidden.shape[0], targets, log_z, ent,
+                                      g_logp, g_ent, shard, hidden.device):
+            g = chunk.to(hidden.dtype)
+            grad_hidden[sl] = g @ w
+            gw.add_(g.t() @ hidden[sl])
         return grad_hidden, grad_weight, None, None, None, None
 
 
@@ -432,7 +429,7 @@ def vocab_parallel_full_kl(
     if logits_p.shape != logits_q.shape:
         raise ValueError(f"logits_p {tuple(logits_p.shape)} and logits_q {tuple(logits_q.shape)} differ")
     shard = _make_shard(logits_p, tp_group, temperature, vocab_start, vocab_size, chunk_size)
-    work = _workspace(logits_p, shard, 2) if shard.num_valid else None
+    work = _workspace(logits_p.shape[0], shard, 2, logits_p.device) if shard.num_valid else None
     log_zp, log_zq = _log_partitions((logits_p, logits_q), shard, work).unbind(0)
     kl = torch.zeros(logits_p.shape[0], dtype=shard.compute_dtype, device=logits_p.device)
     inv_t, n = shard.inv_temperature, logits_p.shape[0]
