@@ -16,7 +16,7 @@ everything already lives on the CPU and these calls do nothing.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -74,26 +74,25 @@ def offload_enabled(flag: bool) -> bool:
 
 
 @contextlib.contextmanager
-def module_on_device(module: torch.nn.Module, offload: bool) -> Iterator[torch.nn.Module]:
+def _on_device_while(move: Callable[[Any, torch.device], object], thing: Any, offload: bool) -> Iterator[Any]:
+    """With `offload`: `move(thing, compute device)` before the block and `move(thing, host)` after it,
+    also when the block raises. Without: nothing moves."""
+    if offload:
+        move(thing, compute_device())
+    try:
+        yield thing
+    finally:
+        if offload:
+            move(thing, torch.device("cpu"))
+
+
+def module_on_device(module: torch.nn.Module, offload: bool) -> contextlib.AbstractContextManager[torch.nn.Module]:
     """With `offload`: `module` (the frozen reference) on the compute device inside the block, back on
     the host after it, also when the block raises. Without: nothing moves."""
-    if offload:
-        move_module(module, compute_device())
-    try:
-        yield module
-    finally:
-        if offload:
-            move_module(module, torch.device("cpu"))
+    return _on_device_while(move_module, module, offload)
 
 
-@contextlib.contextmanager
-def optimizer_state_on_device(optimizer: Any, offload: bool) -> Iterator[Any]:
+def optimizer_state_on_device(optimizer: Any, offload: bool) -> contextlib.AbstractContextManager[Any]:
     """With `offload`: the optimizer's states (Adam moments) on the compute device inside the block (the
     update), on the host after it, also when the block raises. Without: nothing moves."""
-    if offload:
-        move_optimizer_state(optimizer, compute_device())
-    try:
-        yield optimizer
-    finally:
-        if offload:
-            move_optimizer_state(optimizer, torch.device("cpu"))
+    return _on_device_while(move_optimizer_state, optimizer, offload)
