@@ -3,28 +3,25 @@ written on a GSM8K-shaped file (tools/prepare_data.py, tools/train_tokenizer.py,
 torchrun with 2 CPU processes), and the reward and the held-out accuracy rise."""
 
 import json
-import os
 import random
 import re
-import subprocess
-import sys
 
 import pytest
 
-from liteppo_mcore.parallel.setup import free_port
-from tests.launch_utils import REPO
+from tests import doc_blocks as D
 
-DOC = os.path.join(REPO, "docs", "data_and_rewards.md")
+DOC = "docs/data_and_rewards.md"
 HEADING = "## Your own data, end to end"
 NUM_QUESTIONS = 3000
 
 
 def doc_commands():
-    """The commands of the section's bash block, continuation lines joined."""
-    text = open(DOC, encoding="utf-8").read()
-    start = text.index("```bash\n", text.index(HEADING)) + len("```bash\n")
-    block = text[start:text.index("```\n", start)]
-    return [line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    """The commands of the section's bash block."""
+    def section(block):  # the heading of the section the block stands in
+        return "## " + D.text_before(block).rsplit("\n## ", 1)[-1].split("\n", 1)[0]
+
+    block = next(b for b in D.blocks_of(DOC) if b.lang == "bash" and section(b) == HEADING)
+    return D.logical_lines(block.text)
 
 
 def gsm8k_like(path, n, seed=0):
@@ -41,16 +38,6 @@ def gsm8k_like(path, n, seed=0):
                                 "answer": f"Of {listed} the largest is {answer}.\n#### {answer}"}) + "\n")
 
 
-def as_run_here(command):
-    """`python` -> this interpreter; `torchrun` -> torch.distributed.run on a free local port."""
-    if command.startswith("python "):
-        return f"{sys.executable} {command[len('python '):]}"
-    if command.startswith("torchrun "):
-        launcher = f"{sys.executable} -m torch.distributed.run --master_addr 127.0.0.1 --master_port {free_port()}"
-        return f"{launcher} {command[len('torchrun '):]}"
-    raise AssertionError(f"the section's block runs python or torchrun only, not: {command}")
-
-
 def _rows(path):
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f]
@@ -62,15 +49,8 @@ def test_the_documented_commands_train_on_a_gsm8k_shaped_file(tmp_path):
     assert [c.split()[1] for c in commands] == ["tools/prepare_data.py", "tools/train_tokenizer.py",
                                                 "--nproc_per_node"], commands
     gsm8k_like(tmp_path / "gsm8k_train.jsonl", NUM_QUESTIONS)
-    for folder in ("tools", "launch", "examples"):  # the commands name them relative to the checkout
-        os.symlink(os.path.join(REPO, folder), tmp_path / folder)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    outputs = []
-    for command in commands:
-        proc = subprocess.run(["bash", "-c", as_run_here(command)], cwd=tmp_path, env=env, capture_output=True,
-                              text=True, timeout=900)
-        assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-        outputs.append(proc.stdout)
+    D.make_sandbox(str(tmp_path))  # the commands name tools/, launch/, examples/ relative to the checkout
+    outputs = [D.check(D.run_lines([command], str(tmp_path), timeout=900), command).stdout for command in commands]
     prepared, tokenizer_out, train_out = outputs
 
     # prepare_data printed the very overrides the training command uses
