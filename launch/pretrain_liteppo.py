@@ -125,8 +125,9 @@ def main(argv=None) -> int:
     try:
         if layout.rank == 0:  # the resolved configuration goes to output_dir/config.yaml (--print-config shows it)
             print(f"liteppo: layout {layout.describe()}", flush=True)
-            if missing_kernels_line() and not args.dry_run:  # a dry run runs no kernels
-                print(missing_kernels_line(), flush=True)
+            kernels = "" if args.dry_run else missing_kernels_line()  # a dry run runs no kernels
+            if kernels:
+                print(kernels, flush=True)
             if ignored_loss_agg_mode(cfg):
                 print(f"liteppo: token_level_loss=true, so loss_agg_mode={cfg.loss_agg_mode} is not used "
                       "(the loss is token-mean)", flush=True)
