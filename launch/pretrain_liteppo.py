@@ -170,4 +170,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from liteppo_mcore.parallel.hang import exit_now
+
+    # The exit hooks run, the interpreter's finalization does not: it can abort a finished run (exit_now says why)
+    exit_now(main(), cleanup_s=None)

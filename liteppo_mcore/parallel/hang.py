@@ -277,18 +277,26 @@ def describe_collective_failure(exc: BaseException, *, timeout_minutes: float | 
     return "\n".join(lines)
 
 
-def exit_now(code: int = EXIT_PEER_FAILURE, *, cleanup_s: float = 5.0) -> None:
+def exit_now(code: int = EXIT_PEER_FAILURE, *, cleanup_s: float | None = 5.0) -> None:
     """End the process with `code` after flushing and running the `atexit` hooks (servers this process
-    started are shut down there), without tearing the process groups down: that can block on the dead
-    peer. A hard SIGALRM ends the process if the hooks take more than `cleanup_s` seconds."""
+    started are shut down there), skipping the interpreter's finalization.
+
+    After a collective timed out, that spares the process-group teardown, which can block on the dead peer;
+    a hard SIGALRM then ends the process if the hooks take more than `cleanup_s` seconds. At a normal end
+    (`cleanup_s=None`: the hooks run without a deadline) it spares gloo's worker threads being killed in
+    the middle of a collective's clean-up: a worker that drops the last reference to a tensor of the final
+    collective takes the GIL, and one that asks for it while the interpreter finalizes is ended with
+    pthread_exit, which aborts the process ("terminate called without an active exception", SIGABRT)
+    after the run itself succeeded."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except Exception:  # noqa: BLE001 - a closed pipe must not stop the exit
             pass
-    if cleanup_s > 0 and hasattr(signal, "alarm"):
-        signal.signal(signal.SIGALRM, signal.SIG_DFL)  # the kernel ends the process, whatever Python is doing
-        signal.alarm(max(1, int(round(cleanup_s))))
+    if cleanup_s is None or cleanup_s > 0:
+        if cleanup_s is not None and hasattr(signal, "alarm"):
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)  # the kernel ends the process, whatever Python is doing
+            signal.alarm(max(1, int(round(cleanup_s))))
         try:
             atexit._run_exitfuncs()
         except Exception:  # noqa: BLE001

@@ -135,3 +135,38 @@ def test_print_config_needs_no_launcher_world_size():
     proc = subprocess.run([sys.executable, ENTRY, "--config", big[0], "--print-config"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "does not divide WORLD_SIZE(3)" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_the_launcher_runs_the_exit_hooks_and_skips_the_interpreters_finalization(tmp_path):
+    """A finished run ends through exit_now: flushed, the atexit hooks run (servers and reward workers are
+    stopped there), but no finalization, in which a gloo worker still releasing the last collective's
+    tensors asks for the GIL and aborts the process (SIGABRT after a successful run). The probe: an atexit
+    hook, and a thread that prints once the interpreter starts finalizing (threading's shutdown callbacks
+    are the first step of it); a plain interpreter shows both (the control)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "sitecustomize.py").write_text(
+        "import atexit, threading\n"
+        "atexit.register(lambda: print('exit hook ran', flush=True))\n"
+        "_finalizing = threading.Event()\n"
+        "threading._register_atexit(_finalizing.set)\n"
+        "def _probe():\n"
+        "    _finalizing.wait()\n"
+        "    print('finalized', flush=True)\n"
+        "threading.Thread(target=_probe, name='finalization-probe').start()\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    control = subprocess.run([sys.executable, "-c", "print('done')"], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, **env})
+    assert control.stdout.splitlines() == ["done", "finalized", "exit hook ran"], control
+
+    # a dry run: a gloo group with its worker threads, a last object collective
+    proc = run_entry(["--config", "examples/tiny_cpu.yaml", f"output_dir={tmp_path}/run", "--dry-run"], env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[-1] == "exit hook ran" and "finalized" not in lines, lines
+    assert lines[-2].startswith("liteppo: dry run OK")  # the output came through whole, before the hooks
+
+    proc = run_entry(["--config", "examples/tiny_cpu.yaml", "no_such_key=1"], env=env)
+    assert proc.returncode == 2 and "no_such_key" in proc.stderr, proc.stderr  # the status is kept
+    assert proc.stdout.splitlines() == ["exit hook ran"], proc.stdout
