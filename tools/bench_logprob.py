@@ -1,9 +1,20 @@
-"""Benchmark: vocab-parallel log-prob + entropy (forward and backward) against naive fp32 log_softmax.
+"""Benchmark: vocab-parallel log-prob + entropy (forward and backward) against naive fp32 log_softmax,
+and, from the last hidden states, the fused path against the output layer's matmul plus the same.
 
-Both versions run in the same process on the same random logits ``[tokens, vocab]`` (TP=1). Reports
-the median time of forward+backward and, on CUDA, the extra peak memory over the inputs (CUDA events
-after warm-up); on CPU (perf_counter), the bytes of tensors each version keeps alive for backward,
-beyond the logits themselves. Also the largest difference from the naive results, as a sanity check.
+Table 1, from logits: every version runs in the same process on the same random logits
+``[tokens, vocab]`` (TP=1). Reports the median time of forward+backward and, on CUDA, the extra peak
+memory over the inputs (CUDA events after warm-up); on CPU (perf_counter), the bytes of tensors each
+version keeps alive for backward, beyond the logits themselves. Also the largest difference from the
+naive results, as a sanity check.
+
+Table 2, from hidden states ``[tokens, hidden]`` and an output weight ``[vocab, hidden]`` (what the
+trainer has): "logits, then chunked" computes ``hidden @ weight.T`` whole and runs our chunked function
+on it (with the gradient written in place); "fused" is `vocab_parallel_logprob_entropy_from_hidden`,
+whose matmul runs per chunk forward and backward. Each version runs in a child process of its own, so
+its peak memory is its own: on CPU the peak resident set (VmHWM) minus the resident set once the
+inputs exist, on CUDA `max_memory_allocated` minus the memory allocated then. The gradients of the
+hidden states and of the weight, which every version must produce, are reported apart ("net": the
+peak beyond them), as a multiple of the full logits' size (``tokens x vocab`` in the dtype).
 
     python tools/bench_logprob.py --device cpu --size small --out bench_logprob.json
     python tools/bench_logprob.py --device cuda --size full          # bf16, 16,384 x 151,936
@@ -12,8 +23,10 @@ beyond the logits themselves. Also the largest difference from the naive results
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -23,10 +36,16 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from liteppo_mcore.config import choices  # noqa: E402
-from liteppo_mcore.models.logprob import vocab_parallel_logprob_entropy  # noqa: E402
+from liteppo_mcore.models.logprob import (  # noqa: E402
+    vocab_parallel_logprob_entropy,
+    vocab_parallel_logprob_entropy_from_hidden,
+)
 from liteppo_mcore.utils.bench import emit, print_args  # noqa: E402
 
 SIZES = {"small": (2048, 32768), "full": (16384, 151936)}
+# tokens, vocabulary, hidden size of table 2 (from hidden states)
+HIDDEN_SIZES = {"small": (8192, 32768, 512), "full": (16384, 151936, 4096)}
+HIDDEN_VERSIONS = ("logits, then chunked", "fused (from hidden states)")
 # --dtype -> torch dtype: one entry per config.choices.EXPLICIT_DTYPES (tests/unit/test_config_choices.py).
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GIB = float(1 << 30)
@@ -177,6 +196,121 @@ def measure(args) -> dict:
             "torch": torch.__version__, "rows": rows}
 
 
+# ---------------------------------------------------------------------------------------------------
+# Table 2: from the last hidden states, one child process per version
+
+def _hidden_inputs(n: int, v: int, h: int, dtype: torch.dtype, device: torch.device):
+    gen = torch.Generator(device=device).manual_seed(1)
+    hidden = (torch.randn(n, h, generator=gen, device=device)).to(dtype).requires_grad_(True)
+    weight = (torch.randn(v, h, generator=gen, device=device) * h ** -0.5 * 2).to(dtype).requires_grad_(True)
+    targets = torch.randint(0, v, (n,), generator=gen, device=device)
+    w_logp, w_ent = torch.rand(n, generator=gen, device=device), torch.rand(n, generator=gen, device=device)
+    return hidden, weight, targets, w_logp, w_ent
+
+
+def _hidden_fn(version: str, args) -> Callable:
+    if version == HIDDEN_VERSIONS[0]:
+        return lambda hid, w, t: vocab_parallel_logprob_entropy(hid @ w.t(), t, temperature=args.temperature,
+                                                               chunk_size=args.chunk_size, inplace_backward=True)
+    return lambda hid, w, t: vocab_parallel_logprob_entropy_from_hidden(hid, w, t, temperature=args.temperature,
+                                                                       chunk_size=args.chunk_size)
+
+
+def _resident_bytes(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak) of this process, from /proc/self/status."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def hidden_child(args) -> dict:
+    """One version of table 2, in this (fresh) process: times, peak memory, results' checksums."""
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    n, v, h = args.hidden_shape
+    hidden, weight, targets, w_logp, w_ent = _hidden_inputs(n, v, h, dtype, device)
+    version_fn = _hidden_fn(args.child, args)
+
+    def fn(hid, t):
+        return version_fn(hid, weight, t)
+
+    cuda = device.type == "cuda"
+
+    def run() -> tuple[float, tuple]:
+        hidden.grad = weight.grad = None
+        if cuda:
+            torch.cuda.synchronize()
+        begin = time.perf_counter()
+        out = fwd_bwd(fn, hidden, targets, w_logp, w_ent)  # the loss of logp, the entropy's term when it has a grad
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - begin) * 1e3, out
+
+    for _ in range(args.warmup):  # first calls load kernels and grow thread pools: not the version's memory
+        run()
+    hidden.grad = weight.grad = None
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")  # resets VmHWM to the current resident set (Linux >= 4.0)
+        base = _resident_bytes("VmRSS")
+    times = []
+    for _ in range(args.repeats):
+        elapsed, (logp, ent) = run()
+        times.append(elapsed)
+    peak = (torch.cuda.max_memory_allocated() if cuda else _resident_bytes("VmHWM")) - base
+    grads = hidden.grad.numel() * hidden.grad.element_size() + weight.grad.numel() * weight.grad.element_size()
+    return {"version": args.child, "median_ms": statistics.median(times), "times_ms": times,
+            "extra_peak_bytes": int(peak), "gradient_bytes": int(grads),
+            "logp_sum": float(logp.double().sum()), "entropy_sum": float(ent.double().sum()),
+            "grad_hidden_sum": float(hidden.grad.double().abs().sum()),
+            "grad_weight_sum": float(weight.grad.double().abs().sum())}
+
+
+def _child_argv(args, version: str) -> list[str]:
+    argv = [sys.executable, os.path.abspath(__file__), "--child", version, "--device", args.device,
+            "--dtype", args.dtype, "--temperature", repr(args.temperature), "--warmup", str(args.warmup),
+            "--repeats", str(args.repeats), "--hidden-shape", *map(str, args.hidden_shape)]
+    return argv + (["--chunk-size", str(args.chunk_size)] if args.chunk_size else [])
+
+
+def measure_hidden(args) -> dict:
+    """Table 2: each version in its own child process, the same inputs (seeded) in each."""
+    n, v, h = args.hidden_shape
+    rows = []
+    for version in HIDDEN_VERSIONS:
+        proc = subprocess.run(_child_argv(args, version), capture_output=True, text=True, check=False,
+                              env={**os.environ, "LITEPPO_STRICT_DEVICE": "0"})
+        if proc.returncode != 0:
+            raise RuntimeError(f"bench_logprob: the child for {version!r} failed:\n{proc.stderr[-3000:]}")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    logits_bytes = n * v * torch.empty((), dtype=DTYPES[args.dtype]).element_size()
+    first = rows[0]
+    for row in rows:
+        row["time_ratio_vs_unfused"] = row["median_ms"] / first["median_ms"]
+        row["extra_peak_x_logits"] = row["extra_peak_bytes"] / logits_bytes
+        row["net_peak_x_logits"] = (row["extra_peak_bytes"] - row["gradient_bytes"]) / logits_bytes
+        row["rel_diff_vs_unfused"] = max(abs(row[k] - first[k]) / max(abs(first[k]), 1e-30)
+                                         for k in ("logp_sum", "entropy_sum", "grad_hidden_sum", "grad_weight_sum"))
+    return {"tokens": n, "vocab": v, "hidden": h, "logits_bytes": logits_bytes, "rows": rows}
+
+
+def print_hidden_table(result: dict) -> None:
+    size = result["logits_bytes"]
+    print(f"\nfrom hidden states: fwd+bwd | {result['tokens']} tokens x {result['hidden']} hidden x "
+          f"{result['vocab']} vocab | full logits {size / GIB:.3f} GiB | one child process per version")
+    print(f"{'version':<30} {'median ms':>10} {'vs unfused':>10}  {'extra peak, x logits':>20}  "
+          f"{'net of grads':>12}  rel. diff")
+    for row in result["rows"]:
+        print(f"{row['version']:<30} {row['median_ms']:>10.1f} {row['time_ratio_vs_unfused']:>9.2f}x  "
+              f"{row['extra_peak_bytes'] / GIB:>9.3f} GiB ({row['extra_peak_x_logits']:.3f}x)  "
+              f"{row['net_peak_x_logits']:>11.3f}x  {row['rel_diff_vs_unfused']:.1e}")
+
+
 def print_table(result: dict) -> None:
     cuda = result["device"].startswith("cuda")
     size = result["logits_bytes"]
@@ -211,9 +345,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="default: 10 on cuda, 3 on cpu")
     parser.add_argument("--bandwidth-tbs", type=float, default=4.3, help="GPU memory bandwidth for the floor")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--hidden-shape", type=int, nargs=3, default=None, metavar=("TOKENS", "VOCAB", "HIDDEN"),
+                        help="table 2's sizes (default: by --size)")
+    parser.add_argument("--table", choices=["both", "logits", "hidden"], default="both")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one version of table 2 (internal)
     parser.add_argument("--print-args", action="store_true",
                         help="print the resolved arguments as JSON and exit: no device work")
     args = parser.parse_args(argv)
+    args.hidden_shape = tuple(args.hidden_shape or HIDDEN_SIZES[args.size])
     gpu = args.device == "cuda"
     args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
     args.repeats = args.repeats if args.repeats is not None else (10 if gpu else 3)
@@ -224,7 +363,22 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if print_args(args):
         return
-    emit(measure(args), args.out, print_table)  # the JSON, then the table last
+    if args.child is not None:
+        print(json.dumps(hidden_child(args)))
+        return
+    result: dict = {}
+    if args.table in ("both", "logits"):
+        result = measure(args)
+    if args.table in ("both", "hidden"):
+        result["from_hidden"] = measure_hidden(args)
+
+    def tables(r: dict) -> None:
+        if "rows" in r:
+            print_table(r)
+        if "from_hidden" in r:
+            print_hidden_table(r["from_hidden"])
+
+    emit(result, args.out, tables)  # the JSON, then the tables last
 
 
 if __name__ == "__main__":

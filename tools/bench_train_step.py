@@ -66,32 +66,33 @@ SIZES = {
                        "num_query_groups": 2, "vocab_size": 151936},
              "seq_len": 4096, "sequences": 16, "matmul_n": 8192},
 }
-# (name, micro-batch size in sequences, token bound in units of seq_len or None, baseline to compare with).
-# Every case of OURS runs with the optimizer-state offload off, like the baseline (no copies).
+# (name, micro-batch size in sequences, token bound in units of seq_len or None, baseline to compare with,
+# packed). Every case of OURS runs with the optimizer-state offload off, like the baseline (no copies). The
+# packed cases (train.pack_sequences, the trainer's default) hold as many tokens per pass as the baseline.
 BASELINES = [("megatron local+SDPA, CE, mb 2", 2), ("megatron local+SDPA, CE, mb 4", 4)]
-OURS = [("ours, micro-batch 2", 2, None, BASELINES[0][0]),
-        ("ours, micro-batch 4", 4, None, BASELINES[1][0]),
-        ("ours, <= 2 x seq tokens/mb", None, 2, BASELINES[0][0]),
-        ("ours, <= 4 x seq tokens/mb", None, 4, BASELINES[1][0])]
-# The trainer's default, train.offload_between_phases=true, timed on its own: (name, micro-batch, the case
+OURS = [("ours, padded, micro-batch 2", 2, None, BASELINES[0][0], False),
+        ("ours, padded, micro-batch 4", 4, None, BASELINES[1][0], False),
+        ("ours, packed, <= 2 x seq tokens/mb", None, 2, BASELINES[0][0], True),
+        ("ours, packed, <= 4 x seq tokens/mb", None, 4, BASELINES[1][0], True)]
+# The trainer's default, train.offload_between_phases=true, timed on its own: (name, token bound, the case
 # of OURS it is compared with). It does something only on a GPU (or under the strict mode).
-OFFLOAD = {2: ("ours, micro-batch 2 + optimizer offload", 2, OURS[0][0]),
-           4: ("ours, micro-batch 4 + optimizer offload", 4, OURS[1][0])}
+OFFLOAD = {2: ("ours, packed, <= 2 x seq + optimizer offload", 2, OURS[2][0]),
+           4: ("ours, packed, <= 4 x seq + optimizer offload", 4, OURS[3][0])}
 
 
 def selected_cases(micro_batches: list[int], offload_row: bool) -> tuple[list, list]:
-    """(baselines, ours) for the chosen micro-batch sizes; ours as (name, micro, bound, versus, offload)."""
+    """(baselines, ours) for the chosen micro-batch sizes; ours as (name, micro, bound, versus, pack, offload)."""
     keep = set(micro_batches)
     baselines = [b for b in BASELINES if b[1] in keep]
     ours = [(*case, False) for case in OURS if (case[1] or case[2]) in keep]
     if offload_row:
-        name, micro, versus = OFFLOAD[max(keep)]
-        ours.append((name, micro, None, versus, True))
+        name, bound, versus = OFFLOAD[max(keep)]
+        ours.append((name, None, bound, versus, True, True))
     return baselines, ours
 
 
 def config_overrides(args, shape: dict, sequences: int, micro: int | None, max_tokens: int | None,
-                     offload: bool = False) -> list[str]:
+                     offload: bool = False, pack: bool = False) -> list[str]:
     """The LitePPO configuration (examples/liteppo.yaml's algorithm keys) for this shape and batch;
     the optimizer-state offload off unless asked for (the baseline makes no such copies)."""
     seq = args.seq_len
@@ -104,7 +105,8 @@ def config_overrides(args, shape: dict, sequences: int, micro: int | None, max_t
     batch = [f"rollout_batch_size={sequences // GROUP}", f"num_return_sequences_in_group={GROUP}",
              f"prompt_length={seq // 4}", f"response_length={seq - seq // 4}",
              f"train.mini_batch_size={sequences}", f"train.micro_batch_size={micro or sequences}",
-             f"train.max_tokens_per_micro_batch={max_tokens if max_tokens else 'null'}"]
+             f"train.max_tokens_per_micro_batch={max_tokens if max_tokens else 'null'}",
+             f"train.pack_sequences={'true' if pack else 'false'}"]
     optim = ["train.optimizer=adamw", "train.lr=1e-6", "train.clip_grad=1.0",
              f"train.offload_between_phases={'true' if offload else 'false'}",
              "parallel.backend=auto"]  # nccl with CUDA, gloo without (the strict mode's virtual GPU too)
@@ -280,22 +282,23 @@ def run_case(name: str, build: Callable[[], Callable[[], dict]], device, args) -
 
 
 # ---------------------------------------------------------------- our update
-def ours_config(args, sequences: int, micro: int | None, max_tokens: int | None, offload: bool = False):
+def ours_config(args, sequences: int, micro: int | None, max_tokens: int | None, offload: bool = False,
+                pack: bool = False):
     """The validated configuration one of our cases runs with."""
     from liteppo_mcore.config import load_config
 
     return load_config(overrides=config_overrides(args, SIZES[args.size]["shape"], sequences, micro, max_tokens,
-                                                  offload), world_size=1)
+                                                  offload, pack), world_size=1)
 
 
 def ours_builder(args, groups, sequences: int, micro: int | None, max_tokens: int | None, batch,
-                 offload: bool = False) -> Callable:
+                 offload: bool = False, pack: bool = False) -> Callable:
     """A builder of our case: the actor as build_models makes it, ModelUpdater around it, update()."""
     def build() -> Callable[[], dict]:
         from liteppo_mcore.models.gpt import build_models
         from liteppo_mcore.update import ModelUpdater
 
-        cfg = ours_config(args, sequences, micro, max_tokens, offload)
+        cfg = ours_config(args, sequences, micro, max_tokens, offload, pack)
         models = build_models(cfg, groups)
         updater = ModelUpdater(models.actor, "actor", cfg, groups, vocab_size=models.shape.vocab_size)
         counter = iter(range(1 << 30))
@@ -307,17 +310,22 @@ def ours_builder(args, groups, sequences: int, micro: int | None, max_tokens: in
             return {"pg_loss": metrics["actor/pg_loss"], "grad_norm": metrics["actor/grad_norm"],
                     "entropy": metrics["actor/entropy"]}
 
-        step.info = {"offload_between_phases": bool(cfg.train.offload_between_phases),
+        step.info = {"pack_sequences": bool(cfg.train.pack_sequences),
+                     "offload_between_phases": bool(cfg.train.offload_between_phases),
                      "offload_active": bool(updater.offload)}
         return step
 
     return build
 
 
-def padded_tokens(seq_lens, micro: int | None, max_tokens: int | None) -> int:
+def padded_tokens(seq_lens, micro: int | None, max_tokens: int | None, pack: bool = False) -> int:
     """Tokens the model computes, padding included, under the trainer's micro-batch plan."""
+    from liteppo_mcore.models.packing import pack_micro_batches
     from liteppo_mcore.update import plan_micro_batches
 
+    if pack:
+        assert max_tokens is not None  # the packed cases are token-bounded
+        return sum(p.row_len for p in pack_micro_batches(seq_lens, max_tokens=max_tokens))
     plans = plan_micro_batches(seq_lens, micro_batch_size=micro or seq_lens.numel(), max_tokens=max_tokens,
                                pipeline=False, multiple=1)
     return sum(p.num_rows * p.seq_len for p in plans)
@@ -369,14 +377,14 @@ def measure(args) -> dict:
         del data
     prompts, responses = rl_lengths(total, args.seq_len, cfg.seed)
     batch, lens = rl_batch(prompts, responses, shape.vocab_size, cfg.seed), prompts + responses
-    for name, micro, bound, versus, offload in ours:
+    for name, micro, bound, versus, pack, offload in ours:
         max_tokens = bound * args.seq_len if bound else None
-        row = run_case(name, ours_builder(args, groups, lens.numel(), micro, max_tokens, batch, offload), device,
-                       args)
+        row = run_case(name, ours_builder(args, groups, lens.numel(), micro, max_tokens, batch, offload, pack),
+                       device, args)
         rows.append(add_rates(row, shape, lens.tolist(), peak, kind="ours + offload" if offload else "ours",
                               micro_batch=micro,
                               max_tokens=max_tokens, versus=versus,
-                              padded_tokens=padded_tokens(lens, micro, max_tokens)))
+                              padded_tokens=padded_tokens(lens, micro, max_tokens, pack)))
     add_ratios(rows)
     return {"device": str(device), "gpu": device_name(device), "strict_device": strict_virtual(),
             "dtype": args.dtype, "size": args.size, "shape": SIZES[args.size]["shape"],

@@ -51,7 +51,8 @@ def aggregate(
     """This micro-batch's share of ``Agg(x)`` (module table); ``x``, ``mask`` [B, T]; 0-d, ``x``'s dtype.
 
     ``seq_token_counts`` [B]: full token count of each sequence for "seq-mean-token-mean" (default
-    ``mask.sum(-1)``, right when the micro-batch holds whole sequences). ``response_length`` is needed
+    ``mask.sum(-1)``, right when the micro-batch holds whole sequences), or [B, T]: at each token, the
+    count of the token's sequence (a packed row holds several sequences). ``response_length`` is needed
     by "seq-mean-token-sum-norm". Padding values of ``x`` (even NaN) never enter the result.
     """
     if mode not in AGG_MODES:
@@ -71,7 +72,10 @@ def aggregate(
             )
         return masked.sum() / (_at_least_one(num_seqs, x.dtype) * response_length)
     counts = valid.sum(dim=-1) if seq_token_counts is None else seq_token_counts.detach()
+    if counts.shape == x.shape:  # per token: the count of the token's own sequence (packed rows hold several)
+        return (masked / counts.to(x.dtype).clamp(min=1.0)).sum() / _at_least_one(num_seqs, x.dtype)
     if counts.shape != x.shape[:1]:
-        raise ValueError(f"seq_token_counts must be [B] = {tuple(x.shape[:1])}, got {tuple(counts.shape)}")
+        raise ValueError(f"seq_token_counts must be [B] = {tuple(x.shape[:1])} or [B, T] = {tuple(x.shape)}, "
+                         f"got {tuple(counts.shape)}")
     per_seq = masked.sum(dim=-1) / counts.to(x.dtype).clamp(min=1.0)
     return per_seq.sum() / _at_least_one(num_seqs, x.dtype)

@@ -106,7 +106,9 @@ class TrainConfig:
     micro_batch_size: int = 4
     """Most responses per micro-batch per rank (a share's last micro-batch may hold fewer); memory and speed only: the mini-batch's gradient is the same, up to rounding, whatever the split."""
     max_tokens_per_micro_batch: int | None = None
-    """Most padded tokens (rows x longest sequence) per micro-batch, so long responses go in smaller micro-batches; at least prompt_length + response_length; null: no bound."""
+    """Most tokens per micro-batch: of a packed row with pack_sequences, else padded (rows x longest sequence), so long responses go in smaller micro-batches; at least prompt_length + response_length; null: micro_batch_size x (prompt_length + response_length) when packing, no bound when padded."""
+    pack_sequences: bool = True
+    """Pack each micro-batch's sequences end to end into one row (megatron's THD layout: attention and positions restart per sequence), up to max_tokens_per_micro_batch tokens, instead of padding rows to their longest; the same numbers, less padding. Not with model.attention_backend=local; false: padded rows of at most micro_batch_size sequences."""
     use_distributed_optimizer: bool = False
     """Shard optimizer states over data-parallel ranks (ZeRO-1): less memory per rank; adam or adamw only."""
     offload_between_phases: bool = True
@@ -347,6 +349,15 @@ class LitePPOConfig:
         configured step's): ppo_epochs x its mini-batches."""
         n = self.num_responses_per_step if num_responses is None else num_responses
         return self.ppo_epochs * (n // self.train.mini_batch_size)
+
+    @property
+    def micro_batch_tokens(self) -> int | None:
+        """The token bound of a micro-batch: train.max_tokens_per_micro_batch, or, when packing without
+        one, micro_batch_size x (prompt_length + response_length)."""
+        t = self.train
+        if t.max_tokens_per_micro_batch is not None or not t.pack_sequences:
+            return t.max_tokens_per_micro_batch
+        return t.micro_batch_size * (self.prompt_length + self.response_length)
 
     def needs_old_logp_pass(self, num_responses: int | None = None) -> bool:
         """Whether the old log-probs need a forward pass of their own before the update. Not with a single

@@ -215,6 +215,10 @@ def _check_batches(c: _Checker, cfg: schema.LitePPOConfig, dp: int | None) -> No
         c.fail("train.mini_batch_size", mini,
                f"must divide rollout_batch_size * num_return_sequences_in_group = {B} * {n} = {total} responses",
                "Pick a mini_batch_size that divides the responses of a step (e.g. a power of two).")
+    if cfg.model.attention_backend == "local" and t.pack_sequences:
+        c.fail("train.pack_sequences", True, "needs an attention that takes packed sequences: megatron's local "
+               "DotProductAttention (model.attention_backend=local) does not",
+               "Set model.attention_backend: sdpa (or te, or auto), or train.pack_sequences: false.")
     longest = cfg.prompt_length + cfg.response_length
     if t.max_tokens_per_micro_batch is not None and t.max_tokens_per_micro_batch < longest:
         c.fail("train.max_tokens_per_micro_batch", t.max_tokens_per_micro_batch,

@@ -1,7 +1,8 @@
 """Run a model over (prompt, response) sequences and return per-token scalars on response positions.
 
 One function serves every layout: micro-batches go through megatron's pipeline schedule (forward
-only), TP shards the vocabulary (log-probs are vocab-parallel and never gather it), CP splits each
+only), TP shards the vocabulary (log-probs are vocab-parallel and never gather it; they are computed
+from the last hidden states chunk by chunk, so the `[tokens, vocab]` logits never exist whole), CP splits each
 sequence into 2*cp chunks (labels shifted on the whole sequence BEFORE the split) and only per-token
 scalars are gathered back, never logits. Every rank returns the same `[B, T]` results.
 
@@ -12,6 +13,7 @@ logits (and valued by the critic) at position p_i + t - 1.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -20,8 +22,19 @@ import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
 
-from liteppo_mcore.models.logprob import logprob_entropy_at, vocab_parallel_full_kl
+from liteppo_mcore.models.logprob import logprob_entropy_at, vocab_parallel_full_kl_from_hidden
 from liteppo_mcore.models.microbatch import MicroPlan, plan_micro_batches
+from liteppo_mcore.models.output_head import hidden_states_out, used_weight
+from liteppo_mcore.models.packing import (
+    PackPlan,
+    cp_gather_packed,
+    cp_split_packed,
+    pack_micro_batches,
+    pack_multiples,
+    packed_seq_params,
+    response_index,
+    to_packed_row,
+)
 from liteppo_mcore.parallel.device import collective_device, compute_device
 from liteppo_mcore.parallel.mcore import ParallelGroups
 
@@ -103,26 +116,44 @@ def seq_multiple(groups: ParallelGroups, sequence_parallel: bool) -> int:
     return multiple * (groups.tp_size if sequence_parallel else 1)
 
 
-def _head_outputs(output: Tensor, labels: Tensor, mask: Tensor, *, kind: str, groups: ParallelGroups,
-                  temperature: float, vocab_size: int, compute_entropy: bool) -> dict[str, Tensor]:
+def _head_outputs(output: Tensor, labels: Tensor, mask: Tensor, weight: Tensor | None, *, kind: str,
+                  groups: ParallelGroups, temperature: float, vocab_size: int,
+                  compute_entropy: bool) -> dict[str, Tensor]:
+    """The critic's values from its `[b, s, 1]` output; the actor's log-probs (and entropy) from its last
+    hidden states `[b, s, H]` and output weight `[V/TP, H]` (models/output_head.py)."""
     if kind == "critic":
         return {"values": torch.where(mask, output.squeeze(-1).float(), 0.0)}
-    v_local = output.shape[-1]
-    logp, ent = logprob_entropy_at(output, labels, mask, tp_group=groups.tp_group, temperature=temperature,
-                                   vocab_start=groups.tp_rank * v_local, vocab_size=vocab_size,
-                                   compute_entropy=compute_entropy)
+    assert weight is not None  # the actor's pass runs under hidden_states_out
+    logp, ent = logprob_entropy_at(output, labels, mask, weight=weight, tp_group=groups.tp_group,
+                                   temperature=temperature, vocab_start=groups.tp_rank * weight.shape[0],
+                                   vocab_size=vocab_size, compute_entropy=compute_entropy)
     out = {"logp": logp}
     if ent is not None:
         out["entropy"] = ent
     return out
 
 
-def _plans(batch: SequenceBatch, groups: ParallelGroups, micro_batch_size: int, max_tokens: int | None,
-           sequence_parallel: bool) -> list[MicroPlan]:
-    """The same length-sorted, token-bounded micro-batches as training (models/microbatch.py)."""
-    return plan_micro_batches(batch.prompt_lens + batch.response_lens, micro_batch_size=micro_batch_size,
-                              max_tokens=max_tokens, pipeline=groups.pp_size > 1,
-                              multiple=seq_multiple(groups, sequence_parallel))
+def micro_batch_plans(batch: SequenceBatch, groups: ParallelGroups, micro_batch_size: int, max_tokens: int | None,
+           sequence_parallel: bool, pack: bool = False) -> Sequence[MicroPlan | PackPlan]:
+    """The same micro-batches as training: length-sorted and token-bounded padded ones
+    (models/microbatch.py), or packed rows of at most `max_tokens` tokens (models/packing.py)."""
+    seq_lens = batch.prompt_lens + batch.response_lens
+    if pack:
+        seg, row = pack_multiples(groups.cp_size, groups.tp_size, sequence_parallel)
+        bound = max_tokens if max_tokens is not None else micro_batch_size * int(seq_lens.max())
+        return pack_micro_batches(seq_lens, max_tokens=bound, seg_multiple=seg, row_multiple=row,
+                                  pipeline=groups.pp_size > 1)
+    return plan_micro_batches(seq_lens, micro_batch_size=micro_batch_size, max_tokens=max_tokens,
+                              pipeline=groups.pp_size > 1, multiple=seq_multiple(groups, sequence_parallel))
+
+
+def schedule_shape(plans: Sequence[MicroPlan | PackPlan]) -> tuple[int, int]:
+    """(seq_length, micro_batch_size) for megatron's schedule: the activations' shape between pipeline
+    stages (every plan has the same under PP; without PP the schedule does not use it)."""
+    first = plans[0]
+    if isinstance(first, PackPlan):
+        return max(p.row_len for p in plans), 1  # type: ignore[union-attr]
+    return max(p.seq_len for p in plans), max(p.num_rows for p in plans)  # type: ignore[union-attr]
 
 
 def _sub_batch(batch: SequenceBatch, plan: MicroPlan) -> SequenceBatch:
@@ -139,17 +170,38 @@ def _sub_batch(batch: SequenceBatch, plan: MicroPlan) -> SequenceBatch:
     return SequenceBatch(tokens, prompt_lens, response_lens)
 
 
-def _model_inputs(batch: SequenceBatch, plan: MicroPlan, groups: ParallelGroups,
-                  device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Tokens, labels and mask of one micro-batch: built on the host, this CP rank's part, on `device`."""
-    built = shifted_labels_and_mask(_sub_batch(batch, plan), plan.seq_len)
-    return tuple(cp_split(x, groups.cp_rank, groups.cp_size).to(device, non_blocking=True)  # type: ignore[return-value]
-                 for x in built)
+def _model_inputs(batch: SequenceBatch, plan: MicroPlan | PackPlan, groups: ParallelGroups,
+                  device: torch.device) -> tuple[Tensor, Tensor, Tensor, object]:
+    """Tokens, labels and mask of one micro-batch, built on the host, this CP rank's part, on `device`,
+    and its PackedSeqParams (None when padded)."""
+    if isinstance(plan, PackPlan):
+        built = [cp_split_packed(to_packed_row(x, plan), plan, groups.cp_rank, groups.cp_size)
+                 for x in shifted_labels_and_mask(packed_sequences(batch, plan), max(plan.seg_lens))]
+        params = packed_seq_params(plan, device)
+    else:
+        built = [cp_split(x, groups.cp_rank, groups.cp_size)
+                 for x in shifted_labels_and_mask(_sub_batch(batch, plan), plan.seq_len)]
+        params = None
+    tok, lab, msk = (x.to(device, non_blocking=True) for x in built)
+    return tok, lab, msk, params
 
 
-def _scatter_rows(out: Tensor, local: Tensor, batch: SequenceBatch, plan: MicroPlan, groups: ParallelGroups) -> None:
-    """Write a micro-batch's per-position scalars `[b, S_plan/cp]` (on the device) into the host
-    result `out [B, T]` at the plan's rows, in response coordinates."""
+def packed_sequences(batch: SequenceBatch, plan: PackPlan) -> SequenceBatch:
+    """The plan's sequences, in segment order, trimmed to the longest segment."""
+    rows = plan.rows.long()
+    return SequenceBatch(batch.tokens[rows, :max(plan.seg_lens)], batch.prompt_lens[rows], batch.response_lens[rows])
+
+
+def _scatter_rows(out: Tensor, local: Tensor, batch: SequenceBatch, plan: MicroPlan | PackPlan,
+                  groups: ParallelGroups) -> None:
+    """Write a micro-batch's per-position scalars (this CP rank's, on the device) into the host result
+    `out [B, T]` at the plan's rows, in response coordinates."""
+    if isinstance(plan, PackPlan):
+        row = cp_gather_packed(local.contiguous(), plan, groups.cp_group, groups.cp_size).float().cpu()[0]
+        rows = plan.rows.long()
+        idx, valid = response_index(plan, batch.prompt_lens[rows], batch.response_lens[rows], out.shape[1])
+        out[rows] = torch.where(valid, row[idx], torch.zeros(()))
+        return
     full = cp_gather(local.contiguous(), groups).float().cpu()
     n = plan.rows.numel()
     sub = _sub_batch(batch, MicroPlan(plan.rows, plan.seq_len, n))
@@ -160,13 +212,14 @@ def _scatter_rows(out: Tensor, local: Tensor, batch: SequenceBatch, plan: MicroP
 def forward_per_token(model: torch.nn.Module, batch: SequenceBatch, groups: ParallelGroups, *, kind: str = "actor",
                       temperature: float = 1.0, vocab_size: int, micro_batch_size: int,
                       max_tokens_per_micro_batch: int | None = None, compute_entropy: bool = True,
-                      sequence_parallel: bool = False) -> dict[str, Tensor]:
+                      sequence_parallel: bool = False, pack: bool = False) -> dict[str, Tensor]:
     """Per-token `logp` (and `entropy`) for the actor/reference, or `values` for the critic, as `[B, T]`
     float32 host tensors on every rank (T = longest response of the batch).
 
-    The batch is built on the host; each micro-batch (longest first, at most `micro_batch_size` rows
-    and `max_tokens_per_micro_batch` padded tokens, as in training) goes to the model's device, and
-    only per-token scalars come back."""
+    The batch is built on the host; each micro-batch (as in training: longest first, at most
+    `micro_batch_size` rows and `max_tokens_per_micro_batch` padded tokens, or with `pack` packed rows
+    of at most `max_tokens_per_micro_batch` tokens) goes to the model's device, and only per-token
+    scalars come back."""
     if kind not in ("actor", "critic"):
         raise ValueError(f"kind must be 'actor' or 'critic', got {kind!r}")
     keys = ("values",) if kind == "critic" else (("logp", "entropy") if compute_entropy else ("logp",))
@@ -175,27 +228,28 @@ def forward_per_token(model: torch.nn.Module, batch: SequenceBatch, groups: Para
     if batch.size == 0:
         return results
     device = compute_device()
-    plans = _plans(batch, groups, micro_batch_size, max_tokens_per_micro_batch, sequence_parallel)
+    plans = micro_batch_plans(batch, groups, micro_batch_size, max_tokens_per_micro_batch, sequence_parallel, pack)
     micro = [_model_inputs(batch, plan, groups, device) for plan in plans]
     head = partial(_head_outputs, kind=kind, groups=groups, temperature=temperature, vocab_size=vocab_size,
                    compute_entropy=compute_entropy)
 
     def forward_step(data_iterator, model_chunk):
-        tok, lab, msk = next(data_iterator)
-        output = model_chunk(tok, None, attention_mask=None)
+        tok, lab, msk, params = next(data_iterator)
+        with hidden_states_out(model_chunk, enabled=kind == "actor") as layer:
+            output = model_chunk(tok, None, attention_mask=None, packed_seq_params=params)
 
         def collect(output_tensor, non_loss_data=False):
-            return head(output_tensor, lab, msk)
+            return head(output_tensor, lab, msk, used_weight(layer) if kind == "actor" else None)
 
         return output, collect
 
     was_training = model.training
     model.eval()
     try:
-        # With PP every plan has the same shape (plan_micro_batches); without, the shape is not used.
+        seq_length, rows = schedule_shape(plans)
         store = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(micro), model=[model],
-            num_microbatches=len(micro), seq_length=plans[0].seq_len, micro_batch_size=plans[0].num_rows,
+            num_microbatches=len(micro), seq_length=seq_length, micro_batch_size=rows,
             forward_only=True, collect_non_loss_data=True)
     finally:
         model.train(was_training)
@@ -220,7 +274,8 @@ def _from_last_stage(x: Tensor, groups: ParallelGroups) -> Tensor:
 @torch.no_grad()
 def forward_full_kl(policy: torch.nn.Module, reference: torch.nn.Module, batch: SequenceBatch,
                     groups: ParallelGroups, *, temperature: float, vocab_size: int, micro_batch_size: int,
-                    max_tokens_per_micro_batch: int | None = None, sequence_parallel: bool = False) -> Tensor:
+                    max_tokens_per_micro_batch: int | None = None, sequence_parallel: bool = False,
+                    pack: bool = False) -> Tensor:
     """Exact per-token `KL(policy || reference)` over the whole vocabulary (`kl_penalty: full`), `[B, T]`
     host tensor on every rank. Both models' logits of a micro-batch are needed at once, so this runs the
     two forward passes directly (no pipeline schedule): pipeline parallelism is refused at validation."""
@@ -234,13 +289,18 @@ def forward_full_kl(policy: torch.nn.Module, reference: torch.nn.Module, batch: 
     policy.eval()
     reference.eval()
     try:
-        for plan in _plans(batch, groups, micro_batch_size, max_tokens_per_micro_batch, sequence_parallel):
-            tok, _, msk = _model_inputs(batch, plan, groups, device)
-            lp, lq = policy(tok, None, attention_mask=None), reference(tok, None, attention_mask=None)
+        plans = micro_batch_plans(batch, groups, micro_batch_size, max_tokens_per_micro_batch, sequence_parallel, pack)
+        for plan in plans:
+            tok, _, msk, params = _model_inputs(batch, plan, groups, device)
+            with hidden_states_out(policy) as p_layer, hidden_states_out(reference) as q_layer:
+                hp = policy(tok, None, attention_mask=None, packed_seq_params=params)
+                hq = reference(tok, None, attention_mask=None, packed_seq_params=params)
+            wp, wq = used_weight(p_layer), used_weight(q_layer)
             kl = torch.zeros(msk.shape, dtype=torch.float32, device=device)
-            kl[msk] = vocab_parallel_full_kl(lp[msk], lq[msk], tp_group=groups.tp_group, temperature=temperature,
-                                             vocab_start=groups.tp_rank * lp.shape[-1],
-                                             vocab_size=vocab_size).float()
+            kl[msk] = vocab_parallel_full_kl_from_hidden(hp[msk], wp, hq[msk], wq, tp_group=groups.tp_group,
+                                                         temperature=temperature,
+                                                         vocab_start=groups.tp_rank * wp.shape[0],
+                                                         vocab_size=vocab_size).float()
             _scatter_rows(out, kl, batch, plan, groups)
     finally:
         policy.train(modes[0])

@@ -21,6 +21,7 @@ from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from liteppo_mcore.config.schema import LitePPOConfig
+from liteppo_mcore.models.output_head import install_hidden_states_output
 from liteppo_mcore.models.shapes import ModelShape, resolve_shape
 from liteppo_mcore.models.spec import block_spec, choose_backend
 from liteppo_mcore.parallel.device import compute_device, on_gpu
@@ -132,6 +133,8 @@ def build_gpt(shape: ModelShape, cfg: LitePPOConfig, groups: ParallelGroups, *, 
         _apply_llama3_rope_scaling(model, shape)
     if value_head and groups.is_last_stage:
         model.output_layer = ValueHead(config)
+    elif groups.is_last_stage:
+        install_hidden_states_output(model)  # the log-prob passes never hold the whole logits (output_head.py)
     # As megatron's own get_model: the whole module on this process's device, buffers included.
     return model.to(compute_device())
 

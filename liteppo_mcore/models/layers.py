@@ -84,9 +84,11 @@ class SDPACoreAttention(MegatronModule):
     """Core attention through `torch.nn.functional.scaled_dot_product_attention`, causal only.
 
     Same constructor and forward contract as megatron's DotProductAttention: q [sq, b, np, hn],
-    k/v [sk, b, ng, hn] (this rank's heads), returns [sq, b, np*hn]. GQA goes to SDPA without
-    materializing repeated keys where torch supports it. With context parallelism, keys and values
-    are all-gathered over the CP group and the causal mask uses global positions.
+    k/v [sk, b, ng, hn] (this rank's heads), returns [sq, b, np*hn]. With context parallelism, keys and
+    values are all-gathered over the CP group and the causal mask uses global positions. Packed
+    sequences (megatron's THD layout, `packed_seq_params` from models/packing.py: q [t, np, hn]) attend
+    causally within their own segment of the row, through one SDPA call with a block-diagonal causal
+    mask (built once per micro-batch), which is exact and keeps the kernel's speed on a CPU.
     """
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
@@ -108,8 +110,10 @@ class SDPACoreAttention(MegatronModule):
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                 attn_mask_type: AttnMaskType | None = None, attention_bias: Tensor | None = None,
                 packed_seq_params=None) -> Tensor:
-        if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError("SDPACoreAttention takes no packed sequences or attention bias")
+        if attention_bias is not None:
+            raise ValueError("SDPACoreAttention takes no attention bias")
+        if packed_seq_params is not None:
+            return self._packed(query, key, value, packed_seq_params)
         sq, b, nq, hn = query.shape
         cp = self.cp_group.size() if self.cp_group is not None else 1
         if cp > 1:
@@ -117,9 +121,7 @@ class SDPACoreAttention(MegatronModule):
             value = _GatherSeqOverCP.apply(value, self.cp_group)
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        if k.shape[1] != nq:
-            k = k.repeat_interleave(nq // k.shape[1], dim=1)
-            v = v.repeat_interleave(nq // v.shape[1], dim=1)
+        k, v = _expand_kv(k, v, nq)
         if cp > 1:
             assert self.cp_group is not None  # cp > 1 only with a group (see above)
             q_pos = cp_local_positions(sq, self.cp_group.rank(), cp, device=q.device)
@@ -129,3 +131,66 @@ class SDPACoreAttention(MegatronModule):
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         return out.permute(2, 0, 1, 3).reshape(sq, b, nq * hn)
+
+    def _packed(self, query: Tensor, key: Tensor, value: Tensor, params) -> Tensor:
+        """Packed sequences (THD: q `[t, np, hn]`, k/v `[t, ng, hn]`, this CP rank's tokens): causal within
+        each segment of the row, nothing across segments, as one masked SDPA call over the row (the
+        mask is built once per row and CP rank and shared by every layer). Under CP the keys and values
+        of every rank are gathered and the mask compares global positions."""
+        plan = getattr(params, "liteppo_plan", None)
+        if plan is None:
+            raise ValueError("SDPACoreAttention takes packed sequences built by models/packing.packed_seq_params")
+        t, nq, hn = query.shape
+        cp = self.cp_group.size() if self.cp_group is not None else 1
+        if cp > 1:
+            key = _GatherOverCP.apply(key, self.cp_group)
+            value = _GatherOverCP.apply(value, self.cp_group)
+        mask = _packed_mask(params, plan, self.cp_group, cp, query.device)
+        q, k, v = (x.permute(1, 0, 2).unsqueeze(0) for x in (query, key, value))  # [1, h, t, d]
+        k, v = _expand_kv(k, v, nq)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
+        return out.squeeze(0).permute(1, 0, 2).reshape(t, 1, nq * hn)
+
+
+def _expand_kv(k: Tensor, v: Tensor, nq: int) -> tuple[Tensor, Tensor]:
+    """Repeat grouped-query keys and values `[b, ng, s, d]` to the `nq` query heads."""
+    if k.shape[1] != nq:
+        k = k.repeat_interleave(nq // k.shape[1], dim=1)
+        v = v.repeat_interleave(nq // v.shape[1], dim=1)
+    return k, v
+
+
+class _GatherOverCP(torch.autograd.Function):
+    """All-gather `[t_local, ...]` over the CP group in rank order (no reordering: the packed mask names
+    every key's segment and position); the backward sums the gradient over the group and keeps this
+    rank's part."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        parts = [torch.empty_like(x) for _ in range(group.size())]
+        torch.distributed.all_gather(parts, x.contiguous(), group=group)
+        ctx.group, ctx.rank, ctx.n = group, group.rank(), x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n], None
+
+
+def _packed_mask(params, plan, cp_group, cp: int, device: torch.device) -> Tensor:
+    """`[t_local, t_keys]` boolean: query and key in the same segment, key not after the query; cached on
+    `params` (one per micro-batch, shared by the layers)."""
+    cached = getattr(params, "liteppo_mask", None)
+    if cached is not None:
+        return cached
+    from liteppo_mcore.models.packing import packed_positions
+
+    rank = cp_group.rank() if cp > 1 else 0
+    q_seg, q_pos = packed_positions(plan, rank, cp)
+    keys = [packed_positions(plan, r, cp) for r in range(cp)]
+    k_seg, k_pos = torch.cat([s for s, _ in keys]), torch.cat([p for _, p in keys])
+    mask = ((q_seg[:, None] == k_seg[None, :]) & (q_pos[:, None] >= k_pos[None, :])).to(device)
+    params.liteppo_mask = mask
+    return mask

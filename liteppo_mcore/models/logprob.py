@@ -37,6 +37,10 @@ Tensor = torch.Tensor
 
 # Rows per chunk when the caller gives none: 64 Mi elements, i.e. 256 MiB for each fp32 temporary.
 _AUTO_CHUNK_ELEMENTS = 1 << 26
+# The same for the fused path, whose chunk temporaries are all there is besides its inputs: 4 Mi elements
+# (16 MiB per fp32 temporary, about four of them), at least _FUSED_MIN_ROWS rows so the matmul stays efficient.
+_FUSED_CHUNK_ELEMENTS = 1 << 22
+_FUSED_MIN_ROWS = 16
 # Row max reported by a shard of vocabulary padding only (s = a = 0): it must never become the merged max,
 # or rows whose real logits sit far below 0 would underflow to Z = 0; and (m - M) * 0 stays finite.
 _EMPTY_MAX = -1.0e30
@@ -59,7 +63,8 @@ def _group_size(group: dist.ProcessGroup | None) -> int:
 
 
 def _make_shard(logits: Tensor, tp_group, temperature: float, vocab_start: int | None,
-                vocab_size: int | None, chunk_size: int | None) -> _Shard:
+                vocab_size: int | None, chunk_size: int | None, *, auto_elements: int = _AUTO_CHUNK_ELEMENTS,
+                min_rows: int = 1) -> _Shard:
     if logits.dim() != 2 or not logits.is_floating_point():
         raise ValueError(f"logits must be a floating [N, V/TP] tensor, got {tuple(logits.shape)} {logits.dtype}")
     if not (temperature > 0 and temperature != float("inf")):
@@ -72,7 +77,7 @@ def _make_shard(logits: Tensor, tp_group, temperature: float, vocab_start: int |
     if vocab_start is None:
         vocab_start = (0 if tp_group is None else dist.get_rank(tp_group)) * v_local
     num_valid = v_local if vocab_size is None else max(0, min(v_local, vocab_size - vocab_start))
-    rows = chunk_size if chunk_size is not None else max(1, _AUTO_CHUNK_ELEMENTS // v_local)
+    rows = chunk_size if chunk_size is not None else max(min_rows, auto_elements // v_local)
     compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     group = tp_group if _group_size(tp_group) > 1 else None
     return _Shard(group, vocab_start, num_valid, 1.0 / temperature, rows, compute_dtype)
@@ -315,8 +320,8 @@ class _FusedLogProbEntropy(torch.autograd.Function):
         for sl, chunk in _chunk_grads(lambda lo, hi: hidden[lo:hi] @ w.t(), hidden.shape[0], targets, log_z, ent,
                                       g_logp, g_ent, shard, hidden.device):
             g = chunk.to(hidden.dtype)
-            grad_hidden[sl] = g @ w
-            gw.add_(g.t() @ hidden[sl])
+            torch.mm(g, w, out=grad_hidden[sl])
+            gw.addmm_(g.t(), hidden[sl])  # accumulated by the GEMM itself: no pass over the weight per chunk
         return grad_hidden, grad_weight, None, None, None, None
 
 
@@ -343,7 +348,7 @@ def vocab_parallel_logprob_entropy_from_hidden(
         weight: ``[V/TP, H]`` this rank's shard of the output layer (tied or untied), padded rows included.
         targets, tp_group, temperature, vocab_start, vocab_size, compute_entropy, entropy_grad,
         chunk_size: as for `vocab_parallel_logprob_entropy` (``chunk_size``: rows per chunk; None: as many
-            as make 256 MiB of fp32 per temporary).
+            as make 16 MiB of fp32 per temporary, at least 16).
 
     Gradients: ``weight`` gets this rank's full gradient; ``hidden`` gets this rank's share (its vocabulary
     slice's part), to be summed over ``tp_group``, as megatron's column-parallel output layer does in the
@@ -357,24 +362,31 @@ def vocab_parallel_logprob_entropy_from_hidden(
         raise ValueError(f"targets {tuple(targets.shape)} must be [N] for hidden {tuple(hidden.shape)}")
     # the shard's geometry is the logits' [N, V/TP]: a view of that shape describes it without computing it
     shape_only = weight.new_empty(()).expand(hidden.shape[0], weight.shape[0])
-    shard = _make_shard(shape_only, tp_group, temperature, vocab_start, vocab_size, chunk_size)
+    shard = _make_shard(shape_only, tp_group, temperature, vocab_start, vocab_size, chunk_size,
+                        auto_elements=_FUSED_CHUNK_ELEMENTS, min_rows=_FUSED_MIN_ROWS)
     logp, ent = _FusedLogProbEntropy.apply(hidden, weight, targets.long(), shard, compute_entropy, entropy_grad)
     return logp, (ent if compute_entropy else None)
 
 
-def logprob_entropy_at(logits: Tensor, targets: Tensor, mask: Tensor, **kwargs) -> tuple[Tensor, Tensor | None]:
-    """``vocab_parallel_logprob_entropy`` at the positions where ``mask`` is True, zeros elsewhere.
+def logprob_entropy_at(output: Tensor, targets: Tensor, mask: Tensor, *, weight: Tensor | None = None,
+                       **kwargs) -> tuple[Tensor, Tensor | None]:
+    """Log-prob and entropy at the positions where ``mask`` is True, zeros elsewhere.
 
-    ``logits`` is ``[*S, V/TP]`` (e.g. ``[B, T, V/TP]``), ``targets`` and ``mask`` are ``[*S]``; the
-    caller aligns targets with logits (the next token). Only the selected rows are computed, so prompt
-    and padding positions cost nothing. The selection is a private copy, so its gradient is written in
-    place. Keyword arguments go to ``vocab_parallel_logprob_entropy``. Returns ``[*S]`` tensors.
+    ``output`` is ``[*S, V/TP]`` logits (e.g. ``[B, T, V/TP]``: ``vocab_parallel_logprob_entropy``), or,
+    with ``weight`` (the output layer's ``[V/TP, H]`` shard), ``[*S, H]`` last hidden states
+    (``vocab_parallel_logprob_entropy_from_hidden``: the logits are never whole). ``targets`` and ``mask``
+    are ``[*S]``; the caller aligns targets with the outputs (the next token). Only the selected rows are
+    computed, so prompt and padding positions cost nothing. Keyword arguments go to the function used.
+    Returns ``[*S]`` tensors.
     """
-    if mask.dtype != torch.bool or mask.shape != logits.shape[:-1] or targets.shape != mask.shape:
-        raise ValueError(f"mask (bool) and targets must have shape {tuple(logits.shape[:-1])}, got "
+    if mask.dtype != torch.bool or mask.shape != output.shape[:-1] or targets.shape != mask.shape:
+        raise ValueError(f"mask (bool) and targets must have shape {tuple(output.shape[:-1])}, got "
                          f"{tuple(mask.shape)} {mask.dtype} and {tuple(targets.shape)}")
-    kwargs.setdefault("inplace_backward", True)
-    logp, ent = vocab_parallel_logprob_entropy(logits[mask], targets[mask], **kwargs)
+    if weight is None:
+        kwargs.setdefault("inplace_backward", True)  # the selection is a private copy
+        logp, ent = vocab_parallel_logprob_entropy(output[mask], targets[mask], **kwargs)
+    else:
+        logp, ent = vocab_parallel_logprob_entropy_from_hidden(output[mask], weight, targets[mask], **kwargs)
 
     def scatter(values: Tensor) -> Tensor:
         return values.new_zeros(mask.shape).index_put((mask,), values)
@@ -444,3 +456,35 @@ def vocab_parallel_full_kl(
     if shard.group is not None:
         dist.all_reduce(kl, group=shard.group)
     return kl
+
+
+@torch.no_grad()
+def vocab_parallel_full_kl_from_hidden(
+    hidden_p: Tensor,
+    weight_p: Tensor,
+    hidden_q: Tensor,
+    weight_q: Tensor,
+    *,
+    tp_group: dist.ProcessGroup | None = None,
+    temperature: float = 1.0,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """`vocab_parallel_full_kl` of the logits ``hidden_p @ weight_p.T`` and ``hidden_q @ weight_q.T``
+    (``[N, H]`` hidden states, ``[V/TP, H]`` output-layer shards), computed for one chunk of rows at a
+    time, so neither model's logits are ever whole. ``chunk_size``: rows per chunk (None: as the fused
+    log-prob). Returns ``[N]``."""
+    if hidden_p.shape != hidden_q.shape or weight_p.shape != weight_q.shape:
+        raise ValueError(f"the two models' hidden states {tuple(hidden_p.shape)}, {tuple(hidden_q.shape)} and "
+                         f"output weights {tuple(weight_p.shape)}, {tuple(weight_q.shape)} must match")
+    n, v_local = hidden_p.shape[0], weight_p.shape[0]
+    rows = chunk_size if chunk_size is not None else max(_FUSED_MIN_ROWS, _FUSED_CHUNK_ELEMENTS // v_local)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None (automatic), got {chunk_size}")
+    parts = [vocab_parallel_full_kl(hidden_p[lo:lo + rows] @ weight_p.t(), hidden_q[lo:lo + rows] @ weight_q.t(),
+                                    tp_group=tp_group, temperature=temperature, vocab_start=vocab_start,
+                                    vocab_size=vocab_size)
+             for lo in range(0, n, rows)]
+    dtype = torch.float64 if hidden_p.dtype == torch.float64 else torch.float32
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=hidden_p.device)

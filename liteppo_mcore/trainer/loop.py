@@ -326,7 +326,7 @@ class Trainer:
         seqs = batch.sequences()
         # The training micro-batches' bounds (rows and padded tokens): what fits the update fits here.
         kw = dict(vocab_size=self.vocab_size, micro_batch_size=cfg.train.micro_batch_size,
-                  max_tokens_per_micro_batch=cfg.train.max_tokens_per_micro_batch,
+                  max_tokens_per_micro_batch=cfg.micro_batch_tokens, pack=cfg.train.pack_sequences,
                   sequence_parallel=cfg.parallel.sequence_parallel)
         passes = ForwardPasses()
         if self.models.reference is not None:
@@ -387,7 +387,9 @@ class Trainer:
         trainer = forward_per_token(self.models.actor, probe.batch.sequences(), self.groups, compute_entropy=False,
                                     temperature=1.0, vocab_size=self.vocab_size,
                                     micro_batch_size=self.cfg.train.micro_batch_size,
-                                    max_tokens_per_micro_batch=self.cfg.train.max_tokens_per_micro_batch)["logp"]
+                                    max_tokens_per_micro_batch=self.cfg.micro_batch_tokens,
+                                    pack=self.cfg.train.pack_sequences,
+                                    sequence_parallel=self.cfg.parallel.sequence_parallel)["logp"]
         check_probe_logprobs(probe.rollout_logp, trainer, probe.mask, engine=self.engine.name,
                              atol=probe_tolerance(next(self.models.actor.parameters()).dtype))
 

@@ -13,7 +13,7 @@ splits them over CP exactly like the tokens.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -21,6 +21,7 @@ from torch import Tensor
 
 from liteppo_mcore.models.forward import SequenceBatch, cp_split, shifted_labels_and_mask, to_sequence_coords
 from liteppo_mcore.models.microbatch import MicroPlan
+from liteppo_mcore.models.packing import PackPlan, cp_split_packed, packed_seq_params, to_packed_row
 from liteppo_mcore.parallel.mcore import ParallelGroups
 from liteppo_mcore.parallel.reducer import all_gather_padded
 from liteppo_mcore.utils.seeds import mix_seed
@@ -138,22 +139,35 @@ def _pad_rows(batch: TrainBatch, rows: int) -> TrainBatch:
     return replace(batch, **out)
 
 
-def micro_batches(rank_minibatch: TrainBatch, plans: list[MicroPlan], groups: ParallelGroups,
-                  device: torch.device) -> Iterator[dict[str, Tensor]]:
+def micro_batches(rank_minibatch: TrainBatch, plans: Sequence[MicroPlan | PackPlan], groups: ParallelGroups,
+                  device: torch.device) -> Iterator[dict]:
     """Model inputs and per-position targets of each micro-batch of this DP rank's share of a mini-batch
-    (`plans` from plan_micro_batches), this CP rank's part, on `device`.
+    (`plans` from models/forward.micro_batch_plans), this CP rank's part, on `device`.
 
     Keys: `tokens`, `labels`, `mask` (positions predicting a response token) `[b, S/cp]`; each
-    per-token tensor of the batch at those positions; `seq_token_counts [b]` (full response lengths,
-    needed by seq-mean-token-mean when CP splits the tokens).
+    per-token tensor of the batch at those positions; `seq_token_counts` (full response lengths, needed
+    by seq-mean-token-mean when CP splits the tokens): `[b]` per row, or, for a packed row (`[1, T/cp]`,
+    models/packing.py), at each position the length of its sequence's response; and `packed_seq_params`
+    (megatron's PackedSeqParams, None for padded rows).
     """
     for plan in plans:
-        rows = _pad_rows(rank_minibatch.select(plan.rows), plan.num_rows)
+        packed = isinstance(plan, PackPlan)
+        rows = rank_minibatch.select(plan.rows)
+        if not packed:
+            rows = _pad_rows(rows, plan.num_rows)  # type: ignore[union-attr]
         seqs = rows.sequences()
-        tokens, labels, mask = shifted_labels_and_mask(seqs, plan.seq_len)
+        width = max(plan.seg_lens) if packed else plan.seq_len  # type: ignore[union-attr]
+        tokens, labels, mask = shifted_labels_and_mask(seqs, width)
         item = {"tokens": tokens, "labels": labels, "mask": mask}
         for key, value in rows.per_token().items():
-            item[key] = to_sequence_coords(value.float(), seqs, plan.seq_len)
-        item = {k: cp_split(v, groups.cp_rank, groups.cp_size) for k, v in item.items()}
-        item["seq_token_counts"] = rows.response_lens.clone()
-        yield {k: v.to(device) for k, v in item.items()}
+            item[key] = to_sequence_coords(value.float(), seqs, width)
+        if packed:
+            item["seq_token_counts"] = rows.response_lens[:, None].expand(-1, width).clone()
+            item = {k: cp_split_packed(to_packed_row(v, plan), plan, groups.cp_rank, groups.cp_size)  # type: ignore[arg-type]
+                    for k, v in item.items()}
+        else:
+            item = {k: cp_split(v, groups.cp_rank, groups.cp_size) for k, v in item.items()}
+            item["seq_token_counts"] = rows.response_lens.clone()
+        out: dict = {k: v.to(device) for k, v in item.items()}
+        out["packed_seq_params"] = packed_seq_params(plan, device) if packed else None  # type: ignore[arg-type]
+        yield out

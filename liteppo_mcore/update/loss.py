@@ -73,15 +73,19 @@ def _sums(names: tuple[str, ...], values: dict[str, Tensor]) -> Tensor:
 
 
 def actor_loss(output: Tensor, micro_batch: dict[str, Tensor], settings: LossSettings, counts: Denominators,
-               groups: ParallelGroups, vocab_size: int) -> tuple[Tensor, dict[str, Tensor]]:
-    """Policy loss (+ KL loss, - entropy bonus) share of one micro-batch from the actor's logits
-    `[b, S/cp, V/tp]`. `counts`: the mini-batch's global token and sequence counts the aggregation
-    divides by. Returns the loss to back-propagate and {"sums": [ACTOR_SUMS], "ratio_max"}."""
+               groups: ParallelGroups, vocab_size: int, weight: Tensor | None = None
+               ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Policy loss (+ KL loss, - entropy bonus) share of one micro-batch from the actor's last hidden
+    states `[b, S/cp, H]` and output weight `weight [V/tp, H]` (the trainer's path: the logits are never
+    whole), or, without `weight`, from its logits `[b, S/cp, V/tp]`. `counts`: the mini-batch's global
+    token and sequence counts the aggregation divides by. Returns the loss to back-propagate and
+    {"sums": [ACTOR_SUMS], "ratio_max"}."""
     mask = micro_batch["mask"]
+    v_local = output.shape[-1] if weight is None else weight.shape[0]
     logp, entropy = logprob_entropy_at(
-        output, micro_batch["labels"], mask, tp_group=groups.tp_group, temperature=settings.temperature,
-        vocab_start=groups.tp_rank * output.shape[-1], vocab_size=vocab_size, compute_entropy=True,
-        entropy_grad=settings.entropy_coef != 0.0)
+        output, micro_batch["labels"], mask, weight=weight, tp_group=groups.tp_group,
+        temperature=settings.temperature, vocab_start=groups.tp_rank * v_local, vocab_size=vocab_size,
+        compute_entropy=True, entropy_grad=settings.entropy_coef != 0.0)
     assert entropy is not None  # compute_entropy=True
     # One optimizer update per step: the update's own detached log-probs are old_logp (ratio 1).
     old_logp = micro_batch["old_logp"] if "old_logp" in micro_batch else logp.detach()

@@ -34,8 +34,8 @@ from torch import Tensor
 from liteppo_mcore.algo.stats import STAT_DTYPE
 from liteppo_mcore.config.schema import LitePPOConfig
 from liteppo_mcore.halt import NonFiniteParameter, nonfinite_weights_error
-from liteppo_mcore.models.forward import seq_multiple
-from liteppo_mcore.models.microbatch import plan_micro_batches
+from liteppo_mcore.models.forward import micro_batch_plans, schedule_shape
+from liteppo_mcore.models.output_head import hidden_states_out, used_weight
 from liteppo_mcore.parallel.device import compute_device
 from liteppo_mcore.parallel.mcore import ParallelGroups
 from liteppo_mcore.parallel.reducer import Reducer, make_allreduce_max, make_allreduce_sum
@@ -128,17 +128,16 @@ class ModelUpdater:
     def _train_minibatch(self, rank_minibatch: TrainBatch, totals: _StepTotals, step: int) -> None:
         g, t = self.groups, self.cfg.train
         denominators = self._denominators(rank_minibatch)
-        plans = plan_micro_batches(rank_minibatch.prompt_lens + rank_minibatch.response_lens,
-                                   micro_batch_size=t.micro_batch_size, max_tokens=t.max_tokens_per_micro_batch,
-                                   pipeline=g.pp_size > 1,
-                                   multiple=seq_multiple(g, self.cfg.parallel.sequence_parallel))
+        plans = micro_batch_plans(rank_minibatch.sequences(), g, t.micro_batch_size, self.cfg.micro_batch_tokens,
+                                  self.cfg.parallel.sequence_parallel, t.pack_sequences)
+        seq_length, rows = schedule_shape(plans)
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         data = micro_batches(rank_minibatch, plans, g, compute_device())
         store = get_forward_backward_func()(
             forward_step_func=partial(self._forward_step, denominators=denominators), data_iterator=data,
-            model=[self.model], num_microbatches=len(plans), seq_length=max(p.seq_len for p in plans),
-            micro_batch_size=max(p.num_rows for p in plans), forward_only=False)
+            model=[self.model], num_microbatches=len(plans), seq_length=seq_length, micro_batch_size=rows,
+            forward_only=False)
         sums, ratio_max = self._reduce(store)
         lr = learning_rate(self.num_updates + 1, self.optim_settings)
         set_learning_rate(self.optimizer, lr)
@@ -178,7 +177,10 @@ class ModelUpdater:
 
     def _forward_step(self, data_iterator, model, denominators: Denominators):
         micro_batch = next(data_iterator)
-        output = model(micro_batch["tokens"], None, attention_mask=None)
+        # the actor returns its last hidden states; its loss multiplies them by the output weight in chunks
+        with hidden_states_out(model, enabled=self.kind == "actor") as layer:
+            output = model(micro_batch["tokens"], None, attention_mask=None,
+                           packed_seq_params=micro_batch["packed_seq_params"])
         if self.kind == "actor":
             loss_fn = partial(actor_loss, micro_batch=micro_batch, settings=self.loss_settings, counts=denominators,
                               groups=self.groups, vocab_size=self.vocab_size)
@@ -186,7 +188,10 @@ class ModelUpdater:
             loss_fn = partial(critic_loss, micro_batch=micro_batch, settings=self.loss_settings, counts=denominators)
 
         def loss_func(output_tensor):
-            loss, metrics = loss_fn(output_tensor)
+            if self.kind == "actor":
+                loss, metrics = loss_fn(output_tensor, weight=used_weight(layer))
+            else:
+                loss, metrics = loss_fn(output_tensor)
             num_tokens = micro_batch["mask"].sum().to(torch.int)
             return loss, num_tokens, metrics
 

@@ -9,7 +9,7 @@ FAMILIES = {
     "qwen2": ["model.family=qwen2"],
     "qwen3": ["model.family=qwen3"],
     "llama": ["model.family=llama", "model.tie_word_embeddings=false", "model.rope_theta=500000",
-              "model.attention_backend=local",
+              "model.attention_backend=local", "train.pack_sequences=false",
               "model.rope_scaling={factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, "
               "original_max_position_embeddings: 64}"],
 }
@@ -71,15 +71,18 @@ def backends_worker(rank, ws):
     g = torch.Generator().manual_seed(1)
     batch = SequenceBatch(torch.randint(0, 50, (2, 10), generator=g), torch.tensor([3, 4]), torch.tensor([7, 6]))
     for backend in ("sdpa", "local"):
+        # sdpa packed (the default), megatron's local attention padded (it takes no packed sequences)
         cfg = load_config(overrides=["model.vocab_size=50", f"model.attention_backend={backend}",
-                                     "use_kl_loss=false", "adv_estimator=reinforce"])
+                                     "use_kl_loss=false", "adv_estimator=reinforce",
+                                     f"train.pack_sequences={'true' if backend == 'sdpa' else 'false'}"])
         groups = initialize_model_parallel(1, 1, 1)
         actor = build_models(cfg, groups).actor
         if whole is None:
             whole = whole_state_dict(actor, groups, 50)
         else:
             load_whole_state_dict(actor, whole, groups, 50)
-        logps[backend] = forward_per_token(actor, batch, groups, vocab_size=50, micro_batch_size=2)["logp"]
+        logps[backend] = forward_per_token(actor, batch, groups, vocab_size=50, micro_batch_size=2,
+                                           pack=cfg.train.pack_sequences)["logp"]
         destroy_model_parallel()
     return logps
 

@@ -10,9 +10,13 @@ VOCAB = 100  # not a multiple of 128: the vocabulary is padded differently per T
 BASE = ["model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4", "model.num_query_groups=2",
         "model.ffn_hidden_size=96", f"model.vocab_size={VOCAB}", "model.max_position_embeddings=128",
         "rollout_batch_size=4", "num_return_sequences_in_group=2", "train.mini_batch_size=8",
-        "train.micro_batch_size=1", "adv_estimator=gae", "use_kl_loss=true"]
+        "train.micro_batch_size=1", "adv_estimator=gae", "use_kl_loss=true", "train.max_tokens_per_micro_batch=24",
+        "prompt_length=8", "response_length=12"]
 TEMPERATURE = 0.7
 TOL = 1e-5
+# The references and most layouts run packed (train.pack_sequences, the default; at most 24 tokens per row,
+# so a row holds one to three sequences); these named so run padded.
+PADDED = "train.pack_sequences=false"
 
 
 def make_batch(seed=0, n=4):
@@ -54,7 +58,8 @@ def _run_layout(ws, overrides, wholes=None):
         from liteppo_mcore.models.forward import SequenceBatch
         sl = slice(groups.dp_rank * batch.size // groups.dp_size, (groups.dp_rank + 1) * batch.size // groups.dp_size)
         batch = SequenceBatch(batch.tokens[sl], batch.prompt_lens[sl], batch.response_lens[sl])
-    kw = dict(vocab_size=VOCAB, micro_batch_size=2, sequence_parallel=cfg.parallel.sequence_parallel)
+    kw = dict(vocab_size=VOCAB, micro_batch_size=2, sequence_parallel=cfg.parallel.sequence_parallel,
+              pack=cfg.train.pack_sequences, max_tokens_per_micro_batch=cfg.micro_batch_tokens)
     out = forward_per_token(models.actor, batch, groups, temperature=TEMPERATURE, **kw)
     out.update(forward_per_token(models.critic, batch, groups, kind="critic", **kw))
     ref = forward_per_token(models.reference, batch, groups, temperature=TEMPERATURE, compute_entropy=False, **kw)
@@ -107,7 +112,10 @@ def test_two_process_layouts_match_single_process(references):
     wholes = {k: v["wholes"] for k, v in references.items()}
     layouts = [("tp2", ["parallel.tp=2"], []), ("pp2", ["parallel.pp=2"], []), ("cp2", ["parallel.cp=2"], []),
                ("dp2", [], []), ("pp2-untied", ["parallel.pp=2"], ["model.tie_word_embeddings=false"]),
-               ("tp2-sp", ["parallel.tp=2", "parallel.sequence_parallel=true"], [])]
+               ("tp2-sp", ["parallel.tp=2", "parallel.sequence_parallel=true"], []),
+               ("padded-tp2", [PADDED, "parallel.tp=2"], []), ("padded-pp2", [PADDED, "parallel.pp=2"], []),
+               ("padded-cp2", [PADDED, "parallel.cp=2"], []),
+               ("padded-tp2-sp", [PADDED, "parallel.tp=2", "parallel.sequence_parallel=true"], [])]
     results = run_gloo(layouts_worker, 2, layouts, wholes, timeout=600)
     for name, _, extra in layouts:
         _compare(name, [r[name] for r in results], references[tuple(extra)])
@@ -116,7 +124,8 @@ def test_two_process_layouts_match_single_process(references):
 def test_four_process_layouts_match_single_process(references):
     wholes = {(): references[()]["wholes"]}
     layouts = [("tp2pp2", ["parallel.tp=2", "parallel.pp=2"], []),
-               ("tp2cp2", ["parallel.tp=2", "parallel.cp=2"], [])]
+               ("tp2cp2", ["parallel.tp=2", "parallel.cp=2"], []),
+               ("padded-tp2cp2", [PADDED, "parallel.tp=2", "parallel.cp=2"], [])]
     results = run_gloo(layouts_worker, 4, layouts, wholes, timeout=600)
     for name, _, _ in layouts:
         _compare(name, [r[name] for r in results], references[()])

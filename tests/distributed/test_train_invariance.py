@@ -27,13 +27,22 @@ BASE = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads
 MODES = [("token_level", ["token_level_loss=true", "loss_agg_mode=seq-mean-token-sum"])] + [
     (m, ["token_level_loss=false", f"loss_agg_mode={m}"])
     for m in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")]
+PADDED = "train.pack_sequences=false"  # the layouts run packed (the default) and, where named so, padded
 LAYOUTS_1 = [("one_micro_batch", [f"train.micro_batch_size={N}"]), ("micro_1", ["train.micro_batch_size=1"]),
-             ("token_bound", [f"train.micro_batch_size={N}", "train.max_tokens_per_micro_batch=40"])]
+             ("token_bound", [f"train.micro_batch_size={N}", "train.max_tokens_per_micro_batch=40"]),
+             ("padded_micro_3", [PADDED, "train.micro_batch_size=3"]),
+             ("padded_token_bound", [PADDED, f"train.micro_batch_size={N}", "train.max_tokens_per_micro_batch=40"])]
 LAYOUTS_2 = [("dp2", ["train.micro_batch_size=2"]), ("tp2", ["parallel.tp=2", "train.micro_batch_size=3"]),
              ("pp2", ["parallel.pp=2", "train.micro_batch_size=2"]),
              ("cp2", ["parallel.cp=2", "train.micro_batch_size=4"]),
-             ("pp2_token_bound", ["parallel.pp=2", "train.micro_batch_size=8", "train.max_tokens_per_micro_batch=40"])]
-LAYOUTS_4 = [("tp2pp2", ["parallel.tp=2", "parallel.pp=2", "train.micro_batch_size=4"])]
+             ("pp2_token_bound", ["parallel.pp=2", "train.micro_batch_size=8", "train.max_tokens_per_micro_batch=40"]),
+             ("tp2_sp", ["parallel.tp=2", "parallel.sequence_parallel=true", "train.micro_batch_size=3"]),
+             ("padded_tp2", [PADDED, "parallel.tp=2", "train.micro_batch_size=3"]),
+             ("padded_pp2", [PADDED, "parallel.pp=2", "train.micro_batch_size=2"]),
+             ("padded_cp2", [PADDED, "parallel.cp=2", "train.micro_batch_size=4"])]
+LAYOUTS_4 = [("tp2pp2", ["parallel.tp=2", "parallel.pp=2", "train.micro_batch_size=4"]),
+             ("cp2dp2", ["parallel.cp=2", "train.micro_batch_size=2"]),
+             ("padded_tp2pp2", [PADDED, "parallel.tp=2", "parallel.pp=2", "train.micro_batch_size=4"])]
 ADAMW = ["train.optimizer=adamw", "train.lr=0.001", "critic.lr=0.001", "train.weight_decay=0", "critic.weight_decay=0"]
 
 

@@ -46,9 +46,11 @@ def test_our_compared_cases_run_with_the_offload_off():
     args = argparse.Namespace(seq_len=128, dtype="fp32", attention_backend="sdpa", device="cpu", size="small")
     assert load_config(overrides=[], world_size=1).train.offload_between_phases is True  # the default
     shape = SIZES["small"]["shape"]
-    for _, micro, bound, _ in OURS:
-        cfg = load_config(overrides=config_overrides(args, shape, 16, micro, bound and bound * 128), world_size=1)
+    for _, micro, bound, _, pack in OURS:
+        cfg = load_config(overrides=config_overrides(args, shape, 16, micro, bound and bound * 128, pack=pack),
+                          world_size=1)
         assert cfg.train.offload_between_phases is False, (micro, bound)
+        assert cfg.train.pack_sequences is pack and (not pack or cfg.micro_batch_tokens == bound * 128)
     cfg = load_config(overrides=config_overrides(args, shape, 16, 4, None, offload=True), world_size=1)
     assert cfg.train.offload_between_phases is True
 
@@ -68,10 +70,10 @@ def test_cpu_small_mode_writes_every_case(tmp_path):
         assert row["tokens"] == result["tokens_per_step"] <= row["padded_tokens"]
         assert all(math.isfinite(v) for v in row["last_step"].values() if isinstance(v, float))
         assert row["offload_active"] is False  # nothing to offload on a CPU
-    for name, _, _, versus in OURS:
+    for name, _, _, versus, pack in OURS:
         row = rows[name]
         assert row["versus"] == versus and row["kind"] == "ours"
-        assert row["offload_between_phases"] is False
+        assert row["offload_between_phases"] is False and row["pack_sequences"] is pack
         _finite_positive(row, ["ratio_tokens_per_s", "ratio_tflops"])
         assert row["last_step"]["grad_norm"] > 0
     offload = rows[offload_name]
@@ -97,6 +99,7 @@ def test_both_sides_build_and_step_on_the_gpu_under_the_strict_mode(tmp_path):
     offload_name = OFFLOAD[2][0]
     assert list(rows) == [BASELINES[0][0], OURS[0][0], OURS[2][0], offload_name]
     assert rows[BASELINES[0][0]]["last_step"]["applied"] is True
+    assert (rows[OURS[0][0]]["pack_sequences"], rows[OURS[2][0]]["pack_sequences"]) == (False, True)
     for name in (OURS[0][0], OURS[2][0]):
         assert (rows[name]["offload_between_phases"], rows[name]["offload_active"]) == (False, False)
         assert rows[name]["last_step"]["grad_norm"] > 0

@@ -1,0 +1,140 @@
+"""Packed sequences (models/packing.py): the plans, the row layout, the CP split, the way back to response
+coordinates, the attention's block-diagonal causal mask and the per-token aggregation counts."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from liteppo_mcore.models.packing import (
+    PackPlan,
+    cp_split_packed,
+    pack_micro_batches,
+    pack_multiples,
+    packed_positions,
+    packed_seq_params,
+    response_index,
+    to_packed_row,
+)
+
+
+def test_first_fit_decreasing_rows():
+    plans = pack_micro_batches(torch.tensor([5, 10, 2, 9, 6]), max_tokens=16)
+    # longest first: 10 -> row 0; 9 -> row 1; 6 fits row 0; 5 fits row 1; 2 fits row 1 (16 - 14)
+    assert [p.rows.tolist() for p in plans] == [[1, 4], [3, 0, 2]]
+    assert [p.seg_lens for p in plans] == [(10, 6), (9, 5, 2)]
+    assert [p.row_len for p in plans] == [16, 16] and [p.padding for p in plans] == [0, 0]
+
+
+@pytest.mark.parametrize("cp,tp,sp,pipeline", [(1, 1, False, False), (2, 1, False, False), (2, 2, True, False),
+                                               (1, 2, True, True), (3, 1, False, True)])
+def test_plans_hold_every_sequence_once_within_the_bounds(cp, tp, sp, pipeline):
+    g = torch.Generator().manual_seed(cp * 10 + tp)
+    lens = torch.randint(1, 40, (37,), generator=g)
+    seg, row = pack_multiples(cp, tp, sp)
+    plans = pack_micro_batches(lens, max_tokens=64, seg_multiple=seg, row_multiple=row, pipeline=pipeline)
+    assert sorted(torch.cat([p.rows for p in plans]).tolist()) == list(range(37))
+    for p in plans:
+        assert all(s % seg == 0 and s >= int(lens[i]) for s, i in zip(p.seg_lens, p.rows.tolist()))
+        assert all(s - int(lens[i]) < seg for s, i in zip(p.seg_lens, p.rows.tolist()))
+        assert sum(p.seg_lens) <= 64 or len(p.seg_lens) == 1
+        assert p.row_len % row == 0 and p.row_len >= sum(p.seg_lens) and sum(p.segments) == p.row_len
+        assert all(s % seg == 0 for s in p.segments)
+        if sp:
+            assert (p.row_len // cp) % tp == 0  # the local row splits over TP
+    if pipeline:
+        assert len({p.row_len for p in plans}) == 1  # stages exchange one shape
+    else:
+        assert all(p.padding < row for p in plans)
+    # packing beats one sequence per row: far fewer rows than sequences
+    assert len(plans) <= 37 // 2
+
+
+def test_a_sequence_longer_than_the_bound_gets_a_row_of_its_own():
+    plans = pack_micro_batches(torch.tensor([3, 50, 4]), max_tokens=10)
+    assert [p.rows.tolist() for p in plans] == [[1], [2, 0]]
+    assert plans[0].row_len == 50
+
+
+def test_row_layout_and_response_coordinates():
+    plan = PackPlan(rows=torch.tensor([2, 0]), seg_lens=(6, 4), row_len=12)
+    per_seq = torch.tensor([[1, 2, 3, 4, 5, 6, 0], [7, 8, 9, 10, 0, 0, 0]])
+    row = to_packed_row(per_seq, plan)
+    assert row.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0, 0]]
+    assert plan.segments == (6, 4, 2) and plan.offsets == [0, 6]
+    # sequence 2: prompt 2, response 3 -> predicted at 1, 2, 3; sequence 0: prompt 1, response 3 -> 6, 7, 8
+    idx, valid = response_index(plan, torch.tensor([2, 1]), torch.tensor([3, 3]), width=4)
+    assert idx[:, :3].tolist() == [[1, 2, 3], [6, 7, 8]] and valid.tolist() == [[True] * 3 + [False]] * 2
+
+
+def test_cp_split_takes_chunks_r_and_2cp_minus_1_minus_r_of_every_segment():
+    plan = PackPlan(rows=torch.tensor([0, 1]), seg_lens=(8, 4), row_len=16)  # segments 8, 4, tail 4
+    row = torch.arange(16)[None, :]
+    parts = [cp_split_packed(row, plan, r, 2) for r in range(2)]
+    assert parts[0].tolist() == [[0, 1, 6, 7, 8, 11, 12, 15]]
+    assert parts[1].tolist() == [[2, 3, 4, 5, 9, 10, 13, 14]]
+    for r in range(2):  # the positions the attention mask uses are those of the split
+        seg, pos = packed_positions(plan, r, 2)
+        starts = torch.tensor([0, 8, 12])
+        assert torch.equal(starts[seg] + pos, parts[r][0])
+
+
+def test_packed_seq_params_carry_the_segments():
+    plan = PackPlan(rows=torch.tensor([0, 1]), seg_lens=(8, 4), row_len=16)
+    params = packed_seq_params(plan, torch.device("cpu"))
+    assert params.qkv_format == "thd" and params.cu_seqlens_q.tolist() == [0, 8, 12, 16]
+    assert params.cu_seqlens_q.dtype == torch.int32 and params.max_seqlen_q == 8 and params.liteppo_plan is plan
+
+
+def test_packed_attention_equals_each_sequence_alone():
+    """SDPACoreAttention on a packed row = causal attention of each sequence by itself (GQA included)."""
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from liteppo_mcore.models.layers import SDPACoreAttention
+
+    config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                               use_cpu_initialization=True, attention_dropout=0.0)
+    attn = SDPACoreAttention(config, 1, AttnMaskType.causal, "self")
+    plan = PackPlan(rows=torch.tensor([0, 1, 2]), seg_lens=(5, 3, 6), row_len=16)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(16, h, 8, generator=g) for h in (4, 2, 2))
+    got = attn(q, k, v, None, packed_seq_params=packed_seq_params(plan, torch.device("cpu")))
+    assert got.shape == (16, 1, 32)
+    for start, length in zip(plan.offsets, plan.seg_lens):
+        sl = slice(start, start + length)
+        qs, ks, vs = (x[sl].permute(1, 0, 2) for x in (q, k, v))
+        ks, vs = ks.repeat_interleave(2, dim=0), vs.repeat_interleave(2, dim=0)
+        want = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True).permute(1, 0, 2).reshape(length, 32)
+        assert torch.allclose(got[sl, 0], want, atol=1e-6)
+
+
+def test_per_token_sequence_counts_aggregate_like_per_row_counts():
+    from liteppo_mcore.algo.aggregation import aggregate
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, generator=g)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    counts = torch.tensor([4, 6, 1])  # full lengths (e.g. a CP split holds part of each)
+    rows = aggregate(x, mask, mode="seq-mean-token-mean", num_tokens=7, num_seqs=3, seq_token_counts=counts)
+    packed = aggregate(x.reshape(1, -1), mask.reshape(1, -1), mode="seq-mean-token-mean", num_tokens=7,
+                       num_seqs=3, seq_token_counts=counts[:, None].expand(3, 5).reshape(1, -1))
+    assert torch.allclose(rows, packed, atol=1e-6) and rows.abs() > 0
+
+
+def test_packing_with_megatrons_local_attention_is_refused():
+    from liteppo_mcore.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="train.pack_sequences=true: needs an attention that takes packed"):
+        load_config(overrides=["model.attention_backend=local"], world_size=1)
+    cfg = load_config(overrides=["model.attention_backend=local", "train.pack_sequences=false"], world_size=1)
+    assert cfg.micro_batch_tokens is None
+
+
+def test_the_default_token_bound_when_packing():
+    from liteppo_mcore.config import load_config
+
+    cfg = load_config(overrides=["train.micro_batch_size=3", "prompt_length=10", "response_length=20"], world_size=1)
+    assert cfg.train.pack_sequences and cfg.micro_batch_tokens == 90
+    cfg = load_config(overrides=["train.max_tokens_per_micro_batch=50", "prompt_length=10", "response_length=20"],
+                      world_size=1)
+    assert cfg.micro_batch_tokens == 50
