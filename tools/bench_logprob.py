@@ -40,7 +40,7 @@ from liteppo_mcore.models.logprob import (  # noqa: E402
     vocab_parallel_logprob_entropy,
     vocab_parallel_logprob_entropy_from_hidden,
 )
-from liteppo_mcore.utils.bench import emit, print_args  # noqa: E402
+from liteppo_mcore.utils.bench import emit, print_args, reset_peak_rss, resident_bytes  # noqa: E402
 
 SIZES = {"small": (2048, 32768), "full": (16384, 151936)}
 # tokens, vocabulary, hidden size of table 2 (from hidden states)
@@ -216,15 +216,6 @@ def _hidden_fn(version: str, args) -> Callable:
                                                                        chunk_size=args.chunk_size)
 
 
-def _resident_bytes(field: str) -> int:
-    """VmRSS (now) or VmHWM (peak) of this process, from /proc/self/status."""
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def hidden_child(args) -> dict:
     """One version of table 2, in this (fresh) process: times, peak memory, results' checksums."""
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -255,14 +246,14 @@ def hidden_child(args) -> dict:
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")  # resets VmHWM to the current resident set (Linux >= 4.0)
-        base = _resident_bytes("VmRSS")
+        base = reset_peak_rss()
+        if base is None:
+            raise RuntimeError("bench_logprob: peak memory on CPU needs Linux's /proc/self/clear_refs")
     times = []
     for _ in range(args.repeats):
         elapsed, (logp, ent) = run()
         times.append(elapsed)
-    peak = (torch.cuda.max_memory_allocated() if cuda else _resident_bytes("VmHWM")) - base
+    peak = (torch.cuda.max_memory_allocated() if cuda else resident_bytes("VmHWM") or 0) - base
     grads = hidden.grad.numel() * hidden.grad.element_size() + weight.grad.numel() * weight.grad.element_size()
     return {"version": args.child, "median_ms": statistics.median(times), "times_ms": times,
             "extra_peak_bytes": int(peak), "gradient_bytes": int(grads),

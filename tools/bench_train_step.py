@@ -47,6 +47,8 @@ from liteppo_mcore.utils.bench import (  # noqa: E402
     device_name,
     emit,
     print_args,
+    reset_peak_rss,
+    resident_bytes,
     resolve_common_args,
     strict_virtual,
     time_calls,
@@ -266,14 +268,18 @@ def run_case(name: str, build: Callable[[], Callable[[], dict]], device, args) -
 
     free_memory(device)
     cuda = device.type == "cuda" and torch.cuda.is_available()
-    before = torch.cuda.memory_allocated() if cuda else None
+    # on a CPU: the peak resident set beyond the one before the build (weights, optimizer, activations)
+    before = torch.cuda.memory_allocated() if cuda else reset_peak_rss()
     step = build()
     times, info = time_steps(step, device, args.warmup, args.repeats)
+    hwm = resident_bytes("VmHWM")
     row = {"case": name, "median_s": statistics.median(times), "min_s": min(times), "times_s": times,
            "last_step": info,
            "allocated_before_bytes": before,
            "static_bytes": torch.cuda.memory_allocated() if cuda else None,
-           "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+           "peak_bytes": torch.cuda.max_memory_allocated() if cuda else (
+               max(0, hwm - before) if hwm is not None and before is not None else None),
+           "peak_memory": "max_memory_allocated" if cuda else "peak resident set beyond the start of the case",
            **getattr(step, "info", {})}
     del step
     free_memory(device)
@@ -407,12 +413,11 @@ def add_ratios(rows: list[dict]) -> None:
             continue
         row["ratio_tokens_per_s"] = row["tokens_per_s"] / base["tokens_per_s"]
         row["ratio_tflops"] = row["tflops"] / base["tflops"]
-        if row["peak_bytes"] is not None and base["peak_bytes"]:
+        if row["peak_bytes"] is not None and (base["peak_bytes"] or 0) >= 1 << 20:  # below 1 MiB: page noise
             row["ratio_peak_memory"] = row["peak_bytes"] / base["peak_bytes"]
 
 
 def print_table(result: dict) -> None:
-    cuda = result["device"].startswith("cuda") and not result.get("strict_device")
     print(f"\none actor update | {result['tokens_per_step']} tokens/step (seq {result['seq_len']}) | "
           f"{result['dtype']} on {result['gpu'] or result['device']} | "
           f"{result['matmul']['dtype']} matmul {result['matmul']['tflops']:.2f} TFLOP/s = 100% MFU")
@@ -420,7 +425,7 @@ def print_table(result: dict) -> None:
           f"{'peak GiB':>9}  {'vs ref: tok/s':>18} {'mem':>5}")
     for r in result["rows"]:
         pad = r["padded_tokens"] / r["tokens"] - 1
-        peak = f"{r['peak_bytes'] / GIB:.1f}" if cuda else "-"
+        peak = f"{r['peak_bytes'] / GIB:.2f}" if r.get("peak_bytes") is not None else "-"
         ratio = f"{r['ratio_tokens_per_s']:.2f}x" if "ratio_tokens_per_s" in r else "-"
         mem = f"{r['ratio_peak_memory']:.2f}x" if r.get("ratio_peak_memory") is not None else "-"
         print(f"{r['case']:<40} {r['median_s']:>8.4f} {r['min_s']:>8.4f} {r['tokens_per_s']:>10.0f} "

@@ -5,6 +5,8 @@ without Transformer Engine.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
@@ -134,9 +136,11 @@ class SDPACoreAttention(MegatronModule):
 
     def _packed(self, query: Tensor, key: Tensor, value: Tensor, params) -> Tensor:
         """Packed sequences (THD: q `[t, np, hn]`, k/v `[t, ng, hn]`, this CP rank's tokens): causal within
-        each segment of the row, nothing across segments, as one masked SDPA call over the row (the
-        mask is built once per row and CP rank and shared by every layer). Under CP the keys and values
-        of every rank are gathered and the mask compares global positions."""
+        each segment of the row, nothing across segments. The row is re-padded around the attention: each
+        segment becomes a row of a `[segments, longest, ...]` batch (index tables built once per
+        micro-batch), so the cost is that of the segments, never of the whole row squared. Without CP one
+        causal SDPA call covers the batch; under CP the keys and values of every rank are gathered and a
+        mask compares global positions."""
         plan = getattr(params, "liteppo_plan", None)
         if plan is None:
             raise ValueError("SDPACoreAttention takes packed sequences built by models/packing.packed_seq_params")
@@ -145,11 +149,71 @@ class SDPACoreAttention(MegatronModule):
         if cp > 1:
             key = _GatherOverCP.apply(key, self.cp_group)
             value = _GatherOverCP.apply(value, self.cp_group)
-        mask = _packed_mask(params, plan, self.cp_group, cp, query.device)
-        q, k, v = (x.permute(1, 0, 2).unsqueeze(0) for x in (query, key, value))  # [1, h, t, d]
+        tables = _packed_tables(params, plan, self.cp_group, cp, query.device)
+        # [t, h, d] -> [segments, h, slots, d]
+        q = query[tables.q_index].permute(0, 2, 1, 3)
+        k, v = (x[tables.k_index].permute(0, 2, 1, 3) for x in (key, value))
         k, v = _expand_kv(k, v, nq)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
-        return out.squeeze(0).permute(1, 0, 2).reshape(t, 1, nq * hn)
+        if tables.mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=tables.mask, scale=self.softmax_scale)
+        out = out.permute(0, 2, 1, 3)[tables.q_valid]  # [t, h, d], the tokens in segment order
+        return out.new_zeros(t, nq, hn).index_copy(0, tables.q_order, out).reshape(t, 1, nq * hn)
+
+
+@dataclass(frozen=True)
+class _PackedTables:
+    """Where each segment's queries and keys sit in the packed (local / gathered) row, padded per segment."""
+
+    q_index: Tensor         # [segments, q_slots] local token index (0 in empty slots)
+    q_valid: Tensor         # [segments, q_slots] bool
+    q_order: Tensor         # [t_local] local token index of q_index[q_valid], in that order
+    k_index: Tensor         # [segments, k_slots] index into the (gathered) keys
+    mask: Tensor | None     # [segments, 1, q_slots, k_slots] bool under CP; None: plain causal per segment
+
+
+def _slots(seg: Tensor, pos: Tensor, segments: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Tokens (segment id, position) -> per-segment slot tables [segments, longest] ordered by position:
+    the token index in each slot, whether the slot holds a token, and each slot's position."""
+    order = torch.argsort(seg * (int(pos.max()) + 1) + pos)  # by segment, then position
+    counts = torch.bincount(seg, minlength=segments)
+    width = int(counts.max())
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(order.numel()) - starts[seg[order]]
+    index = torch.zeros(segments, width, dtype=torch.long)
+    valid = torch.zeros(segments, width, dtype=torch.bool)
+    slot_pos = torch.full((segments, width), -1, dtype=torch.long)
+    index[seg[order], slot] = order
+    valid[seg[order], slot] = True
+    slot_pos[seg[order], slot] = pos[order]
+    return index, valid, slot_pos
+
+
+def _packed_tables(params, plan, cp_group, cp: int, device: torch.device) -> _PackedTables:
+    """The re-padding tables of one micro-batch for this CP rank, cached on `params` (shared by the layers)."""
+    cached = getattr(params, "liteppo_tables", None)
+    if cached is not None:
+        return cached
+    from liteppo_mcore.models.packing import packed_positions
+
+    segments = len(plan.segments)
+    rank = cp_group.rank() if cp > 1 else 0
+    q_seg, q_pos = packed_positions(plan, rank, cp)
+    q_index, q_valid, q_slot_pos = _slots(q_seg, q_pos, segments)
+    if cp == 1:  # keys are the queries; each segment's tokens fill a prefix of its slots: causal suffices
+        k_index, mask = q_index, None
+    else:
+        keys = [packed_positions(plan, r, cp) for r in range(cp)]
+        k_seg, k_pos = torch.cat([sg for sg, _ in keys]), torch.cat([ps for _, ps in keys])
+        k_index, k_valid, k_slot_pos = _slots(k_seg, k_pos, segments)
+        mask = k_valid[:, None, :] & (q_slot_pos[:, :, None] >= k_slot_pos[:, None, :])
+        mask[:, :, 0] |= ~q_valid  # an empty query slot sees one key (its output is dropped): no all-masked row
+        mask = mask.unsqueeze(1).to(device)
+    tables = _PackedTables(q_index.to(device), q_valid.to(device), q_index[q_valid].to(device), k_index.to(device),
+                           mask)
+    params.liteppo_tables = tables
+    return tables
 
 
 def _expand_kv(k: Tensor, v: Tensor, nq: int) -> tuple[Tensor, Tensor]:
@@ -177,20 +241,3 @@ class _GatherOverCP(torch.autograd.Function):
         grad = grad.contiguous()
         torch.distributed.all_reduce(grad, group=ctx.group)
         return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n], None
-
-
-def _packed_mask(params, plan, cp_group, cp: int, device: torch.device) -> Tensor:
-    """`[t_local, t_keys]` boolean: query and key in the same segment, key not after the query; cached on
-    `params` (one per micro-batch, shared by the layers)."""
-    cached = getattr(params, "liteppo_mask", None)
-    if cached is not None:
-        return cached
-    from liteppo_mcore.models.packing import packed_positions
-
-    rank = cp_group.rank() if cp > 1 else 0
-    q_seg, q_pos = packed_positions(plan, rank, cp)
-    keys = [packed_positions(plan, r, cp) for r in range(cp)]
-    k_seg, k_pos = torch.cat([s for s, _ in keys]), torch.cat([p for _, p in keys])
-    mask = ((q_seg[:, None] == k_seg[None, :]) & (q_pos[:, None] >= k_pos[None, :])).to(device)
-    params.liteppo_mask = mask
-    return mask

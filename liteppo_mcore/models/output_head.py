@@ -83,10 +83,16 @@ def install_hidden_states_output(model: torch.nn.Module) -> bool:
 
 
 def _output_layer(model: torch.nn.Module) -> HiddenStatesOutputLayer | None:
+    """The model's hidden-states output layer (None: none), found once and remembered on the model."""
+    cached = model.__dict__.get("_liteppo_output_layer", False)
+    if cached is not False:
+        return cached
     found = [m for m in model.modules() if isinstance(m, HiddenStatesOutputLayer)]
     if len(found) > 1:
         raise ValueError(f"{type(model).__name__} holds {len(found)} hidden-states output layers; expected one")
-    return found[0] if found else None
+    layer = found[0] if found else None
+    object.__setattr__(model, "_liteppo_output_layer", layer)  # a reference, not a submodule
+    return layer
 
 
 @contextmanager

@@ -162,3 +162,28 @@ def resolve_common_args(args, *, warmup: tuple[int, int], repeats: tuple[int, in
     args.warmup = args.warmup if args.warmup is not None else warmup[0 if gpu else 1]
     args.repeats = args.repeats if args.repeats is not None else repeats[0 if gpu else 1]
     return gpu
+
+
+def resident_bytes(field: str = "VmRSS") -> int | None:
+    """This process's resident set now (VmRSS) or at its peak (VmHWM), from /proc/self/status; None where
+    there is no such file (not Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> int | None:
+    """Reset this process's peak resident set (VmHWM) to the current one (Linux >= 4.0: write 5 to
+    /proc/self/clear_refs) and return the current resident set: a later `resident_bytes("VmHWM")` minus it
+    is the peak memory taken since. None where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return resident_bytes("VmRSS")
