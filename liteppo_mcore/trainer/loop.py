@@ -318,16 +318,21 @@ class Trainer:
         metrics["reward/errors"], metrics["reward/timeouts"] = float(counts[0]), float(counts[1])
         return scores, metrics
 
+    def _micro_batching(self) -> dict:
+        """The forward passes' vocabulary and micro-batch keyword arguments: the training micro-batches'
+        bounds (rows, tokens, packing), so that what fits the update fits here."""
+        cfg = self.cfg
+        return dict(vocab_size=self.vocab_size, micro_batch_size=cfg.train.micro_batch_size,
+                    max_tokens_per_micro_batch=cfg.micro_batch_tokens, pack=cfg.train.pack_sequences,
+                    sequence_parallel=cfg.parallel.sequence_parallel)
+
     def log_probs_and_values(self, rollout: experience.Rollout, timer: PhaseTimer) -> ForwardPasses:
         """The forward-only passes: reference and old log-probs (the latter only when something needs them
         before the update: `needs_old_logp_pass`), written into `rollout.batch`; the critic's values and
         the exact KL (kl_penalty: full), returned."""
         batch, cfg = rollout.batch, self.cfg
         seqs = batch.sequences()
-        # The training micro-batches' bounds (rows and padded tokens): what fits the update fits here.
-        kw = dict(vocab_size=self.vocab_size, micro_batch_size=cfg.train.micro_batch_size,
-                  max_tokens_per_micro_batch=cfg.micro_batch_tokens, pack=cfg.train.pack_sequences,
-                  sequence_parallel=cfg.parallel.sequence_parallel)
+        kw = self._micro_batching()
         passes = ForwardPasses()
         if self.models.reference is not None:
             with timer("ref"), module_on_device(self.models.reference,
@@ -385,11 +390,7 @@ class Trainer:
         generations = self.engine.generate(prompts, params)
         probe = experience.build_rollout(prompts, ["" for _ in prompts], generations, self.tokenizer)
         trainer = forward_per_token(self.models.actor, probe.batch.sequences(), self.groups, compute_entropy=False,
-                                    temperature=1.0, vocab_size=self.vocab_size,
-                                    micro_batch_size=self.cfg.train.micro_batch_size,
-                                    max_tokens_per_micro_batch=self.cfg.micro_batch_tokens,
-                                    pack=self.cfg.train.pack_sequences,
-                                    sequence_parallel=self.cfg.parallel.sequence_parallel)["logp"]
+                                    temperature=1.0, **self._micro_batching())["logp"]
         check_probe_logprobs(probe.rollout_logp, trainer, probe.mask, engine=self.engine.name,
                              atol=probe_tolerance(next(self.models.actor.parameters()).dtype))
 
