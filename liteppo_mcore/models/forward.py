@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -28,12 +29,10 @@ from liteppo_mcore.models.output_head import hidden_states_out, used_weight
 from liteppo_mcore.models.packing import (
     PackPlan,
     cp_gather_packed,
-    cp_split_packed,
     pack_micro_batches,
     pack_multiples,
     packed_seq_params,
     response_index,
-    to_packed_row,
 )
 from liteppo_mcore.parallel.device import collective_device, compute_device
 from liteppo_mcore.parallel.mcore import ParallelGroups
@@ -175,21 +174,45 @@ def _model_inputs(batch: SequenceBatch, plan: MicroPlan | PackPlan, groups: Para
     """Tokens, labels and mask of one micro-batch, built on the host, this CP rank's part, on `device`,
     and its PackedSeqParams (None when padded)."""
     if isinstance(plan, PackPlan):
-        built = [cp_split_packed(to_packed_row(x, plan), plan, groups.cp_rank, groups.cp_size)
-                 for x in shifted_labels_and_mask(packed_sequences(batch, plan), max(plan.seg_lens))]
-        params = packed_seq_params(plan, device)
-    else:
-        built = [cp_split(x, groups.cp_rank, groups.cp_size)
-                 for x in shifted_labels_and_mask(_sub_batch(batch, plan), plan.seq_len)]
-        params = None
+        item = packed_micro_batch(batch, plan, groups, device)
+        return item["tokens"], item["labels"], item["mask"], item["packed_seq_params"]
+    built = [cp_split(x, groups.cp_rank, groups.cp_size)
+             for x in shifted_labels_and_mask(_sub_batch(batch, plan), plan.seq_len)]
     tok, lab, msk = (x.to(device, non_blocking=True) for x in built)
-    return tok, lab, msk, params
+    return tok, lab, msk, None
 
 
-def packed_sequences(batch: SequenceBatch, plan: PackPlan) -> SequenceBatch:
-    """The plan's sequences, in segment order, trimmed to the longest segment."""
-    rows = plan.rows.long()
-    return SequenceBatch(batch.tokens[rows, :max(plan.seg_lens)], batch.prompt_lens[rows], batch.response_lens[rows])
+def packed_micro_batch(batch: SequenceBatch, plan: PackPlan, groups: ParallelGroups, device: torch.device,
+                       per_token: dict[str, Tensor] | None = None) -> dict:
+    """One packed row (models/packing.py) of the batch's sequences `plan.rows`, this CP rank's tokens, on
+    `device`: `tokens`, `labels` (the next token of the same sequence), `mask` (positions predicting a
+    response token), each response-coordinate tensor of `per_token` (`[B, T]`) at the positions
+    predicting its tokens (0 elsewhere), `seq_token_counts` (each position's sequence's response
+    length; 0 in the trailing padding), all `[1, row_len / cp]`, and `packed_seq_params`.
+
+    Built in a fixed number of gathers whatever the number of segments: each token is addressed by
+    (segment, position within it) from `packing.packed_positions`."""
+    params = packed_seq_params(plan, device, groups.cp_rank, groups.cp_size)
+    seg, pos = params.liteppo_positions  # numpy: the index arithmetic stays on the host, in a few array ops
+    k = len(plan.seg_lens)
+    real = seg < k  # the trailing padding segment is number k
+    row = plan.rows.numpy()[np.minimum(seg, k - 1)]  # each token's sequence in the batch
+    n, s = batch.tokens.shape
+    width = min(s, max(plan.seg_lens))
+    prompt, response = batch.prompt_lens.numpy()[row], batch.response_lens.numpy()[row]
+    t = pos - (prompt - 1)  # the response token each position predicts
+    mask = real & (t >= 0) & (t < response)
+    # gathers from the flattened [B, S] / [B, T] tensors; index `numel` is an appended 0 (outside the sequences)
+    tokens = torch.cat([batch.tokens.reshape(-1), batch.tokens.new_zeros(1)])
+    at = [torch.from_numpy(np.where(real & (col < width), row * s + col, n * s)) for col in (pos, pos + 1)]
+    out = {"tokens": tokens[at[0]], "labels": tokens[at[1]], "mask": torch.from_numpy(mask)}
+    for key, value in (per_token or {}).items():
+        flat = torch.cat([value.float().reshape(-1), value.new_zeros(1, dtype=torch.float32)])
+        out[key] = flat[torch.from_numpy(np.where(mask, row * value.shape[1] + t, value.numel()))]
+    out["seq_token_counts"] = torch.from_numpy(np.where(real, response, 0))
+    item: dict = {key: value[None].to(device, non_blocking=True) for key, value in out.items()}
+    item["packed_seq_params"] = params
+    return item
 
 
 def _scatter_rows(out: Tensor, local: Tensor, batch: SequenceBatch, plan: MicroPlan | PackPlan,

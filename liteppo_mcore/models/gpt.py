@@ -22,6 +22,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from liteppo_mcore.config.schema import LitePPOConfig
 from liteppo_mcore.models.output_head import install_hidden_states_output
+from liteppo_mcore.models.rope import install as install_packed_rope
 from liteppo_mcore.models.shapes import ModelShape, resolve_shape
 from liteppo_mcore.models.spec import block_spec, choose_backend
 from liteppo_mcore.parallel.device import compute_device, on_gpu
@@ -122,6 +123,7 @@ def build_gpt(shape: ModelShape, cfg: LitePPOConfig, groups: ParallelGroups, *, 
     backend = choose_backend(cfg.model.attention_backend, cfg.parallel.cp)
     n_stage = get_num_layers_to_build(config, vp_stage=None, pp_rank=groups.pp_rank)
     scaling = shape.rope_scaling or {}
+    install_packed_rope()  # packed rows: the rotary embedding without megatron's per-segment loop (rope.py)
     model = GPTModel(
         config=config, transformer_layer_spec=block_spec(backend, shape.qk_norm, n_stage),
         vocab_size=padded_vocab, max_sequence_length=shape.max_position_embeddings,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
@@ -32,10 +33,8 @@ class RMSNorm(torch.nn.Module):
         self.weight.sequence_parallel = bool(config.sequence_parallel)  # type: ignore[attr-defined]
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        # torch's rms_norm without a weight, in fp32: x * rsqrt(mean(x^2) + eps), bit for bit the formula
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class QKRMSNorm(RMSNorm):
@@ -89,8 +88,8 @@ class SDPACoreAttention(MegatronModule):
     k/v [sk, b, ng, hn] (this rank's heads), returns [sq, b, np*hn]. With context parallelism, keys and
     values are all-gathered over the CP group and the causal mask uses global positions. Packed
     sequences (megatron's THD layout, `packed_seq_params` from models/packing.py: q [t, np, hn]) attend
-    causally within their own segment of the row, through one SDPA call with a block-diagonal causal
-    mask (built once per micro-batch), which is exact and keeps the kernel's speed on a CPU.
+    causally within their own segment of the row: the row is re-padded to one row per segment around one
+    SDPA call (`_packed`). Grouped-query keys and values go to SDPA as they are (`enable_gqa`).
     """
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
@@ -123,15 +122,15 @@ class SDPACoreAttention(MegatronModule):
             value = _GatherSeqOverCP.apply(value, self.cp_group)
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        k, v = _expand_kv(k, v, nq)
+        gqa = k.shape[1] != nq  # grouped-query keys and values: SDPA repeats them to the query heads
         if cp > 1:
             assert self.cp_group is not None  # cp > 1 only with a group (see above)
             q_pos = cp_local_positions(sq, self.cp_group.rank(), cp, device=q.device)
             k_pos = torch.arange(k.shape[2], device=q.device)
             mask = q_pos[:, None] >= k_pos[None, :]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale, enable_gqa=gqa)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale, enable_gqa=gqa)
         return out.permute(2, 0, 1, 3).reshape(sq, b, nq * hn)
 
     def _packed(self, query: Tensor, key: Tensor, value: Tensor, params) -> Tensor:
@@ -150,44 +149,86 @@ class SDPACoreAttention(MegatronModule):
             key = _GatherOverCP.apply(key, self.cp_group)
             value = _GatherOverCP.apply(value, self.cp_group)
         tables = _packed_tables(params, plan, self.cp_group, cp, query.device)
-        # [t, h, d] -> [segments, h, slots, d]
-        q = query[tables.q_index].permute(0, 2, 1, 3)
-        k, v = (x[tables.k_index].permute(0, 2, 1, 3) for x in (key, value))
-        k, v = _expand_kv(k, v, nq)
+        segments, q_slots = tables.q_shape
+        # [t, h, d] -> [segments, h, slots, d]: one gather each, the segments' tokens at their slots
+        q = _ToSlots.apply(query, tables.q_index, tables.q_back).view(segments, q_slots, nq, hn).transpose(1, 2)
+        k, v = (_ToSlots.apply(x, tables.k_index, tables.k_back).view(segments, -1, x.shape[1], hn).transpose(1, 2)
+                for x in (key, value))
+        gqa = k.shape[1] != nq
         if tables.mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale, enable_gqa=gqa)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=tables.mask, scale=self.softmax_scale)
-        out = out.permute(0, 2, 1, 3)[tables.q_valid]  # [t, h, d], the tokens in segment order
-        return out.new_zeros(t, nq, hn).index_copy(0, tables.q_order, out).reshape(t, 1, nq * hn)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=tables.mask, scale=self.softmax_scale,
+                                                 enable_gqa=gqa)
+        # back to the row's order: token i is slot q_back[i] of the [segments * slots] outputs
+        out = out.transpose(1, 2).reshape(segments * q_slots, nq * hn)
+        return _FromSlots.apply(out, tables.q_back, tables.q_index, tables.q_valid).reshape(t, 1, nq * hn)
+
+
+class _ToSlots(torch.autograd.Function):
+    """`x.index_select(0, index)`: each token `[t, ...]` to its slot, the empty slots repeating token 0.
+    The backward is a gather too (`back`: each token's slot) instead of a scatter-add into zeros: the
+    gradient of an empty slot is exactly zero, since no real query attends to an empty key slot (it
+    comes after the segment's tokens, or the CP mask hides it) and `_FromSlots` gives the empty query
+    slots a zero output gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, index: Tensor, back: Tensor) -> Tensor:
+        ctx.save_for_backward(back)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (back,) = ctx.saved_tensors
+        return grad.index_select(0, back), None, None
+
+
+class _FromSlots(torch.autograd.Function):
+    """`y.index_select(0, back)`: the slots' outputs back to the tokens; the backward gathers each slot's
+    token gradient, zero for empty slots (`valid`)."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, back: Tensor, index: Tensor, valid: Tensor) -> Tensor:
+        ctx.save_for_backward(index, valid)
+        return y.index_select(0, back)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        index, valid = ctx.saved_tensors
+        return torch.where(valid[:, None], grad.index_select(0, index), 0.0), None, None, None
 
 
 @dataclass(frozen=True)
 class _PackedTables:
     """Where each segment's queries and keys sit in the packed (local / gathered) row, padded per segment."""
 
-    q_index: Tensor         # [segments, q_slots] local token index (0 in empty slots)
-    q_valid: Tensor         # [segments, q_slots] bool
-    q_order: Tensor         # [t_local] local token index of q_index[q_valid], in that order
-    k_index: Tensor         # [segments, k_slots] index into the (gathered) keys
-    mask: Tensor | None     # [segments, 1, q_slots, k_slots] bool under CP; None: plain causal per segment
+    q_shape: tuple[int, int]  # (segments, q_slots)
+    q_index: Tensor           # [segments * q_slots] local token in each slot (0 in empty slots)
+    q_back: Tensor            # [t_local] the slot of each local token
+    q_valid: Tensor           # [segments * q_slots] bool: the slot holds a token
+    k_index: Tensor           # [segments * k_slots] index into the (gathered) keys
+    k_back: Tensor            # [t_local * cp] the slot of each (gathered) key
+    mask: Tensor | None       # [segments, 1, q_slots, k_slots] bool under CP; None: plain causal per segment
 
 
-def _slots(seg: Tensor, pos: Tensor, segments: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Tokens (segment id, position) -> per-segment slot tables [segments, longest] ordered by position:
-    the token index in each slot, whether the slot holds a token, and each slot's position."""
-    order = torch.argsort(seg * (int(pos.max()) + 1) + pos)  # by segment, then position
-    counts = torch.bincount(seg, minlength=segments)
+def _slots(seg: np.ndarray, pos: np.ndarray, segments: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Tokens (segment id, position) -> per-segment slots [segments, width] ordered by position: the
+    token index in each slot (flat, 0 in empty slots), each token's flat slot, whether a slot holds a
+    token and each slot's position (-1: empty). Host index arithmetic, in numpy."""
+    order = np.lexsort((pos, seg))  # by segment, then position
+    counts = np.bincount(seg, minlength=segments)
     width = int(counts.max())
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(order.numel()) - starts[seg[order]]
-    index = torch.zeros(segments, width, dtype=torch.long)
-    valid = torch.zeros(segments, width, dtype=torch.bool)
-    slot_pos = torch.full((segments, width), -1, dtype=torch.long)
-    index[seg[order], slot] = order
-    valid[seg[order], slot] = True
-    slot_pos[seg[order], slot] = pos[order]
-    return index, valid, slot_pos
+    starts = np.cumsum(counts) - counts
+    slot = np.empty_like(order)
+    slot[order] = np.arange(order.size) - starts[seg[order]]  # each token's rank within its segment
+    flat_slot = seg * width + slot
+    index = np.zeros(segments * width, dtype=np.int64)
+    index[flat_slot] = np.arange(seg.size)
+    valid = np.zeros(segments * width, dtype=bool)
+    valid[flat_slot] = True
+    slot_pos = np.full(segments * width, -1, dtype=np.int64)
+    slot_pos[flat_slot] = pos
+    return index, flat_slot, valid.reshape(segments, width), slot_pos.reshape(segments, width)
 
 
 def _packed_tables(params, plan, cp_group, cp: int, device: torch.device) -> _PackedTables:
@@ -198,30 +239,21 @@ def _packed_tables(params, plan, cp_group, cp: int, device: torch.device) -> _Pa
     from liteppo_mcore.models.packing import packed_positions
 
     segments = len(plan.segments)
-    rank = cp_group.rank() if cp > 1 else 0
-    q_seg, q_pos = packed_positions(plan, rank, cp)
-    q_index, q_valid, q_slot_pos = _slots(q_seg, q_pos, segments)
-    if cp == 1:  # keys are the queries; each segment's tokens fill a prefix of its slots: causal suffices
-        k_index, mask = q_index, None
-    else:
+    q_seg, q_pos = params.liteppo_positions  # this rank's tokens (packed_seq_params)
+    q_index, q_back, q_valid, q_slot_pos = _slots(q_seg, q_pos, segments)
+    mask = None  # without CP the keys are the queries, each segment's tokens a prefix of its slots: causal
+    k_index, k_back = q_index, q_back
+    if cp > 1:
         keys = [packed_positions(plan, r, cp) for r in range(cp)]
-        k_seg, k_pos = torch.cat([sg for sg, _ in keys]), torch.cat([ps for _, ps in keys])
-        k_index, k_valid, k_slot_pos = _slots(k_seg, k_pos, segments)
-        mask = k_valid[:, None, :] & (q_slot_pos[:, :, None] >= k_slot_pos[:, None, :])
-        mask[:, :, 0] |= ~q_valid  # an empty query slot sees one key (its output is dropped): no all-masked row
-        mask = mask.unsqueeze(1).to(device)
-    tables = _PackedTables(q_index.to(device), q_valid.to(device), q_index[q_valid].to(device), k_index.to(device),
-                           mask)
+        k_index, k_back, k_valid, k_slot_pos = _slots(np.concatenate([sg for sg, _ in keys]),
+                                                 np.concatenate([ps for _, ps in keys]), segments)
+        allowed = k_valid[:, None, :] & (q_slot_pos[:, :, None] >= k_slot_pos[:, None, :])
+        allowed[:, :, 0] |= ~q_valid  # an empty query slot sees one key (its output is dropped): no all-masked row
+        mask = torch.from_numpy(allowed).unsqueeze(1).to(device)
+    tables = _PackedTables((segments, q_valid.shape[1]), *(torch.from_numpy(x).to(device) for x in (
+        q_index, q_back, q_valid.reshape(-1), k_index, k_back)), mask)
     params.liteppo_tables = tables
     return tables
-
-
-def _expand_kv(k: Tensor, v: Tensor, nq: int) -> tuple[Tensor, Tensor]:
-    """Repeat grouped-query keys and values `[b, ng, s, d]` to the `nq` query heads."""
-    if k.shape[1] != nq:
-        k = k.repeat_interleave(nq // k.shape[1], dim=1)
-        v = v.repeat_interleave(nq // v.shape[1], dim=1)
-    return k, v
 
 
 class _GatherOverCP(torch.autograd.Function):

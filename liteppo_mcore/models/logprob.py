@@ -287,14 +287,19 @@ def vocab_parallel_logprob_entropy(
 class _FusedLogProbEntropy(torch.autograd.Function):
     """(hidden [N, H], weight [V/TP, H], targets [N]) -> (log p(target) [N], entropy [N]) with the output
     layer's matmul inside the chunk loop: the logits of one chunk of rows exist at a time, forward and
-    backward (which recomputes them); see `vocab_parallel_logprob_entropy_from_hidden`."""
+    backward (which recomputes them, or, for rows that fit one chunk, reuses the forward's); see
+    `vocab_parallel_logprob_entropy_from_hidden`."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, shard: _Shard, compute_entropy: bool,
                 entropy_grad: bool) -> tuple[Tensor, Tensor]:
         w = weight[: shard.num_valid]
-        stats = _local_stats(lambda lo, hi: hidden[lo:hi] @ w.t(),  # this chunk's logits, in hidden's dtype
-                             hidden.shape[0], targets, shard, compute_entropy, hidden.device)
+        n = hidden.shape[0]
+        # Rows that fit one chunk: its logits (the one chunk this call holds anyway) are kept for the
+        # backward pass instead of being computed again; more rows: each chunk is recomputed there.
+        kept = hidden @ w.t() if 0 < n <= shard.rows_per_chunk else None
+        chunk_logits = (lambda lo, hi: kept[lo:hi]) if kept is not None else (lambda lo, hi: hidden[lo:hi] @ w.t())
+        stats = _local_stats(chunk_logits, n, targets, shard, compute_entropy, hidden.device)
         log_z, logp, ent = _merge_stats(_gather_stats(stats, shard.group))
         if not compute_entropy:
             ent = ent.new_empty(0)
@@ -302,13 +307,13 @@ class _FusedLogProbEntropy(torch.autograd.Function):
             ctx.mark_non_differentiable(ent)
         ctx.shard = shard
         ctx.entropy_grad = compute_entropy and entropy_grad
-        ctx.save_for_backward(hidden, weight, targets, log_z, ent if ctx.entropy_grad else None)
+        ctx.save_for_backward(hidden, weight, targets, log_z, ent if ctx.entropy_grad else None, kept)
         ctx.set_materialize_grads(False)
         return logp, ent
 
     @staticmethod
     def backward(ctx, g_logp: Tensor | None, g_ent: Tensor | None):
-        hidden, weight, targets, log_z, ent = ctx.saved_tensors
+        hidden, weight, targets, log_z, ent, kept = ctx.saved_tensors
         shard: _Shard = ctx.shard
         g_ent = g_ent if ctx.entropy_grad else None
         if g_logp is None and g_ent is None:
@@ -316,9 +321,10 @@ class _FusedLogProbEntropy(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden)
         grad_weight = torch.zeros_like(weight)  # padding rows keep a zero gradient
         w, gw = weight[: shard.num_valid], grad_weight[: shard.num_valid]
-        # the chunk's logits are recomputed: nothing of the forward's chunk was kept
-        for sl, chunk in _chunk_grads(lambda lo, hi: hidden[lo:hi] @ w.t(), hidden.shape[0], targets, log_z, ent,
-                                      g_logp, g_ent, shard, hidden.device):
+        # each chunk's logits are recomputed, unless the forward pass kept its single chunk
+        chunk_logits = (lambda lo, hi: kept[lo:hi]) if kept is not None else (lambda lo, hi: hidden[lo:hi] @ w.t())
+        for sl, chunk in _chunk_grads(chunk_logits, hidden.shape[0], targets, log_z, ent, g_logp, g_ent, shard,
+                                      hidden.device):
             g = chunk.to(hidden.dtype)
             torch.mm(g, w, out=grad_hidden[sl])
             gw.addmm_(g.t(), hidden[sl])  # accumulated by the GEMM itself: no pass over the weight per chunk
@@ -340,7 +346,9 @@ def vocab_parallel_logprob_entropy_from_hidden(
 ) -> tuple[Tensor, Tensor | None]:
     """`vocab_parallel_logprob_entropy` of the logits ``hidden @ weight.T``, without ever holding them
     whole: the output layer's matmul runs per chunk of rows, in the forward pass and again in the
-    backward pass, so besides the inputs a call holds one chunk of logits and its fp32 buffers.
+    backward pass, so besides the inputs a call holds one chunk of logits and its fp32 buffers. When all
+    rows fit one chunk, that chunk's logits are kept from the forward pass for the backward pass (at
+    most the chunk budget, until the backward) instead of being computed twice.
 
     Args:
         hidden: ``[N, H]`` the last hidden states (after the final norm) of N selected positions, the

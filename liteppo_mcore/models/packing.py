@@ -18,7 +18,11 @@ Layout of one packed row (`PackPlan`):
 
 Sequences go into rows longest first, each into the first row with room for it (first-fit
 decreasing) under `max_tokens` per row and `max_seqs` sequences per row; a sequence longer than
-`max_tokens` gets a row of its own.
+`max_tokens` gets a row of its own. Every row is a pass through the model, so when first-fit leaves
+more rows than the tokens need (`ceil(tokens / max_tokens)`), rows filled one by one with the
+fullest subset of what is left (`_fullest_rows`, an exact subset sum) are taken instead when they are
+fewer: on a batch whose tokens fill the bound exactly, first-fit's last row often holds a single
+short sequence.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -68,13 +73,36 @@ def pack_multiples(cp: int, tp: int, sequence_parallel: bool) -> tuple[int, int]
     return seg, row
 
 
+def _fullest_rows(sizes: list[int], max_tokens: int) -> list[list[int]]:
+    """Rows filled one at a time, each with the subset of the sizes left whose sum is largest within
+    `max_tokens` (an exact subset sum: Python integers as bit sets of the reachable sums); positions
+    into `sizes`, which are each <= max_tokens."""
+    full = (1 << (max_tokens + 1)) - 1
+    left, rows = list(range(len(sizes))), []
+    while left:
+        reach = [1]  # reach[j]: the sums reachable with the first j items left (bit s set: sum s)
+        for i in left:
+            reach.append((reach[-1] | (reach[-1] << sizes[i])) & full)
+        total = reach[-1].bit_length() - 1
+        row = []
+        for j in range(len(left), 0, -1):  # walk back: item j-1 is needed when total is not reachable without
+            if not (reach[j - 1] >> total) & 1:
+                row.append(left[j - 1])
+                total -= sizes[left[j - 1]]
+        row.reverse()
+        rows.append(row)
+        taken = set(row)
+        left = [i for i in left if i not in taken]
+    return rows
+
+
 def pack_micro_batches(seq_lens: Tensor, *, max_tokens: int, max_seqs: int | None = None, seg_multiple: int = 1,
                        row_multiple: int = 1, pipeline: bool = False) -> list[PackPlan]:
     """Pack a share's sequences (total lengths `seq_lens [n]`) into rows; see the module docstring."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     order = torch.sort(seq_lens, descending=True, stable=True).indices.tolist()
-    padded = {i: _round_up(int(seq_lens[i]), seg_multiple) for i in order}
+    padded = [_round_up(n, seg_multiple) for n in seq_lens.tolist()]
     bins: list[list[int]] = []
     room: list[int] = []
     for i in order:
@@ -86,6 +114,14 @@ def pack_micro_batches(seq_lens: Tensor, *, max_tokens: int, max_seqs: int | Non
         else:
             bins.append([i])
             room.append(max_tokens - padded[i])  # negative for a sequence longer than max_tokens: alone
+    fits = [i for i in order if padded[i] <= max_tokens]
+    need = -(-sum(padded[i] for i in fits) // max_tokens)
+    alone = [b for b in bins if padded[b[0]] > max_tokens]
+    if max_seqs is None and len(bins) - len(alone) > need:  # first-fit left a row more than the tokens need
+        fullest = [[fits[j] for j in row] for row in _fullest_rows([padded[i] for i in fits], max_tokens)]
+        if len(fullest) < len(bins) - len(alone):
+            rank = {i: r for r, i in enumerate(order)}
+            bins = sorted(alone + fullest, key=lambda b: rank[b[0]])
     used = [sum(padded[i] for i in b) for b in bins]
     fixed = _round_up(max(max(used), max_tokens), row_multiple) if pipeline else None
     return [PackPlan(torch.tensor(b, dtype=torch.long), tuple(padded[i] for i in b),
@@ -93,43 +129,23 @@ def pack_micro_batches(seq_lens: Tensor, *, max_tokens: int, max_seqs: int | Non
             for b, u in zip(bins, used)]
 
 
-def to_packed_row(per_seq: Tensor, plan: PackPlan) -> Tensor:
-    """Sequence-coordinate values `[k, S]` of the plan's sequences (row j = segment j, positions from 0)
-    -> the packed row `[1, row_len]` (0 in padding)."""
-    out = per_seq.new_zeros(1, plan.row_len)
-    for j, (start, length) in enumerate(zip(plan.offsets, plan.seg_lens)):
-        width = min(length, per_seq.shape[1])
-        out[0, start:start + width] = per_seq[j, :width]
-    return out
-
-
-def packed_positions(plan: PackPlan, cp_rank: int = 0, cp_size: int = 1) -> tuple[Tensor, Tensor]:
-    """(segment id, position within the segment) of each token this CP rank holds, `[row_len / cp]` each,
-    in the rank's order: per segment, chunk r then chunk 2cp-1-r of its 2cp chunks."""
-    seg_ids, positions = [], []
-    for s, length in enumerate(plan.segments):
-        pos = torch.arange(length)
-        if cp_size > 1:
-            chunks = pos.chunk(2 * cp_size)
-            pos = torch.cat([chunks[cp_rank], chunks[2 * cp_size - 1 - cp_rank]])
-        seg_ids.append(torch.full((pos.numel(),), s, dtype=torch.long))
-        positions.append(pos)
-    return torch.cat(seg_ids), torch.cat(positions)
-
-
-def cp_split_packed(x: Tensor, plan: PackPlan, cp_rank: int, cp_size: int) -> Tensor:
-    """This CP rank's part of a packed row `[1, row_len, ...]`: per segment, chunks r and 2cp-1-r."""
+def packed_positions(plan: PackPlan, cp_rank: int = 0, cp_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(segment id, position within the segment) of each token this CP rank holds, `[row_len / cp]` int64
+    each, in the rank's order: per segment, chunk r then chunk 2cp-1-r of its 2cp chunks. Host index
+    arithmetic, in numpy: a handful of array operations whatever the number of segments."""
+    segments = np.asarray(plan.segments, dtype=np.int64)
+    local = segments // cp_size  # this rank's tokens of each segment
+    seg = np.repeat(np.arange(segments.size), local)
+    at = np.arange(seg.size) - (np.cumsum(local) - local)[seg]  # index within the local segment
     if cp_size == 1:
-        return x
-    parts = []
-    for seg in x.split(list(plan.segments), dim=1):
-        chunks = seg.chunk(2 * cp_size, dim=1)
-        parts += [chunks[cp_rank], chunks[2 * cp_size - 1 - cp_rank]]
-    return torch.cat(parts, dim=1)
+        return seg, at
+    chunk = (segments // (2 * cp_size))[seg]
+    return seg, np.where(at < chunk, cp_rank * chunk + at, (2 * cp_size - 2 - cp_rank) * chunk + at)
 
 
 def cp_gather_packed(x: Tensor, plan: PackPlan, group, cp_size: int) -> Tensor:
-    """Inverse of cp_split_packed for per-token scalars `[1, row_len / cp]` -> `[1, row_len]` on every CP rank."""
+    """Per-token scalars `[1, row_len / cp]` of every CP rank (each in `packed_positions` order) -> the whole
+    row `[1, row_len]` on every CP rank."""
     if cp_size == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(cp_size)]
@@ -155,16 +171,24 @@ def response_index(plan: PackPlan, prompt_lens: Tensor, response_lens: Tensor, w
     return idx.clamp(max=plan.row_len - 1), valid
 
 
-def packed_seq_params(plan: PackPlan, device: torch.device):
-    """megatron's PackedSeqParams of the row (THD): the segments' boundaries, on `device`."""
+def packed_seq_params(plan: PackPlan, device: torch.device, cp_rank: int = 0, cp_size: int = 1):
+    """megatron's PackedSeqParams of the row (THD): the segments' boundaries, on `device`. The plan rides
+    along (`liteppo_plan`, what our SDPA attention re-pads by) and so do the positions of this CP rank's
+    tokens within their segments (`liteppo_positions`: numpy, as `packed_positions`; on `cu_seqlens`, on
+    the device, for the rotary embedding of models/rope.py)."""
     from megatron.core.packed_seq_params import PackedSeqParams
+
+    from liteppo_mcore.models.rope import ROPE_POSITIONS
 
     segments = plan.segments
     cu = torch.zeros(len(segments) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(segments, dtype=torch.int32).cumsum(0)
     cu = cu.to(device)
+    seg, pos = packed_positions(plan, cp_rank, cp_size)
+    setattr(cu, ROPE_POSITIONS, torch.from_numpy(pos).to(device))
     longest = max(segments)
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
                              cu_seqlens_kv_padded=cu, max_seqlen_q=longest, max_seqlen_kv=longest)
-    params.liteppo_plan = plan  # what our SDPA attention builds its mask from
+    params.liteppo_plan = plan
+    params.liteppo_positions = (seg, pos)
     return params

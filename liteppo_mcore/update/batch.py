@@ -19,9 +19,15 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
-from liteppo_mcore.models.forward import SequenceBatch, cp_split, shifted_labels_and_mask, to_sequence_coords
+from liteppo_mcore.models.forward import (
+    SequenceBatch,
+    cp_split,
+    packed_micro_batch,
+    shifted_labels_and_mask,
+    to_sequence_coords,
+)
 from liteppo_mcore.models.microbatch import MicroPlan
-from liteppo_mcore.models.packing import PackPlan, cp_split_packed, packed_seq_params, to_packed_row
+from liteppo_mcore.models.packing import PackPlan
 from liteppo_mcore.parallel.mcore import ParallelGroups
 from liteppo_mcore.parallel.reducer import all_gather_padded
 from liteppo_mcore.utils.seeds import mix_seed
@@ -151,23 +157,17 @@ def micro_batches(rank_minibatch: TrainBatch, plans: Sequence[MicroPlan | PackPl
     (megatron's PackedSeqParams, None for padded rows).
     """
     for plan in plans:
-        packed = isinstance(plan, PackPlan)
-        rows = rank_minibatch.select(plan.rows)
-        if not packed:
-            rows = _pad_rows(rows, plan.num_rows)  # type: ignore[union-attr]
+        if isinstance(plan, PackPlan):
+            yield packed_micro_batch(rank_minibatch.sequences(), plan, groups, device, rank_minibatch.per_token())
+            continue
+        rows = _pad_rows(rank_minibatch.select(plan.rows), plan.num_rows)
         seqs = rows.sequences()
-        width = max(plan.seg_lens) if packed else plan.seq_len  # type: ignore[union-attr]
-        tokens, labels, mask = shifted_labels_and_mask(seqs, width)
+        tokens, labels, mask = shifted_labels_and_mask(seqs, plan.seq_len)
         item = {"tokens": tokens, "labels": labels, "mask": mask}
         for key, value in rows.per_token().items():
-            item[key] = to_sequence_coords(value.float(), seqs, width)
-        if packed:
-            item["seq_token_counts"] = rows.response_lens[:, None].expand(-1, width).clone()
-            item = {k: cp_split_packed(to_packed_row(v, plan), plan, groups.cp_rank, groups.cp_size)  # type: ignore[arg-type]
-                    for k, v in item.items()}
-        else:
-            item = {k: cp_split(v, groups.cp_rank, groups.cp_size) for k, v in item.items()}
-            item["seq_token_counts"] = rows.response_lens.clone()
+            item[key] = to_sequence_coords(value.float(), seqs, plan.seq_len)
+        item = {k: cp_split(v, groups.cp_rank, groups.cp_size) for k, v in item.items()}
+        item["seq_token_counts"] = rows.response_lens.clone()
         out: dict = {k: v.to(device) for k, v in item.items()}
-        out["packed_seq_params"] = packed_seq_params(plan, device) if packed else None  # type: ignore[arg-type]
+        out["packed_seq_params"] = None
         yield out

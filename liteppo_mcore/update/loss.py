@@ -69,7 +69,7 @@ def _agg(x: Tensor, micro_batch: dict[str, Tensor], settings: LossSettings, coun
 
 
 def _sums(names: tuple[str, ...], values: dict[str, Tensor]) -> Tensor:
-    return torch.stack([values[k].detach().to(STAT_DTYPE).reshape(()) for k in names])
+    return torch.stack([values[k].detach().reshape(()) for k in names]).to(STAT_DTYPE)
 
 
 def actor_loss(output: Tensor, micro_batch: dict[str, Tensor], settings: LossSettings, counts: Denominators,
@@ -102,10 +102,10 @@ def actor_loss(output: Tensor, micro_batch: dict[str, Tensor], settings: LossSet
         loss = loss - settings.entropy_coef * _agg(entropy, micro_batch, settings, counts)
     entropy_sum = torch.where(mask, entropy.detach(), 0.0).sum()
     # With old_logp skipped, this pass's log-probs are the trainer's side of rollout/logprob_abs_diff.
-    diff = ((logp.detach() - micro_batch["rollout_logp"]).abs() if "rollout_logp" in micro_batch
-            else torch.zeros_like(logp))
+    diff_sum = (torch.where(mask, (logp.detach() - micro_batch["rollout_logp"]).abs(), 0.0).sum()
+                if "rollout_logp" in micro_batch else kl_loss.new_zeros(()))
     sums = _sums(ACTOR_SUMS, {"loss": loss, "pg_loss": pg_loss, "kl_loss": kl_loss, "entropy_sum": entropy_sum,
-                              "rollout_abs_diff_sum": torch.where(mask, diff, 0.0).sum(), **pg_stats})
+                              "rollout_abs_diff_sum": diff_sum, **pg_stats})
     return loss, {"sums": sums, "ratio_max": pg_stats["ratio_max"].reshape(1)}
 
 

@@ -254,6 +254,21 @@ def test_fused_equals_the_unfused_path_in_values_and_gradients(entropy_grad, chu
     assert fused[3][50:].abs().max() == 0  # vocabulary padding rows of the weight get no gradient
 
 
+def test_fused_computes_the_logits_of_a_single_chunk_once():
+    """Rows that fit one chunk: the backward reuses the forward's logits; more chunks: each is recomputed.
+    (The logits are `hidden @ weight.T`, aten::matmul; the gradients' GEMMs are aten::mm and addmm.)"""
+    from torch.profiler import ProfilerActivity, profile
+
+    from liteppo_mcore.models.logprob import vocab_parallel_logprob_entropy_from_hidden
+
+    hidden, weight, targets, w_logp, w_ent = _fused_case()  # 41 rows
+    for chunk_size, logits_matmuls in ((None, 1), (41, 1), (7, 2 * 6)):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:  # it sees the backward pass too
+            _hidden_and_weight_grads(lambda h, w, c=chunk_size: vocab_parallel_logprob_entropy_from_hidden(
+                h, w, targets, chunk_size=c), hidden, weight, w_logp, w_ent)
+        assert sum(e.count for e in prof.key_averages() if e.key == "aten::matmul") == logits_matmuls, chunk_size
+
+
 def test_fused_float64_gradcheck_and_edge_cases():
     from liteppo_mcore.models.logprob import vocab_parallel_logprob_entropy_from_hidden
 
