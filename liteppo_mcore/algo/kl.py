@@ -6,7 +6,12 @@ the current ``logp``), the per-token estimators of ``KL(pi || pi_ref)`` are::
     "kl"   d
     "abs"  |d|
     "mse"  d^2 / 2
-    "k3"   exp(-d) + d - 1        (non-negative, unbiased under samples of pi)
+    "k3"   min(exp(-d') + d' - 1, 10),  d' = clamp(d, -20, 20)
+                                  (non-negative, unbiased under samples of pi within the bounds)
+
+k3's bounds are verl's (`K3_LOG_RATIO_BOUND`, `K3_MAX`): unclamped, ``exp(-d)`` overflows in float32
+once ``d < -88.7`` and the KL loss is infinite; with them the estimate is finite for any input, exact
+where ``|d| <= 20`` and the value at most 10, and its gradient is 0 outside.
 
 The exact full-vocabulary KL (``kl_penalty: full``) needs both distributions at every position and is
 computed where the logits live (vocab-parallel, in ``models/``), not here.
@@ -21,6 +26,9 @@ from liteppo_mcore.config.choices import KL_ESTIMATORS as KL_KINDS
 from liteppo_mcore.config.choices import KL_PENALTIES
 
 from .stats import STAT_DTYPE, AllReduceSum, as_bool_mask, reduce_sum
+
+K3_LOG_RATIO_BOUND = 20.0  # |d| at most this inside k3
+K3_MAX = 10.0  # k3 at most this
 
 
 def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
@@ -37,7 +45,8 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
     if kind == "mse":
         return 0.5 * d.square()
     # exp(-d) - 1 via expm1 keeps k3 accurate (and >= 0) for tiny d, where it is ~d^2/2.
-    return torch.expm1(-d) + d
+    d = d.clamp(-K3_LOG_RATIO_BOUND, K3_LOG_RATIO_BOUND)
+    return (torch.expm1(-d) + d).clamp(max=K3_MAX)
 
 
 def token_level_rewards(

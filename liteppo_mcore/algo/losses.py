@@ -1,6 +1,6 @@
 """Per-token PPO policy and value losses (semantics section 4).
 
-Policy, with ``rho = exp(logp - old_logp)`` and ``eps = clip``::
+Policy, with ``rho = exp(clamp(logp - old_logp, -20, 20))`` and ``eps = clip``::
 
     l = max(-rho * A, -clip(rho, 1 - eps, 1 + eps) * A)
     dual clip (c = dual_clip_ratio > 1):  l <- min(l, -c * A)  where A < 0
@@ -10,6 +10,12 @@ Value (critic), with ``G`` the returns::
     e = (V - G)^2
     clip c:  Vc = V_old + clamp(V - V_old, -c, c),  e = max((V - G)^2, (Vc - G)^2)
     l = 0.5 * e
+
+The log-ratio is clamped to ``[-LOG_RATIO_BOUND, LOG_RATIO_BOUND]`` (20, as verl) before ``exp``: in
+float32 ``exp`` overflows past 88.7, and the backward pass through the inactive branch of the max (or
+the dual clip's where) would then compute ``0 * inf`` and turn the whole step's gradient into NaN.
+Within the bound (``rho`` up to 4.9e8) nothing changes; beyond it the token's gradient is 0, as it is
+for a clipped token.
 
 Both return the per-token loss ``[B, T]`` (0 at padding, in the promoted dtype of the inputs, with
 gradients to ``logp`` / ``values`` only) and a metrics dict of detached 0-d float64 tensors that are
@@ -24,6 +30,8 @@ import torch
 from torch import Tensor
 
 from .stats import STAT_DTYPE, as_bool_mask
+
+LOG_RATIO_BOUND = 20.0  # |log rho| at most this before exp (module docstring)
 
 
 def _check_same_shape(mask: Tensor, **tensors: Tensor) -> None:
@@ -56,7 +64,8 @@ def policy_loss(
     Metrics (sums over valid tokens unless noted):
       ``clipfrac_sum``       tokens where the clipped term is the active (strictly larger) one;
       ``dual_clipfrac_sum``  tokens where the dual-clip bound ``-c*A`` is active (0 without dual clip);
-      ``approx_kl_sum``      k3 estimate of KL(old || new): ``(rho - 1) - log rho`` (>= 0);
+      ``approx_kl_k3_sum``   k3 estimate of KL(old || new): ``(rho - 1) - log rho`` (>= 0);
+      ``approx_kl_k1_sum``   k1 estimate of KL(old || new): ``-log rho`` (verl's ``ppo_kl``);
       ``ratio_max``          max of ``rho`` over valid tokens (0 when there are none: ``rho > 0``,
                              so 0 is neutral for a max-reduction);
       ``num_tokens``         number of valid tokens.
@@ -67,8 +76,9 @@ def policy_loss(
         raise ValueError(f"dual_clip_ratio must be > 1 (or None to disable dual clip), got {dual_clip_ratio!r}")
     _check_same_shape(mask, logp=logp, old_logp=old_logp, advantages=advantages)
     valid = as_bool_mask(mask)
-    # Mask the log-ratio before exp: garbage log-probs at padding would give inf * 0 = NaN otherwise.
-    log_ratio = torch.where(valid, logp - old_logp.detach(), 0.0)
+    # Mask the log-ratio before exp: garbage log-probs at padding would give inf * 0 = NaN otherwise;
+    # clamp it: a finite but large one would too (module docstring).
+    log_ratio = torch.where(valid, (logp - old_logp.detach()).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND), 0.0)
     ratio = torch.exp(log_ratio)
     adv = torch.where(valid, advantages.detach(), 0.0)
     unclipped = -ratio * adv
@@ -84,7 +94,8 @@ def policy_loss(
         metrics = {
             "clipfrac_sum": (valid & (clipped > unclipped)).sum().to(STAT_DTYPE),
             "dual_clipfrac_sum": (valid & dual_active).sum().to(STAT_DTYPE),
-            "approx_kl_sum": _masked_sum(torch.expm1(log_ratio) - log_ratio, valid),
+            "approx_kl_k3_sum": _masked_sum(torch.expm1(log_ratio) - log_ratio, valid),
+            "approx_kl_k1_sum": _masked_sum(-log_ratio, valid),
             "ratio_max": _masked_max_of_positive(ratio, valid),
             "num_tokens": valid.sum().to(STAT_DTYPE),
         }

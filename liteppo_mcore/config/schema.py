@@ -300,7 +300,7 @@ class LitePPOConfig:
     dual_clip_ratio: float = 3.0
     """Dual-clip constant c (> 1): for negative advantages the loss is capped at -c * A; larger: a looser cap; used when dual_clip_loss is true."""
     kl_loss_type: str = "k3"
-    """KL estimate of the KL loss, from d = logp - ref_logp per token: kl (d), abs (abs(d)), mse (d^2 / 2) or k3 (exp(-d) + d - 1, never negative)."""
+    """KL estimate of the KL loss, from d = logp - ref_logp per token: kl (d), abs (abs(d)), mse (d^2 / 2) or k3 (exp(-d) + d - 1, never negative; d clamped to [-20, 20] and the value to at most 10)."""
     entropy_coef: float = 0.0
     """Subtract entropy_coef * entropy from the actor loss; 0: entropy is only a metric."""
     seed: int = 42

@@ -223,7 +223,8 @@ class ModelUpdater:
             out.update({"actor/pg_loss": s["pg_loss"] / applied, "actor/kl_loss": s["kl_loss"] / applied,
                         "actor/entropy": s["entropy_sum"] / tokens, "actor/clipfrac": s["clipfrac_sum"] / tokens,
                         "actor/dual_clipfrac": s["dual_clipfrac_sum"] / tokens,
-                        "actor/approx_kl": s["approx_kl_sum"] / tokens, "actor/ratio_max": totals.ratio_max})
+                        "actor/approx_kl_k3": s["approx_kl_k3_sum"] / tokens,
+                        "actor/approx_kl_k1": s["approx_kl_k1_sum"] / tokens, "actor/ratio_max": totals.ratio_max})
             if totals.has_rollout_logp:
                 out["rollout/logprob_abs_diff"] = s["rollout_abs_diff_sum"] / tokens
         else:

@@ -117,7 +117,7 @@ def _loss_shares(batch, adv, returns, allreduce_sum, num_micro_batches):
     logp = batch["logp"].clone().requires_grad_(True)
     out = {f"share/pg_{mode}": torch.zeros((), dtype=torch.float64) for mode in AGG_MODES}
     out.update({"share/value": torch.zeros((), dtype=torch.float64), "share/kl": torch.zeros((), dtype=torch.float64)})
-    metric_sums = torch.zeros(3, dtype=torch.float64)
+    metric_sums = torch.zeros(4, dtype=torch.float64)
     total = 0.0
     for rows in torch.arange(mask.shape[0]).tensor_split(num_micro_batches):
         m = mask[rows]
@@ -131,7 +131,8 @@ def _loss_shares(batch, adv, returns, allreduce_sum, num_micro_batches):
         vloss, vmetrics = value_loss(batch["values"][rows], batch["old_values"][rows], returns[rows], m, clip=0.2)
         out["share/value"] += 0.5 * aggregate(vloss, m, mode="seq-mean-token-mean", num_tokens=num_tokens,
                                               num_seqs=num_seqs)
-        metric_sums += torch.stack([metrics["clipfrac_sum"], metrics["approx_kl_sum"], vmetrics["vf_clipfrac_sum"]])
+        metric_sums += torch.stack([metrics["clipfrac_sum"], metrics["approx_kl_k3_sum"], metrics["approx_kl_k1_sum"],
+                                    vmetrics["vf_clipfrac_sum"]])
     if torch.is_tensor(total):
         total.backward()
     out["rows/grad_logp"] = logp.grad if logp.grad is not None else torch.zeros_like(logp)

@@ -156,3 +156,22 @@ def test_controller_validation(args, message):
         AdaptiveKLController(*args)
     with pytest.raises(ValueError, match="value"):
         FixedKLController(0.1).load_state_dict({})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_k3_is_bounded_at_both_ends_with_finite_gradients(dtype):
+    """d = -100: exp(-d) overflows unclamped (an infinite KL loss); the bounds give at most 10 and a
+    finite gradient; d = +100: the estimate d - 1 would be 99, clamped to 10 too."""
+    from liteppo_mcore.algo.kl import K3_MAX
+
+    logp = torch.tensor([-100.0, 100.0, -3.0, 1e-4], dtype=dtype, requires_grad=True)
+    ref = torch.zeros(4, dtype=dtype)
+    k3 = kl_estimate(logp, ref, "k3")
+    k3.sum().backward()
+    assert torch.isfinite(k3).all() and torch.isfinite(logp.grad).all()
+    assert float(k3[0]) == K3_MAX and float(k3[1]) == K3_MAX
+    assert float(logp.grad[0]) == 0 and float(logp.grad[1]) == 0  # outside the bounds: no gradient
+    # inside, exact: d = -3 -> e^3 - 3 - 1 = 16.1 > 10 is clamped; d = 1e-4 keeps expm1's accuracy
+    assert float(k3[2]) == K3_MAX
+    if dtype == torch.float32:
+        assert float(k3[3]) == pytest.approx(0.5e-8, rel=1e-3)

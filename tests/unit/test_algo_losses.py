@@ -25,7 +25,7 @@ def make_batch(seed):
 
 def ref_policy(logp, old, adv, lengths, clip, dual):
     loss = [[0.0] * T for _ in lengths]
-    clipfrac = dualfrac = kl = 0.0
+    clipfrac = dualfrac = kl = kl1 = 0.0
     ratio_max = 0.0
     for i, n in enumerate(lengths):
         for t in range(n):
@@ -40,8 +40,10 @@ def ref_policy(logp, old, adv, lengths, clip, dual):
                 dualfrac += 1
             loss[i][t] = value
             kl += (rho - 1) - math.log(rho)
+            kl1 -= math.log(rho)
             ratio_max = max(ratio_max, rho)
-    return loss, dict(clipfrac_sum=clipfrac, dual_clipfrac_sum=dualfrac, approx_kl_sum=kl, ratio_max=ratio_max,
+    return loss, dict(clipfrac_sum=clipfrac, dual_clipfrac_sum=dualfrac, approx_kl_k3_sum=kl, approx_kl_k1_sum=kl1,
+                      ratio_max=ratio_max,
                       num_tokens=float(sum(lengths)))
 
 
@@ -210,3 +212,35 @@ def test_aggregate_empty_micro_batch_is_zero_not_nan():
 def test_aggregate_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         aggregate(torch.zeros(2, 3), torch.ones(2, 3), num_tokens=6, num_seqs=2, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dual", [None, 3.0])
+def test_a_huge_log_ratio_gives_finite_loss_and_gradients(dtype, dual):
+    """|log rho| = 100: exp overflows in float32 and bfloat16 (past 88.7); the clamp keeps the loss and
+    every gradient finite, with the dual clip on and off, for both signs of the advantage."""
+    from liteppo_mcore.algo.losses import LOG_RATIO_BOUND
+
+    old = torch.zeros(4, 3, dtype=dtype)
+    logp = torch.tensor([[100.0, 0.1, -100.0]] * 4, dtype=dtype, requires_grad=True)
+    adv = torch.tensor([[1.0] * 3, [-1.0] * 3, [2.0] * 3, [-0.5] * 3], dtype=dtype)
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    loss, metrics = policy_loss(logp, old, adv, mask, clip=0.2, dual_clip_ratio=dual)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(logp.grad).all()
+    assert all(torch.isfinite(v).all() for v in metrics.values())
+    assert metrics["ratio_max"] == pytest.approx(math.exp(LOG_RATIO_BOUND), rel=1e-2)
+    # a moderate token keeps its exact gradient: rho = e^0.1 = 1.105 lies inside the clip range,
+    # so d l / d logp = -rho * A
+    rho = math.exp(0.1)
+    assert float(logp.grad[0, 1]) == pytest.approx(-rho * 1.0, rel=1e-2)
+
+
+def test_the_log_ratio_clamp_leaves_realistic_ratios_alone():
+    lengths, mask, logp, old, adv = make_batch(3)
+    loss, _ = policy_loss(logp, old, adv, mask, clip=0.2)
+    ref_loss, _ = ref_policy(logp.tolist(), old.tolist(), adv.tolist(), lengths, 0.2, None)
+    assert torch.allclose(loss, torch.tensor(ref_loss, dtype=torch.float64), atol=1e-13, rtol=0)
+    far = old + 25.0  # beyond the bound: the ratio is e^20, not e^25
+    _, metrics = policy_loss(far, old, -adv.abs(), mask, clip=0.2)
+    assert metrics["ratio_max"] == pytest.approx(math.exp(20.0))
