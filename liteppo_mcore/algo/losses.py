@@ -2,7 +2,7 @@
 
 Policy, with ``rho = exp(clamp(logp - old_logp, -20, 20))`` and ``eps = clip``::
 
-    l = max(-rho * A, -clip(rho, 1 - eps, 1 + eps) * A)
+    l = max(-rho * A, -clip(rho, 1 - eps_low, 1 + eps_high) * A)     (eps_low = eps_high = eps by default)
     dual clip (c = dual_clip_ratio > 1):  l <- min(l, -c * A)  where A < 0
 
 Value (critic), with ``G`` the returns::
@@ -57,12 +57,17 @@ def policy_loss(
     mask: Tensor,
     *,
     clip: float,
+    clip_low: float | None = None,
+    clip_high: float | None = None,
     dual_clip_ratio: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped (optionally dual-clipped) PPO surrogate per token; shapes ``[B, T]``.
+    """Clipped (optionally dual-clipped) PPO surrogate per token; shapes ``[B, T]``. The ratio is clipped
+    to ``[1 - clip_low, 1 + clip_high]``, each ``clip`` when None (clip-higher: a larger ``clip_high``).
 
     Metrics (sums over valid tokens unless noted):
       ``clipfrac_sum``       tokens where the clipped term is the active (strictly larger) one;
+      ``clipfrac_low_sum``   of those, the ones below the lower bound (``A < 0``, ``rho < 1 - clip_low``);
+      ``clipfrac_high_sum``  the ones above the upper bound (``A > 0``, ``rho > 1 + clip_high``);
       ``dual_clipfrac_sum``  tokens where the dual-clip bound ``-c*A`` is active (0 without dual clip);
       ``approx_kl_k3_sum``   k3 estimate of KL(old || new): ``(rho - 1) - log rho`` (>= 0);
       ``approx_kl_k1_sum``   k1 estimate of KL(old || new): ``-log rho`` (verl's ``ppo_kl``);
@@ -70,8 +75,12 @@ def policy_loss(
                              so 0 is neutral for a max-reduction);
       ``num_tokens``         number of valid tokens.
     """
+    low = clip if clip_low is None else clip_low
+    high = clip if clip_high is None else clip_high
     if not clip > 0:
         raise ValueError(f"pg_clip must be > 0, got {clip!r}")
+    if not 0 < low < 1 or not high > 0:
+        raise ValueError(f"the clip range needs 0 < pg_clip_low < 1 and pg_clip_high > 0, got {low!r} and {high!r}")
     if dual_clip_ratio is not None and not dual_clip_ratio > 1:
         raise ValueError(f"dual_clip_ratio must be > 1 (or None to disable dual clip), got {dual_clip_ratio!r}")
     _check_same_shape(mask, logp=logp, old_logp=old_logp, advantages=advantages)
@@ -82,7 +91,7 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     adv = torch.where(valid, advantages.detach(), 0.0)
     unclipped = -ratio * adv
-    clipped = -ratio.clamp(1.0 - clip, 1.0 + clip) * adv
+    clipped = -ratio.clamp(1.0 - low, 1.0 + high) * adv
     loss = torch.maximum(unclipped, clipped)
     dual_active = torch.zeros_like(valid)
     if dual_clip_ratio is not None:
@@ -93,6 +102,8 @@ def policy_loss(
     with torch.no_grad():
         metrics = {
             "clipfrac_sum": (valid & (clipped > unclipped)).sum().to(STAT_DTYPE),
+            "clipfrac_low_sum": (valid & (clipped > unclipped) & (ratio < 1.0 - low)).sum().to(STAT_DTYPE),
+            "clipfrac_high_sum": (valid & (clipped > unclipped) & (ratio > 1.0 + high)).sum().to(STAT_DTYPE),
             "dual_clipfrac_sum": (valid & dual_active).sum().to(STAT_DTYPE),
             "approx_kl_k3_sum": _masked_sum(torch.expm1(log_ratio) - log_ratio, valid),
             "approx_kl_k1_sum": _masked_sum(-log_ratio, valid),

@@ -274,6 +274,10 @@ class LitePPOConfig:
     """Aggregation of the actor and critic losses when token_level_loss is false: token-mean, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm."""
     pg_clip: float = 0.2
     """PPO clip epsilon (> 0): the probability ratio is clipped to [1 - pg_clip, 1 + pg_clip]; smaller: smaller policy changes per update."""
+    pg_clip_low: float | None = None
+    """Lower clip epsilon (in (0, 1)): the ratio's lower bound is 1 - pg_clip_low; null: pg_clip."""
+    pg_clip_high: float | None = None
+    """Upper clip epsilon (> 0): the ratio's upper bound is 1 + pg_clip_high (clip-higher, DAPO: e.g. 0.28 with pg_clip_low 0.2); null: pg_clip."""
     dual_clip_loss: bool = True
     """Dual clip for negative advantages (bound the loss by -dual_clip_ratio * A)."""
     value_clip: float | None = None

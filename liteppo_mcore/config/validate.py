@@ -110,6 +110,10 @@ def _check_algorithm(c: _Checker, cfg: schema.LitePPOConfig) -> None:
     for key in ("reward_clip", "advantage_clip", "value_clip", "target_kl"):
         c.positive(key, getattr(cfg, key), allow_none=True, integer=False)
     c.positive("pg_clip", cfg.pg_clip, integer=False)
+    c.positive("pg_clip_high", cfg.pg_clip_high, allow_none=True, integer=False)
+    if cfg.pg_clip_low is not None and not 0 < cfg.pg_clip_low < 1:
+        c.fail("pg_clip_low", cfg.pg_clip_low, "must be in (0, 1) or null (the ratio's lower bound is 1 - pg_clip_low)",
+               "Set pg_clip_low: 0.2, or null to use pg_clip.")
     for key in ("kl_loss_coef", "init_kl_coef", "entropy_coef"):
         c.non_negative(key, getattr(cfg, key))
     c.unit_interval("gamma", cfg.gamma)

@@ -26,7 +26,8 @@ from liteppo_mcore.models.logprob import logprob_entropy_at
 from liteppo_mcore.parallel.mcore import ParallelGroups
 
 # Metric sums of one micro-batch, in a fixed order (they travel as one float64 vector).
-ACTOR_SUMS = ("loss", "pg_loss", "kl_loss", "entropy_sum", "clipfrac_sum", "dual_clipfrac_sum",
+ACTOR_SUMS = ("loss", "pg_loss", "kl_loss", "entropy_sum", "clipfrac_sum", "clipfrac_low_sum", "clipfrac_high_sum",
+              "dual_clipfrac_sum",
               "approx_kl_k3_sum", "approx_kl_k1_sum", "num_tokens", "rollout_abs_diff_sum")
 CRITIC_SUMS = ("loss", "value_loss", "vf_clipfrac_sum", "values_sum", "num_tokens")
 
@@ -38,6 +39,8 @@ class LossSettings:
     agg_mode: str
     response_length: int
     pg_clip: float
+    pg_clip_low: float | None
+    pg_clip_high: float | None
     dual_clip_ratio: float | None
     use_kl_loss: bool
     kl_loss_coef: float
@@ -49,7 +52,8 @@ class LossSettings:
     @classmethod
     def from_config(cls, cfg: LitePPOConfig) -> LossSettings:
         return cls(agg_mode=cfg.effective_loss_agg_mode, response_length=cfg.response_length,
-                   pg_clip=cfg.pg_clip, dual_clip_ratio=cfg.dual_clip_ratio if cfg.dual_clip_loss else None,
+                   pg_clip=cfg.pg_clip, pg_clip_low=cfg.pg_clip_low, pg_clip_high=cfg.pg_clip_high,
+                   dual_clip_ratio=cfg.dual_clip_ratio if cfg.dual_clip_loss else None,
                    use_kl_loss=cfg.use_kl_loss, kl_loss_coef=cfg.kl_loss_coef, kl_loss_type=cfg.kl_loss_type,
                    entropy_coef=cfg.entropy_coef, value_clip=cfg.value_clip, temperature=cfg.rollout.temperature)
 
@@ -90,6 +94,7 @@ def actor_loss(output: Tensor, micro_batch: dict[str, Tensor], settings: LossSet
     # One optimizer update per step: the update's own detached log-probs are old_logp (ratio 1).
     old_logp = micro_batch["old_logp"] if "old_logp" in micro_batch else logp.detach()
     pg, pg_stats = policy_loss(logp, old_logp, micro_batch["advantages"], mask, clip=settings.pg_clip,
+                               clip_low=settings.pg_clip_low, clip_high=settings.pg_clip_high,
                                dual_clip_ratio=settings.dual_clip_ratio)
     pg_loss = _agg(pg, micro_batch, settings, counts)
     loss = pg_loss

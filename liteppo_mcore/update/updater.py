@@ -222,6 +222,8 @@ class ModelUpdater:
         if prefix == "actor":
             out.update({"actor/pg_loss": s["pg_loss"] / applied, "actor/kl_loss": s["kl_loss"] / applied,
                         "actor/entropy": s["entropy_sum"] / tokens, "actor/clipfrac": s["clipfrac_sum"] / tokens,
+                        "actor/clipfrac_low": s["clipfrac_low_sum"] / tokens,
+                        "actor/clipfrac_high": s["clipfrac_high_sum"] / tokens,
                         "actor/dual_clipfrac": s["dual_clipfrac_sum"] / tokens,
                         "actor/approx_kl_k3": s["approx_kl_k3_sum"] / tokens,
                         "actor/approx_kl_k1": s["approx_kl_k1_sum"] / tokens, "actor/ratio_max": totals.ratio_max})

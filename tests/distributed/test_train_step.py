@@ -16,6 +16,7 @@ TWO_EPOCHS = ["ppo_epochs=2", "train.mini_batch_size=4", "train.micro_batch_size
 # Four chained fp32 updates from log-probs each layout computes itself: fp32 noise grows to ~1e-6, while a
 # mini-batch composition that depended on DP would move the weights by ~1e-2.
 MULTI_STEP_TOL = 1e-5
+CLIP_HIGHER = ["pg_clip_low=0.001", "pg_clip_high=0.5"]  # clipped below at once, hardly ever above
 ONE_UPDATE = ["ppo_epochs=1", f"train.mini_batch_size={N}", "train.micro_batch_size=2"]
 
 
@@ -75,6 +76,7 @@ def one_process_worker(rank, ws, data, init):
                          data, init, with_old_logp=False),
         "one_update_clipped": run_step(ws, ONE_UPDATE + ["train.clip_grad=0.05"], data, init, with_old_logp=False),
         "token_bound": run_step(ws, TWO_EPOCHS + ["train.max_tokens_per_micro_batch=30"], data, init),
+        "clip_higher": run_step(ws, TWO_EPOCHS + CLIP_HIGHER, data, init),
     }
 
 
@@ -84,6 +86,7 @@ def two_process_worker(rank, ws, data, init):
         "adamw": run_step(ws, TWO_EPOCHS + ADAMW, data, init),
         "adamw_distopt": run_step(ws, TWO_EPOCHS + ADAMW + ["train.use_distributed_optimizer=true"], data, init),
         "two_epochs_pp2": run_step(ws, TWO_EPOCHS + ["parallel.pp=2"], data, init),
+        "clip_higher": run_step(ws, TWO_EPOCHS + CLIP_HIGHER, data, init),
     }
 
 
@@ -118,6 +121,16 @@ def test_update_step_is_independent_of_dp_and_guards_non_finite_losses():
         assert (_relative_difference(rank_result["adamw_distopt"]["actor"], rank_result["adamw"]["actor"])
                 <= MULTI_STEP_TOL)
         assert _moved(rank_result["adamw"]["actor"], init) > 1e-3
+    # clip-higher: the asymmetric range is applied (other weights, low/high clip fractions as set), the
+    # same at DP=2
+    ch = one["clip_higher"]
+    assert _relative_difference(ch["actor"], ref["actor"]) > 10 * MULTI_STEP_TOL
+    assert ch["metrics"]["actor/clipfrac_low"] > ref["metrics"]["actor/clipfrac_low"]
+    assert ch["metrics"]["actor/clipfrac_high"] <= ref["metrics"]["actor/clipfrac_high"]
+    assert math.isclose(ch["metrics"]["actor/clipfrac_low"] + ch["metrics"]["actor/clipfrac_high"],
+                        ch["metrics"]["actor/clipfrac"], rel_tol=1e-9, abs_tol=1e-12)
+    for rank_result in two:
+        assert _relative_difference(rank_result["clip_higher"]["actor"], ch["actor"]) <= MULTI_STEP_TOL
     # token-bounded micro-batches change nothing but the memory
     assert _relative_difference(one["token_bound"]["actor"], ref["actor"]) <= MULTI_STEP_TOL
 

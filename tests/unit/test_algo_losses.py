@@ -23,18 +23,22 @@ def make_batch(seed):
     return lengths, mask, logp, old, adv
 
 
-def ref_policy(logp, old, adv, lengths, clip, dual):
+def ref_policy(logp, old, adv, lengths, clip, dual, low=None, high=None):
+    low = clip if low is None else low
+    high = clip if high is None else high
     loss = [[0.0] * T for _ in lengths]
-    clipfrac = dualfrac = kl = kl1 = 0.0
+    clipfrac = dualfrac = kl = kl1 = frac_low = frac_high = 0.0
     ratio_max = 0.0
     for i, n in enumerate(lengths):
         for t in range(n):
             rho = math.exp(logp[i][t] - old[i][t])
             a = adv[i][t]
             plain = -rho * a
-            clipped = -min(max(rho, 1 - clip), 1 + clip) * a
+            clipped = -min(max(rho, 1 - low), 1 + high) * a
             value = max(plain, clipped)
             clipfrac += clipped > plain
+            frac_low += clipped > plain and rho < 1 - low
+            frac_high += clipped > plain and rho > 1 + high
             if dual is not None and a < 0 and -dual * a < value:
                 value = -dual * a
                 dualfrac += 1
@@ -42,8 +46,8 @@ def ref_policy(logp, old, adv, lengths, clip, dual):
             kl += (rho - 1) - math.log(rho)
             kl1 -= math.log(rho)
             ratio_max = max(ratio_max, rho)
-    return loss, dict(clipfrac_sum=clipfrac, dual_clipfrac_sum=dualfrac, approx_kl_k3_sum=kl, approx_kl_k1_sum=kl1,
-                      ratio_max=ratio_max,
+    return loss, dict(clipfrac_sum=clipfrac, clipfrac_low_sum=frac_low, clipfrac_high_sum=frac_high,
+                      dual_clipfrac_sum=dualfrac, approx_kl_k3_sum=kl, approx_kl_k1_sum=kl1, ratio_max=ratio_max,
                       num_tokens=float(sum(lengths)))
 
 
@@ -244,3 +248,38 @@ def test_the_log_ratio_clamp_leaves_realistic_ratios_alone():
     far = old + 25.0  # beyond the bound: the ratio is e^20, not e^25
     _, metrics = policy_loss(far, old, -adv.abs(), mask, clip=0.2)
     assert metrics["ratio_max"] == pytest.approx(math.exp(20.0))
+
+
+@pytest.mark.parametrize("low,high,dual", [(0.2, 0.28, None), (0.1, 0.4, 3.0), (0.3, 0.1, 1.5)])
+def test_clip_higher_matches_reference_in_loss_metrics_and_gradient(low, high, dual):
+    """pg_clip_low / pg_clip_high: the ratio clipped to [1 - low, 1 + high], against float64 loops; the
+    gradient d l / d logp is -rho * A where the unclipped term is active, else 0."""
+    lengths, mask, logp, old, adv = make_batch(4)
+    leaf = logp.clone().requires_grad_(True)
+    loss, metrics = policy_loss(leaf, old, adv, mask, clip=0.2, clip_low=low, clip_high=high, dual_clip_ratio=dual)
+    ref_loss, ref_metrics = ref_policy(logp.tolist(), old.tolist(), adv.tolist(), lengths, 0.2, dual, low, high)
+    assert torch.allclose(loss, torch.tensor(ref_loss, dtype=torch.float64), atol=1e-13, rtol=0)
+    for key, value in ref_metrics.items():
+        assert abs(metrics[key].item() - value) < 1e-11, key
+    assert ref_metrics["clipfrac_low_sum"] > 0 and ref_metrics["clipfrac_high_sum"] > 0
+    assert ref_metrics["clipfrac_low_sum"] + ref_metrics["clipfrac_high_sum"] == ref_metrics["clipfrac_sum"]
+    loss.sum().backward()
+    for i, n in enumerate(lengths):
+        for t in range(n):
+            rho = math.exp(logp[i, t].item() - old[i, t].item())
+            a = adv[i, t].item()
+            plain, clipped = -rho * a, -min(max(rho, 1 - low), 1 + high) * a
+            active = plain >= clipped and not (dual is not None and a < 0 and -dual * a < max(plain, clipped))
+            assert leaf.grad[i, t].item() == pytest.approx(-rho * a if active else 0.0, abs=1e-12)
+    # the symmetric default is the special case low = high = pg_clip
+    same, _ = policy_loss(logp, old, adv, mask, clip=0.2, clip_low=0.2, clip_high=0.2)
+    plain, _ = policy_loss(logp, old, adv, mask, clip=0.2)
+    assert torch.equal(same, plain)
+
+
+def test_clip_range_is_checked():
+    lengths, mask, logp, old, adv = make_batch(5)
+    with pytest.raises(ValueError, match="0 < pg_clip_low < 1"):
+        policy_loss(logp, old, adv, mask, clip=0.2, clip_low=1.0)
+    with pytest.raises(ValueError, match="pg_clip_high > 0"):
+        policy_loss(logp, old, adv, mask, clip=0.2, clip_high=0.0)

@@ -24,7 +24,8 @@ PUBLISHED_DEFAULTS = {
     "loss_agg_mode": "seq-mean-token-sum", "add_token_level_kl": False, "whiten_advantages": True,
     "reward_shift": False, "reward_scale": False,
 }
-ADDED_DEFAULTS = {"dual_clip_ratio": 3.0, "kl_loss_type": "k3", "entropy_coef": 0.0, "seed": 42}
+ADDED_DEFAULTS = {"dual_clip_ratio": 3.0, "kl_loss_type": "k3", "entropy_coef": 0.0, "seed": 42, "pg_clip_low": None,
+                  "pg_clip_high": None}
 SECTIONS = {"model", "parallel", "train", "rollout", "data", "reward", "critic", "checkpoint", "logging", "eval"}
 
 
@@ -91,6 +92,8 @@ def test_yaml_then_overrides_take_precedence(tmp_path):
     (["adv_estimator=ppo"], r"adv_estimator=ppo: must be one of gae, reinforce, grpo"),
     (["loss_agg_mode=mean"], r"loss_agg_mode=mean: must be one of token-mean, seq-mean-token-sum"),
     (["kl_penalty=js"], r"kl_penalty=js: must be one of kl, abs, mse, k3, full"),
+    (["pg_clip_low=1.0"], r"pg_clip_low=1.0: must be in \(0, 1\) or null"),
+    (["pg_clip_high=0"], r"pg_clip_high=0.0: must be a positive number or null"),
     (["kl_loss_type=full"], r"kl_loss_type=full: must be one of kl, abs, mse, k3\b"),
     (["rollout.engine=vllm"], r"rollout.engine=vllm: must be one of auto, mcore, hf, fast, sglang"),
     (["model.family=gpt2"], r"model.family=gpt2: must be one of qwen2, qwen3, llama"),
