@@ -1,7 +1,7 @@
 """Building the megatron-core GPT actor, the critic (same trunk + value head) and the frozen reference.
 
 `build_actor` builds the actor of a shape (the layer spec and the dtype follow from the configuration);
-`derive_models` adds the models that liteppo-semantics says exist, from the actor's starting weights:
+`derive_models` adds the models that docs/semantics.md says exist, from the actor's starting weights:
 the critic when `adv_estimator: gae`, the reference when `use_kl_loss` or `add_token_level_kl`.
 `build_models(cfg, groups)` does both from random weights. Pretrained starting weights are the
 checkpoint layer's business (it imports this module, never the other way round):

@@ -1,7 +1,7 @@
 """All-reduce callables over the right process groups, for the global statistics of ``algo``.
 
 ``algo`` takes its reductions as ``allreduce_sum(tensor) -> tensor`` callables; this module builds
-them. Which group (liteppo-semantics, "Which ranks a statistic is reduced over"):
+them. Which group (docs/semantics.md, "Which ranks a statistic is reduced over"):
 
 - ``dp_sum``: the data-parallel group. Sequences (scores, rewards, per-sequence counts) are replicated
   on every TP/PP/CP rank of a model replica, and advantages/whitening work on gathered whole

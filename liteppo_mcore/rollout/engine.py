@@ -6,7 +6,7 @@ replica, i.e. its TP/PP/CP ranks, pass identical prompts) and every rank of a re
 results back. `update_weights` receives the weight exporter's buckets on every rank; which ranks feed
 the engine is the engine's business.
 
-Log-probs are those of liteppo-semantics: of the sampled token under `softmax(logits / temperature)`
+Log-probs are those of docs/semantics.md: of the sampled token under `softmax(logits / temperature)`
 over the FULL vocabulary (top-p/top-k shape sampling only, never renormalize the log-probs).
 
 Besides the protocol, the rules every engine shares: the sampling-parameter check (`check_params`),

@@ -1,5 +1,5 @@
 """From generations to a training batch: sequences, rewards, normalization, advantages, and the step
-metrics about them (liteppo-semantics sections 1-3 and 6). Every statistic is global over DP."""
+metrics about them (docs/semantics.md sections 1-3 and 6). Every statistic is global over DP."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The RLVR step loop (liteppo-semantics section 5), one named call per stage:
+"""The RLVR step loop (docs/semantics.md section 5), one named call per stage:
 
     rollout -> reward -> normalization -> reference / old log-probs and values -> advantages
     -> actor and critic updates -> weight sync -> metrics -> eval -> checkpoint

@@ -1,6 +1,6 @@
 """The step's responses as the update sees them: mini-batches, DP shares and micro-batches.
 
-liteppo-semantics section 5: each epoch draws a permutation of the step's N responses from
+docs/semantics.md section 5: each epoch draws a permutation of the step's N responses from
 (seed, step, epoch); mini-batch k is its k-th slice; each DP rank takes an equal, contiguous share of
 that slice; each share is cut into micro-batches. Mini-batch composition therefore does not depend on
 the DP size. The per-response tensors are small next to the model, so every rank first receives the

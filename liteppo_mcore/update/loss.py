@@ -1,4 +1,4 @@
-"""The actor and critic losses of one micro-batch, on this rank's positions (liteppo-semantics section 4).
+"""The actor and critic losses of one micro-batch, on this rank's positions (docs/semantics.md section 4).
 
 Each micro-batch returns its SHARE of the mini-batch loss: numerators are local (this rank's
 sequences, this CP rank's tokens), denominators are the GLOBAL counts of the optimizer mini-batch

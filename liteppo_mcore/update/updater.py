@@ -5,7 +5,7 @@ megatron's pipeline schedule -> a guarded optimizer step per mini-batch.
     step_batch = gather_over_dp(local_batch, groups)      # once per step, shared by actor and critic
     metrics = updater.update(step_batch, step=k)          # {"actor/pg_loss": ..., ...}
 
-Gradient invariance (liteppo-semantics section 4): before each mini-batch the numbers of valid tokens
+Gradient invariance (docs/semantics.md section 4): before each mini-batch the numbers of valid tokens
 and of valid sequences of the whole mini-batch are summed over DP (every CP rank holds whole
 sequences, so sequences and tokens are each counted once); the losses in `update/loss.py` divide by
 them; megatron sums gradients over micro-batches and DP x CP ranks.

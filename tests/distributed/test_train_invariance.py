@@ -1,4 +1,4 @@
-"""Gradient invariance of the PPO update (liteppo-semantics section 4): from the same weights and
+"""Gradient invariance of the PPO update (docs/semantics.md section 4): from the same weights and
 batch, one optimizer step through megatron's schedules gives the same parameters as a plain
 single-process PyTorch computation of the loss formula, for every aggregation mode and layout.
 

@@ -290,3 +290,14 @@ def test_a_type_error_names_the_type(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(overrides=[override])
     assert message in str(err.value)
+
+
+def test_the_semantics_document_names_every_root_key_and_the_code_cites_it():
+    with open(os.path.join(REPO, "docs", "semantics.md"), encoding="utf-8") as f:
+        text = f.read()
+    missing = [fd.name for fd in dataclasses.fields(LitePPOConfig)
+               if fd.name not in SECTIONS and f"`{fd.name}" not in text]
+    assert not missing, f"docs/semantics.md does not name {missing}"
+    for module in ("update/loss.py", "update/updater.py", "trainer/loop.py"):
+        with open(os.path.join(REPO, "liteppo_mcore", module), encoding="utf-8") as f:
+            assert "docs/semantics.md" in f.read(), module
