@@ -100,10 +100,11 @@ def policy_loss(
         loss = torch.where(dual_active, bound, loss)
     loss = torch.where(valid, loss, 0.0)
     with torch.no_grad():
+        clip_active = valid & (clipped > unclipped)
         metrics = {
-            "clipfrac_sum": (valid & (clipped > unclipped)).sum().to(STAT_DTYPE),
-            "clipfrac_low_sum": (valid & (clipped > unclipped) & (ratio < 1.0 - low)).sum().to(STAT_DTYPE),
-            "clipfrac_high_sum": (valid & (clipped > unclipped) & (ratio > 1.0 + high)).sum().to(STAT_DTYPE),
+            "clipfrac_sum": clip_active.sum().to(STAT_DTYPE),
+            "clipfrac_low_sum": (clip_active & (ratio < 1.0 - low)).sum().to(STAT_DTYPE),
+            "clipfrac_high_sum": (clip_active & (ratio > 1.0 + high)).sum().to(STAT_DTYPE),
             "dual_clipfrac_sum": (valid & dual_active).sum().to(STAT_DTYPE),
             "approx_kl_k3_sum": _masked_sum(torch.expm1(log_ratio) - log_ratio, valid),
             "approx_kl_k1_sum": _masked_sum(-log_ratio, valid),

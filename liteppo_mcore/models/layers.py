@@ -250,11 +250,9 @@ def _packed_tables(params, plan, cp_group, cp: int, device: torch.device) -> _Pa
         allowed = k_valid[:, None, :] & (q_slot_pos[:, :, None] >= k_slot_pos[:, None, :])
         allowed[:, :, 0] |= ~q_valid  # an empty query slot sees one key (its output is dropped): no all-masked row
         mask = torch.from_numpy(allowed).unsqueeze(1).to(device)
-    def dev(x: np.ndarray) -> Tensor:
-        return torch.from_numpy(x).to(device)
-
-    tables = _PackedTables((segments, q_valid.shape[1]), dev(q_index), dev(q_back), dev(q_valid.reshape(-1)),
-                           dev(k_index), dev(k_back), mask)
+    q_index_d, q_back_d, q_valid_d, k_index_d, k_back_d = (torch.from_numpy(x).to(device) for x in (
+        q_index, q_back, q_valid.reshape(-1), k_index, k_back))
+    tables = _PackedTables((segments, q_valid.shape[1]), q_index_d, q_back_d, q_valid_d, k_index_d, k_back_d, mask)
     params.liteppo_tables = tables
     return tables
 

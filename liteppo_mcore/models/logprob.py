@@ -289,6 +289,14 @@ def vocab_parallel_logprob_entropy(
     return logp, (ent if compute_entropy else None)
 
 
+def _fused_chunk_logits(hidden: Tensor, w: Tensor, kept: Tensor | None) -> ChunkLogits:
+    """A chunk's logits `hidden[lo:hi] @ w.T`, in hidden's dtype: sliced from `kept` (the logits of all
+    rows, when they fit one chunk) or computed."""
+    if kept is not None:
+        return lambda lo, hi: kept[lo:hi]
+    return lambda lo, hi: hidden[lo:hi] @ w.t()
+
+
 class _FusedLogProbEntropy(torch.autograd.Function):
     """(hidden [N, H], weight [V/TP, H], targets [N]) -> (log p(target) [N], entropy [N]) with the output
     layer's matmul inside the chunk loop: the logits of one chunk of rows exist at a time, forward and
@@ -303,8 +311,7 @@ class _FusedLogProbEntropy(torch.autograd.Function):
         # Rows that fit one chunk: its logits (the one chunk this call holds anyway) are kept for the
         # backward pass instead of being computed again; more rows: each chunk is recomputed there.
         kept = hidden @ w.t() if 0 < n <= shard.rows_per_chunk else None
-        chunk_logits = (lambda lo, hi: kept[lo:hi]) if kept is not None else (lambda lo, hi: hidden[lo:hi] @ w.t())
-        stats = _local_stats(chunk_logits, n, targets, shard, compute_entropy, hidden.device)
+        stats = _local_stats(_fused_chunk_logits(hidden, w, kept), n, targets, shard, compute_entropy, hidden.device)
         log_z, logp, ent = _merge_stats(_gather_stats(stats, shard.group))
         if not compute_entropy:
             ent = ent.new_empty(0)
@@ -327,9 +334,8 @@ class _FusedLogProbEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight)  # padding rows keep a zero gradient
         w, gw = weight[: shard.num_valid], grad_weight[: shard.num_valid]
         # each chunk's logits are recomputed, unless the forward pass kept its single chunk
-        chunk_logits = (lambda lo, hi: kept[lo:hi]) if kept is not None else (lambda lo, hi: hidden[lo:hi] @ w.t())
-        for sl, chunk in _chunk_grads(chunk_logits, hidden.shape[0], targets, log_z, ent, g_logp, g_ent, shard,
-                                      hidden.device):
+        for sl, chunk in _chunk_grads(_fused_chunk_logits(hidden, w, kept), hidden.shape[0], targets, log_z, ent,
+                                      g_logp, g_ent, shard, hidden.device):
             g = chunk.to(hidden.dtype)
             torch.mm(g, w, out=grad_hidden[sl])
             gw.addmm_(g.t(), hidden[sl])  # accumulated by the GEMM itself: no pass over the weight per chunk

@@ -36,11 +36,6 @@ _CUDA_TYPE_NAMES = {
 _is_cuda_device = strict_device._is_cuda
 
 
-# what _CudaToCpuMode rewrites: these methods, and calls with these keywords
-_REWRITTEN = frozenset({torch.Tensor.cuda, torch.Tensor.pin_memory, torch.Tensor.type, torch.Tensor.to})
-_PLACING = frozenset({"device", "pin_memory"})
-
-
 class _CudaToCpuMode(TorchFunctionMode):
     """Rewrites CUDA placements to the CPU.
 
@@ -49,10 +44,6 @@ class _CudaToCpuMode(TorchFunctionMode):
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        # Every torch call of the process comes through here: the common case (no keyword that places
-        # memory, none of the methods rewritten below) returns at once.
-        if func not in _REWRITTEN and (not kwargs or not (_PLACING & kwargs.keys())):
-            return func(*args, **(kwargs or {}))
         kwargs = dict(kwargs or {})
         if strict_device.is_active():  # turned on after this mode: the strict mode does the rewrites
             return func(*args, **kwargs)

@@ -27,8 +27,7 @@ from liteppo_mcore.parallel.mcore import ParallelGroups
 
 # Metric sums of one micro-batch, in a fixed order (they travel as one float64 vector).
 ACTOR_SUMS = ("loss", "pg_loss", "kl_loss", "entropy_sum", "clipfrac_sum", "clipfrac_low_sum", "clipfrac_high_sum",
-              "dual_clipfrac_sum",
-              "approx_kl_k3_sum", "approx_kl_k1_sum", "num_tokens", "rollout_abs_diff_sum")
+              "dual_clipfrac_sum", "approx_kl_k3_sum", "approx_kl_k1_sum", "num_tokens", "rollout_abs_diff_sum")
 CRITIC_SUMS = ("loss", "value_loss", "vf_clipfrac_sum", "values_sum", "num_tokens")
 
 
