@@ -16,7 +16,7 @@ AUTO = "auto"
 """The value that lets the program pick (see each key's docstring in `config.schema` for how)."""
 
 # --- root keys: the algorithm ---
-ADV_ESTIMATORS: tuple[str, ...] = ("gae", "reinforce", "grpo")
+ADV_ESTIMATORS: tuple[str, ...] = ("gae", "reinforce", "grpo", "rloo", "reinforce_plus_plus")
 """adv_estimator."""
 REWARD_NORMS: tuple[str | None, ...] = ("group", "batch", "running", None)
 """reward_norm (None: no normalization)."""
@@ -26,6 +26,8 @@ KL_ESTIMATORS: tuple[str, ...] = ("kl", "abs", "mse", "k3")
 """kl_loss_type: the per-token KL estimates computed from log-probs (`algo.kl_estimate`)."""
 KL_PENALTIES: tuple[str, ...] = KL_ESTIMATORS + ("full",)
 """kl_penalty: the per-token estimates, or full (exact, whole vocabulary, computed from the logits)."""
+ROLLOUT_IS_LEVELS: tuple[str | None, ...] = ("token", "sequence", None)
+"""rollout_is (None: no train-inference importance weight)."""
 
 # --- model ---
 MODEL_FAMILIES: tuple[str, ...] = ("qwen2", "qwen3", "llama")
@@ -66,6 +68,7 @@ CHOICES_BY_KEY: dict[str, tuple[str | None, ...]] = {
     "loss_agg_mode": LOSS_AGG_MODES,
     "kl_penalty": KL_PENALTIES,
     "kl_loss_type": KL_ESTIMATORS,
+    "rollout_is": ROLLOUT_IS_LEVELS,
     "model.family": MODEL_FAMILIES,
     "model.dtype": DTYPES,
     "model.attention_backend": ATTENTION_BACKENDS,

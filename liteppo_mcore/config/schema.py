@@ -253,7 +253,7 @@ class LitePPOConfig:
     ppo_epochs: int = 1
     """Passes over each step's batch, each reshuffled into mini-batches of train.mini_batch_size, one optimizer step each: ppo_epochs x B x n / mini_batch_size steps per training step."""
     adv_estimator: str = "gae"
-    """Advantages: gae (needs the critic, which then exists), reinforce or grpo."""
+    """Advantages: gae (needs the critic, which then exists), reinforce, grpo, rloo (leave-one-out baseline within the group) or reinforce_plus_plus (discounted returns with the token-level KL, whitened over the global batch)."""
     reward_norm: str | None = "group"
     """Reward normalization per response: group (centre on its prompt group's mean; std: see div_std_global), batch (the global batch's mean and std), running (mean and std of every reward so far) or null (raw scores)."""
     div_std_global: bool = True
@@ -307,6 +307,16 @@ class LitePPOConfig:
     """KL estimate of the KL loss, from d = logp - ref_logp per token: kl (d), abs (abs(d)), mse (d^2 / 2) or k3 (exp(-d) + d - 1, never negative; d clamped to [-20, 20] and the value to at most 10)."""
     entropy_coef: float = 0.0
     """Subtract entropy_coef * entropy from the actor loss; 0: entropy is only a metric."""
+    overlong_filter: bool = False
+    """Leave responses that reached response_length without an end-of-sequence token out of the actor and critic losses and of their denominators (DAPO's overlong filtering); they still count in the reward statistics."""
+    rollout_is: str | None = None
+    """Train-inference mismatch correction: token or sequence multiplies each token's policy-gradient term by min(exp(old_logp - rollout_logp), rollout_is_threshold), per token or of the response's sum, detached; null: off."""
+    rollout_is_threshold: float = 2.0
+    """Truncation of the rollout importance weight (>= 1); used when rollout_is is set."""
+    filter_groups: bool = False
+    """Dynamic sampling (DAPO): drop groups whose rewards are all equal and top the step up from further rollouts until it holds rollout_batch_size informative prompts (at most filter_groups_max_rounds rounds)."""
+    filter_groups_max_rounds: int = 10
+    """Most rollout rounds of one step with filter_groups (>= 1); after them the step trains on the informative groups it has."""
     seed: int = 42
     """Seed of every random stream (data order, init, mini-batch permutations, sampling)."""
     max_steps: int = 100

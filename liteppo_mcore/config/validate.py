@@ -28,6 +28,7 @@ from liteppo_mcore.config.choices import (
     RECOMPUTE_METHODS,
     REWARD_NORMS,
     ROLLOUT_ENGINES,
+    ROLLOUT_IS_LEVELS,
     ROLLOUT_MODES,
 )
 
@@ -104,8 +105,14 @@ def _check_algorithm(c: _Checker, cfg: schema.LitePPOConfig) -> None:
                "and the reference's logits at the same positions at once",
                "Set kl_penalty: k3 (or kl), or parallel.pp: 1.")
     c.choice("kl_loss_type", cfg.kl_loss_type, KL_ESTIMATORS)
+    c.choice("rollout_is", cfg.rollout_is, ROLLOUT_IS_LEVELS)
+    if cfg.rollout_is_threshold is None or not cfg.rollout_is_threshold >= 1:
+        c.fail("rollout_is_threshold", cfg.rollout_is_threshold,
+               "must be >= 1 (the importance weight is truncated at it; below 1 every token's weight would shrink)",
+               "Set rollout_is_threshold: 2.0.")
     for key in ("rollout_batch_size", "prompt_length", "response_length", "num_return_sequences_in_group",
-                "ppo_epochs", "kl_horizon", "max_steps"):
+                "ppo_epochs", "kl_horizon", "max_steps",
+                "filter_groups_max_rounds"):
         c.positive(key, getattr(cfg, key))
     for key in ("reward_clip", "advantage_clip", "value_clip", "target_kl"):
         c.positive(key, getattr(cfg, key), allow_none=True, integer=False)
@@ -130,6 +137,14 @@ def _check_algorithm(c: _Checker, cfg: schema.LitePPOConfig) -> None:
                "reward_norm=group needs num_return_sequences_in_group >= 2: with one response per prompt "
                "every normalized reward is 0",
                "Set num_return_sequences_in_group: 8, or reward_norm: batch.")
+    for key, needs in (("adv_estimator", cfg.adv_estimator == "rloo"), ("filter_groups", cfg.filter_groups)):
+        if needs and n is not None and n < 2:
+            value = getattr(cfg, key)
+            c.fail("num_return_sequences_in_group", n,
+                   f"{key}={fmt(value)} needs num_return_sequences_in_group >= 2: "
+                   + ("the leave-one-out baseline is the mean of the other responses of the group" if key ==
+                      "adv_estimator" else "a group of one response never has rewards that differ"),
+                   "Set num_return_sequences_in_group: 8.")
     if cfg.critic.load and not cfg.has_critic:
         c.fail("critic.load", cfg.critic.load, f"only adv_estimator=gae has a critic (here: {cfg.adv_estimator})",
                "Remove critic.load, or set adv_estimator: gae.")

@@ -25,7 +25,8 @@ PUBLISHED_DEFAULTS = {
     "reward_shift": False, "reward_scale": False,
 }
 ADDED_DEFAULTS = {"dual_clip_ratio": 3.0, "kl_loss_type": "k3", "entropy_coef": 0.0, "seed": 42, "pg_clip_low": None,
-                  "pg_clip_high": None}
+                  "pg_clip_high": None, "overlong_filter": False, "rollout_is": None, "rollout_is_threshold": 2.0,
+                  "filter_groups": False, "filter_groups_max_rounds": 10}
 SECTIONS = {"model", "parallel", "train", "rollout", "data", "reward", "critic", "checkpoint", "logging", "eval"}
 
 
@@ -89,7 +90,10 @@ def test_yaml_then_overrides_take_precedence(tmp_path):
 
 @pytest.mark.parametrize("overrides, pattern", [
     (["reward_norm=median"], r"reward_norm=median: must be one of group, batch, running, null"),
-    (["adv_estimator=ppo"], r"adv_estimator=ppo: must be one of gae, reinforce, grpo"),
+    (["adv_estimator=ppo"], r"adv_estimator=ppo: must be one of gae, reinforce, grpo, rloo, reinforce_plus_plus"),
+    (["rollout_is=tokens"], r"rollout_is=tokens: must be one of token, sequence, null"),
+    (["rollout_is=token", "rollout_is_threshold=0.5"], r"rollout_is_threshold=0.5: must be >= 1"),
+    (["filter_groups=true", "filter_groups_max_rounds=0"], r"filter_groups_max_rounds=0: must be a positive integer"),
     (["loss_agg_mode=mean"], r"loss_agg_mode=mean: must be one of token-mean, seq-mean-token-sum"),
     (["kl_penalty=js"], r"kl_penalty=js: must be one of kl, abs, mse, k3, full"),
     (["pg_clip_low=1.0"], r"pg_clip_low=1.0: must be in \(0, 1\) or null"),
@@ -128,6 +132,13 @@ def test_group_norm_needs_a_group_of_two():
     assert "every normalized reward is 0" in msg and "Set num_return_sequences_in_group: 8" in msg
     # batch normalization with one response per prompt is fine
     load_config(overrides=["reward_norm=batch", "num_return_sequences_in_group=1", "train.mini_batch_size=512"])
+
+
+@pytest.mark.parametrize("key", ["adv_estimator=rloo", "filter_groups=true"])
+def test_leave_one_out_and_group_filter_need_a_group_of_two(key):
+    msg = problems([key, "reward_norm=batch", "num_return_sequences_in_group=1", "train.mini_batch_size=512"])
+    assert f"num_return_sequences_in_group=1: {key} needs num_return_sequences_in_group >= 2" in msg
+    load_config(overrides=[key, "reward_norm=batch", "num_return_sequences_in_group=2", "train.mini_batch_size=512"])
 
 
 def test_grpo_needs_group_norm():
