@@ -10,11 +10,11 @@ from liteppo_mcore.config.choices import ADV_ESTIMATORS, REWARD_NORMS
 from liteppo_mcore.config.choices import KL_ESTIMATORS as KL_KINDS
 from liteppo_mcore.config.choices import LOSS_AGG_MODES as AGG_MODES
 
-from .advantages import compute_advantages, compute_gae, compute_returns, masked_whiten
+from .advantages import compute_advantages, compute_gae, compute_returns, compute_rloo, masked_whiten
 from .aggregation import aggregate
 from .controllers import AdaptiveKLController, FixedKLController, make_kl_controller
 from .kl import kl_estimate, mean_of_sequence_means, token_level_rewards
-from .losses import policy_loss, value_loss
+from .losses import policy_loss, rollout_importance_weight, value_loss
 from .normalization import RunningMoments, normalize_rewards
 from .stats import AllReduceSum, Moments, as_bool_mask, global_moments
 
@@ -33,6 +33,7 @@ __all__ = [
     "compute_advantages",
     "compute_gae",
     "compute_returns",
+    "compute_rloo",
     "global_moments",
     "kl_estimate",
     "make_kl_controller",
@@ -40,6 +41,7 @@ __all__ = [
     "mean_of_sequence_means",
     "normalize_rewards",
     "policy_loss",
+    "rollout_importance_weight",
     "token_level_rewards",
     "value_loss",
 ]

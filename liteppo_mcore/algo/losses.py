@@ -4,6 +4,8 @@ Policy, with ``rho = exp(clamp(logp - old_logp, -20, 20))`` and ``eps = clip``::
 
     l = max(-rho * A, -clip(rho, 1 - eps_low, 1 + eps_high) * A)     (eps_low = eps_high = eps by default)
     dual clip (c = dual_clip_ratio > 1):  l <- min(l, -c * A)  where A < 0
+    rollout importance weight (rollout_is):  l <- w * l,  w = min(exp(old_logp - rollout_logp), threshold)
+                                             (per token, or of the response's sum), detached
 
 Value (critic), with ``G`` the returns::
 
@@ -25,6 +27,8 @@ Aggregating the per-token loss into a scalar is ``aggregation.aggregate``'s job.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -112,6 +116,29 @@ def policy_loss(
             "num_tokens": valid.sum().to(STAT_DTYPE),
         }
     return loss, metrics
+
+
+def rollout_importance_weight(log_weight: Tensor, mask: Tensor, *, threshold: float
+                              ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Truncated importance weight ``w = min(exp(log_weight), threshold)`` per token, detached, 0 at padding.
+
+    ``log_weight`` is ``old_logp - rollout_logp`` per token (``rollout_is: token``) or the response's sum
+    of it on each of its tokens (``sequence``). ``exp(min(log_weight, log threshold))`` never overflows.
+    Metrics (sums over valid tokens): ``is_weight_sum``, ``is_truncated_sum`` (tokens whose weight hit the
+    threshold), ``is_weight_max`` (0 without valid tokens; weights are positive).
+    """
+    if not threshold >= 1:
+        raise ValueError(f"rollout_is_threshold must be >= 1, got {threshold!r}")
+    _check_same_shape(mask, log_weight=log_weight)
+    valid = as_bool_mask(mask)
+    with torch.no_grad():
+        bound = math.log(threshold)
+        logw = torch.where(valid, log_weight.detach(), 0.0)
+        weight = torch.where(valid, torch.exp(logw.clamp(max=bound)), 0.0)
+        metrics = {"is_weight_sum": _masked_sum(weight, valid),
+                   "is_truncated_sum": (valid & (logw >= bound)).sum().to(STAT_DTYPE),
+                   "is_weight_max": _masked_max_of_positive(weight, valid)}
+    return weight, metrics
 
 
 def value_loss(

@@ -358,11 +358,18 @@ class LitePPOConfig:
     def num_responses_per_step(self) -> int:
         return self.rollout_batch_size * self.num_return_sequences_in_group
 
+    def step_mini_batch_size(self, num_responses: int | None = None) -> int:
+        """The mini-batch size of a step of `num_responses` responses (default: the configured step's):
+        train.mini_batch_size, or the whole step as one mini-batch when it holds fewer responses (a
+        filter_groups step short of informative groups: trainer/dynamic_sampling.py `kept_groups`)."""
+        n = self.num_responses_per_step if num_responses is None else num_responses
+        return max(1, min(self.train.mini_batch_size, n))
+
     def updates_per_step(self, num_responses: int | None = None) -> int:
         """Optimizer steps per model in one training step of `num_responses` responses (default: the
-        configured step's): ppo_epochs x its mini-batches."""
+        configured step's): ppo_epochs x its mini-batches of `step_mini_batch_size`."""
         n = self.num_responses_per_step if num_responses is None else num_responses
-        return self.ppo_epochs * (n // self.train.mini_batch_size)
+        return self.ppo_epochs * (n // self.step_mini_batch_size(n))
 
     @property
     def micro_batch_tokens(self) -> int | None:
@@ -377,8 +384,10 @@ class LitePPOConfig:
         """Whether the old log-probs need a forward pass of their own before the update. Not with a single
         update and no reference: the update's first (and only) pass is the old policy, and the loss uses
         its detached log-probs. With several updates the policy moves between them; the KL terms (a
-        reference exists) compare against the old log-probs before the update starts."""
-        return self.updates_per_step(num_responses) > 1 or self.has_reference
+        reference exists) compare against the old log-probs before the update starts; the sequence-level
+        rollout importance weight (rollout_is: sequence) needs each response's whole sum before the update
+        splits it over micro-batches and CP ranks."""
+        return self.updates_per_step(num_responses) > 1 or self.has_reference or self.rollout_is == "sequence"
 
     @property
     def effective_loss_agg_mode(self) -> str:

@@ -4,7 +4,7 @@ metrics about them (docs/semantics.md sections 1-3 and 6). Every statistic is gl
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -22,7 +22,7 @@ from liteppo_mcore.algo.stats import STAT_DTYPE
 from liteppo_mcore.config.schema import LitePPOConfig
 from liteppo_mcore.parallel.reducer import Reducer
 from liteppo_mcore.rollout.engine import Generation
-from liteppo_mcore.update.batch import TrainBatch
+from liteppo_mcore.update.batch import PER_TOKEN_KEYS, TrainBatch
 
 
 @dataclass
@@ -39,6 +39,11 @@ class Rollout:
     def mask(self) -> Tensor:
         t = self.rollout_logp.shape[1]
         return torch.arange(t)[None, :] < self.batch.response_lens[:, None]
+
+    @property
+    def overlong(self) -> Tensor:
+        """[N] bool: responses that reached response_length without a stop token (finish reason "length")."""
+        return torch.tensor([r == "length" for r in self.finish_reasons], dtype=torch.bool)
 
 
 def build_rollout(prompts: Sequence[Sequence[int]], answers: Sequence[str], generations: list[list[Generation]],
@@ -81,14 +86,16 @@ def global_summary(x: Tensor, reducer: Reducer, prefix: str, mask: Tensor | None
 
 
 def rollout_metrics(rollout: Rollout, reducer: Reducer) -> dict[str, float]:
-    """`response_length/{mean,max,clip_ratio}` over every DP rank."""
+    """`response_length/{mean,max,clip_ratio}` and `rollout/overlong_fraction` over every DP rank."""
     lens = rollout.batch.response_lens.to(STAT_DTYPE)
-    clipped = torch.tensor([r == "length" for r in rollout.finish_reasons], dtype=STAT_DTYPE)
+    clipped = rollout.overlong.to(STAT_DTYPE)
     local = torch.stack([lens.sum(), torch.tensor(float(lens.numel()), dtype=STAT_DTYPE), clipped.sum()])
     total, count, num_clipped = reducer.dp_sum(local).tolist()
     longest = reducer.dp_max(lens.max().reshape(1) if lens.numel() else torch.zeros(1, dtype=STAT_DTYPE))
+    # the same share under two names: the clip ratio of the lengths, and what overlong_filter leaves out
     return {"response_length/mean": total / max(count, 1.0), "response_length/max": float(longest),
-            "response_length/clip_ratio": num_clipped / max(count, 1.0)}
+            "response_length/clip_ratio": num_clipped / max(count, 1.0),
+            "rollout/overlong_fraction": num_clipped / max(count, 1.0)}
 
 
 def normalized_rewards(scores: Tensor, cfg: LitePPOConfig, reducer: Reducer,
@@ -116,13 +123,18 @@ def advantages_and_returns(rollout: Rollout, normalized: Tensor, cfg: LitePPOCon
         metrics["kl/mean"] = float(mean_of_sequence_means(kl, mask, allreduce_sum=reducer.dp_sum))
     token_rewards = token_level_rewards(normalized.float(), mask, kl=kl if cfg.add_token_level_kl else None,
                                         kl_coef=kl_coef)
+    in_loss = ~rollout.overlong if cfg.overlong_filter else None
     adv, ret = compute_advantages(cfg.adv_estimator, mask, token_rewards=token_rewards, values=values,
                                   normalized_scores=normalized.float(), gamma=cfg.gamma, lambd=cfg.lambd,
                                   whiten=cfg.whiten_advantages, advantage_clip=cfg.advantage_clip,
-                                  allreduce_sum=reducer.dp_sum)
+                                  allreduce_sum=reducer.dp_sum, group_size=cfg.num_return_sequences_in_group,
+                                  in_loss=in_loss)
     batch.advantages, batch.returns = adv.float(), ret.float()
     if values is not None:
         batch.old_values = values
+    if in_loss is not None:  # the overlong responses leave the losses and their denominators
+        mask = mask & in_loss[:, None]
+        batch.loss_mask = mask.float()
     moments = global_moments(adv, mask, allreduce_sum=reducer.dp_sum)
     metrics.update({"adv/mean": float(moments.mean), "adv/std": float(moments.var().sqrt())})
     if cfg.advantage_clip is not None:
@@ -130,3 +142,68 @@ def advantages_and_returns(rollout: Rollout, normalized: Tensor, cfg: LitePPOCon
         metrics["adv/clip_frac"] = float(reducer.dp_sum(hit.reshape(1))) / max(float(moments.count), 1.0)
     return metrics
 
+
+# ---------------------------------------------------------------------------------------------------
+# Selecting and joining responses (dynamic sampling, trainer/dynamic_sampling.py)
+
+def select_responses(rollout: Rollout, rows: Sequence[int] | Tensor) -> Rollout:
+    """The responses `rows` of `rollout`, in that order (an empty selection is allowed), with every
+    per-response field; the tensors trimmed to the selection's own longest sequence and response."""
+    index = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+
+    def take(obj):
+        out = {}
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if isinstance(value, TrainBatch):
+                value = take(value)
+            elif isinstance(value, Tensor):
+                value = value[index]
+            elif isinstance(value, list):
+                value = [value[i] for i in index.tolist()]
+            out[f.name] = value
+        return type(obj)(**out)
+
+    return concat_rollouts([take(rollout)])
+
+
+def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
+    """The responses of `parts` one after the other, every per-response field with them; the tensors
+    right-padded with zeros (or trimmed) to the longest sequence and response of the result."""
+    if not parts:
+        raise ValueError("concat_rollouts needs at least one rollout")
+    lens = torch.cat([p.batch.prompt_lens + p.batch.response_lens for p in parts])
+    response_lens = torch.cat([p.batch.response_lens for p in parts])
+    seq_width = max(int(lens.max()) if lens.numel() else 0, 1)
+    token_width = max(int(response_lens.max()) if response_lens.numel() else 0, 1)
+
+    def fit(x: Tensor, width: int) -> Tensor:
+        if x.shape[1] >= width:
+            return x[:, :width]
+        return torch.cat([x, x.new_zeros(x.shape[0], width - x.shape[1])], dim=1)
+
+    def join(objs):
+        out = {}
+        for f in fields(objs[0]):
+            values = [getattr(o, f.name) for o in objs]
+            present = [v is not None for v in values]
+            if not any(present):
+                out[f.name] = None
+                continue
+            if not all(present):
+                raise ValueError(f"{type(objs[0]).__name__}.{f.name} is set on some rollouts and not on others")
+            first = values[0]
+            if isinstance(first, TrainBatch):
+                out[f.name] = join(values)
+            elif isinstance(first, Tensor) and first.dim() == 2:  # [N, S] sequences or [N, T] per token
+                width = seq_width if f.name == "tokens" else token_width
+                if isinstance(objs[0], TrainBatch) and f.name != "tokens" and f.name not in PER_TOKEN_KEYS:
+                    raise ValueError(f"TrainBatch.{f.name}: unknown two-dimensional field")
+                out[f.name] = torch.cat([fit(v, width) for v in values])
+            elif isinstance(first, Tensor):
+                out[f.name] = torch.cat(values)
+            else:
+                out[f.name] = [x for v in values for x in v]
+        return type(objs[0])(**out)
+
+    return join(list(parts))

@@ -111,10 +111,14 @@ class StepHealth:
     def consecutive_bad_steps(self) -> int:
         return len(self._streak)
 
-    def observe(self, step: int, metrics: Mapping[str, float], *, num_responses: int) -> None:
+    def observe(self, step: int, metrics: Mapping[str, float], *, num_responses: int,
+                updates_per_step: int | None = None) -> None:
         """Record step `step` (its number as logged) from its global `metrics`; `num_responses` is the
-        step's number of responses over all ranks. Raises `TrainingHalted` on the limit-th bad step in a row."""
-        kinds = bad_step_kinds(metrics, num_responses=num_responses, updates_per_step=self.updates_per_step)
+        step's number of responses over all ranks, `updates_per_step` the updates it made room for when
+        not the configured number (a filter_groups step short of informative groups). Raises
+        `TrainingHalted` on the limit-th bad step in a row."""
+        updates = self.updates_per_step if updates_per_step is None else max(1, updates_per_step)
+        kinds = bad_step_kinds(metrics, num_responses=num_responses, updates_per_step=updates)
         if not kinds:
             self._streak.clear()
             return

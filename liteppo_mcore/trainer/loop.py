@@ -31,7 +31,7 @@ from liteppo_mcore.models.forward import forward_full_kl, forward_per_token
 from liteppo_mcore.models.shapes import HF_ARCHITECTURES
 from liteppo_mcore.parallel.device import on_gpu
 from liteppo_mcore.parallel.mcore import destroy_model_parallel, initialize_model_parallel
-from liteppo_mcore.parallel.reducer import Reducer, make_allreduce_max
+from liteppo_mcore.parallel.reducer import Reducer, all_gather_padded, make_allreduce_max
 from liteppo_mcore.parallel.stage import set_stage, set_step, stage
 from liteppo_mcore.rewards import RewardBatchCancelled, build_reward_runner
 from liteppo_mcore.rollout import build_engine, eos_token_ids, sampling_params_from_config
@@ -45,7 +45,7 @@ from liteppo_mcore.rollout.metrics import (
     logprob_abs_diff,
     probe_tolerance,
 )
-from liteppo_mcore.trainer import experience
+from liteppo_mcore.trainer import dynamic_sampling, experience
 from liteppo_mcore.trainer.health import StepHealth
 from liteppo_mcore.update import ModelUpdater, gather_over_dp
 from liteppo_mcore.update.offload import module_on_device, move_module, offload_enabled
@@ -65,6 +65,12 @@ class StepResult:
     """(tokens, model FLOPs) of the step over all DP ranks, for perf/*."""
     samples: list[dict[str, Any]] = field(default_factory=list)
     """A few completions for samples.jsonl (rank 0, on logging steps; each row has its step)."""
+    num_responses: int = 0
+    """Responses generated in the step over all DP ranks (every round with filter_groups); 0: the
+    configured rollout_batch_size x n."""
+    trained_responses: int = 0
+    """Responses the update trained on over all DP ranks (the kept groups with filter_groups); 0: the
+    configured rollout_batch_size x n, or no update."""
 
 
 @dataclass
@@ -171,7 +177,9 @@ class Trainer:
                     self.checkpointer.save(self.step, before_final=log)  # the row is written before `latest` moves
             else:
                 log()
-            self.health.observe(self.step, metrics, num_responses=cfg.num_responses_per_step)  # exit 3 on a streak
+            self.health.observe(self.step, metrics,  # exit 3 on a streak
+                                num_responses=result.num_responses or cfg.num_responses_per_step,
+                                updates_per_step=cfg.updates_per_step(result.trained_responses or None))
             if stopping:
                 self._stop(f"after step {self.step}")
                 return
@@ -259,13 +267,27 @@ class Trainer:
         update (nothing changed but the data position and RNG, which the caller restores). The caller
         moves the step counter."""
         cfg, timer = self.cfg, PhaseTimer()
-        with timer("rollout"):
-            rollout = self.rollout(step)
-        with timer("reward"):
-            scored = self.score(rollout)
-        if scored is None:
-            return None
-        scores, metrics = scored
+        if cfg.filter_groups:
+            sampled = self._sampled_rollout(step, timer)
+            if sampled is None:
+                return None
+            rollout, scores, metrics, generated = sampled
+            if rollout is None:  # no group kept: no update; health reads the zero gradient (ZERO_GRADIENT)
+                metrics["actor/grad_norm"] = 0.0
+                with timer("sync"):
+                    self.sync_weights(version=step)  # the engine slept: it may need the (unchanged) weights
+                metrics.update(timer.metrics())
+                return StepResult(metrics, num_responses=generated)
+        else:
+            with timer("rollout"):
+                rollout = self.rollout(step)
+            with timer("reward"):
+                scored = self.score(rollout)
+            if scored is None:
+                return None
+            scores, metrics = scored
+            generated = cfg.num_responses_per_step
+        num_responses = rollout.batch.size * self.groups.dp_size  # trained on: the kept groups with filter_groups
         with stage("normalization"):
             normalized = experience.normalized_rewards(scores, cfg, self.reducer, self.running_moments)
             moments = global_moments(normalized, allreduce_sum=self.reducer.dp_sum)
@@ -284,39 +306,113 @@ class Trainer:
         with stage("metrics"):
             if "kl/mean" in metrics:
                 metrics["kl/coef"] = self.kl_ctl.value
-                self.kl_ctl.update(metrics["kl/mean"], cfg.num_responses_per_step)
+                self.kl_ctl.update(metrics["kl/mean"], num_responses)
             metrics.update(timer.metrics())
-            return StepResult(metrics, work=self._model_work(rollout), samples=self._samples(step, rollout, scores))
+            return StepResult(metrics, work=self._model_work(rollout), samples=self._samples(step, rollout, scores),
+                              num_responses=generated, trained_responses=num_responses)
 
-    def rollout(self, step: int) -> experience.Rollout:
+    def rollout(self, step: int, round_index: int = 0, *, sleep: bool = True) -> experience.Rollout:
+        """This rank's share of the sampler's next rollout_batch_size prompts, generated: round
+        `round_index` of step `step` (dynamic sampling's rounds: trainer/dynamic_sampling.py; round 0 is
+        a step's only one without filter_groups). The engine sleeps afterwards unless `sleep` is false."""
         samples = shard_for_rank(self.train_set.select(self.sampler.next_batch()), self.groups.dp_rank,
                                  self.groups.dp_size)
         params = self._sampling(n=self.cfg.num_return_sequences_in_group,
-                                seed=mix_seed(self.cfg.seed, step - 1, self.groups.dp_rank))
+                                seed=dynamic_sampling.round_seed(self.cfg.seed, step, round_index, self.groups.dp_rank))
         prompts = [s.prompt_ids for s in samples]
         self.engine.wake()
-        total = len(prompts) * params.n * self.groups.dp_size  # the bar counts the whole step's responses
-        with progress(total, f"rollout {step}") as bar:
+        total = len(prompts) * params.n * self.groups.dp_size  # the bar counts the whole round's responses
+        desc = f"rollout {step}" if round_index == 0 else f"rollout {step} round {round_index + 1}"
+        with progress(total, desc) as bar:
             generations = self.engine.generate(prompts, params,
                                                on_progress=lambda k: bar.update(k * self.groups.dp_size))
             bar.update(total - bar.n)
-        self.engine.sleep()
+        if sleep:
+            self.engine.sleep()
         return experience.build_rollout(prompts, [s.answer for s in samples], generations, self.tokenizer)
 
     def score(self, rollout: experience.Rollout):
         """(scores, reward metrics); None when a stop signal came before or during scoring (the
         question is settled by every rank here, before the next collective)."""
+        raw = self._raw_scores(rollout)
+        if raw is None:
+            return None
+        scores, stats = raw
+        return scores, self._reward_metrics(scores, [stats])
+
+    def _raw_scores(self, rollout: experience.Rollout) -> tuple[torch.Tensor, dict] | None:
+        """This rank's raw scores of `rollout` and the reward runner's counts; None when a stop signal came
+        before or during scoring (settled by every rank here, before the next collective)."""
         try:
             raw, stats = self.rewards(rollout.response_texts, rollout.answers, should_stop=lambda: self._signal)
         except RewardBatchCancelled:
             raw = None  # this rank's signal: _stop_requested() below is true on every rank
         if self._stop_requested():
             return None
-        scores = torch.tensor(raw, dtype=torch.float64)
+        return torch.tensor(raw, dtype=torch.float64), stats
+
+    def _reward_metrics(self, scores: torch.Tensor, stats: list[dict]) -> dict[str, float]:
+        """`reward/{mean,std,max,min}` of `scores` (this rank's: every response scored in the step) and
+        `reward/{errors,timeouts}` of the runner's counts `stats` (one per scoring), over every DP rank."""
         metrics = experience.global_summary(scores, self.reducer, "reward")
-        counts = self.reducer.dp_sum(torch.tensor([stats.get("reward/errors", 0.0), stats.get("reward/timeouts", 0.0)]))
+        errors = sum(s.get("reward/errors", 0.0) for s in stats)
+        timeouts = sum(s.get("reward/timeouts", 0.0) for s in stats)
+        counts = self.reducer.dp_sum(torch.tensor([errors, timeouts]))
         metrics["reward/errors"], metrics["reward/timeouts"] = float(counts[0]), float(counts[1])
-        return scores, metrics
+        return metrics
+
+    def _sampled_rollout(self, step: int, timer: PhaseTimer):
+        """Dynamic sampling (filter_groups; trainer/dynamic_sampling.py): rollout rounds until the step
+        holds rollout_batch_size informative groups over all DP ranks, or filter_groups_max_rounds rounds
+        ran; the groups kept (`kept_groups`) spread evenly over the DP ranks.
+
+        Returns (this rank's kept rollout, their raw scores, the metrics, the responses generated over all
+        ranks); the rollout and scores are None when no group is kept (the step makes no update); None
+        when a stop signal came during scoring."""
+        cfg, g = self.cfg, self.groups
+        n, target = cfg.num_return_sequences_in_group, cfg.rollout_batch_size
+        rounds: list[tuple[experience.Rollout, torch.Tensor, torch.Tensor]] = []
+        stats: list[dict] = []
+        counts: list[list[int]] = []  # [round][DP rank] informative groups
+        try:  # the engine stays awake between rounds (a sleeping engine may have released its weights)
+            while len(rounds) < cfg.filter_groups_max_rounds and sum(map(sum, counts)) < target:
+                with timer("rollout"):
+                    rollout = self.rollout(step, len(rounds), sleep=False)
+                with timer("reward"):
+                    raw = self._raw_scores(rollout)
+                if raw is None:
+                    return None
+                scores, round_stats = raw
+                informative = dynamic_sampling.informative_groups(scores, n)
+                with stage("dynamic_sampling"):
+                    counts.append(all_gather_padded(informative.sum().reshape(1), g.dp_group).tolist())
+                rounds.append((rollout, scores, informative))
+                stats.append(round_stats)
+        finally:
+            self.engine.sleep()
+        found = sum(map(sum, counts))
+        kept = dynamic_sampling.kept_groups(found, target=target, group_size=n,
+                                            mini_batch_size=cfg.train.mini_batch_size, dp_size=g.dp_size)
+        with timer("reward"):  # over every response generated in the step
+            metrics = self._reward_metrics(torch.cat([scores for _, scores, _ in rounds]), stats)
+        metrics.update({"rollout/generation_rounds": float(len(rounds)),
+                        "rollout/filtered_groups": float(len(rounds) * target - found),
+                        "rollout/informative_groups": float(kept)})
+        generated = len(rounds) * cfg.num_responses_per_step
+        if found < target:
+            what = f"training on {kept}" if kept else "no update"
+            print0(f"liteppo: step {step}: {found} informative groups of the {target} wanted after {len(rounds)} "
+                   f"rounds (filter_groups_max_rounds={cfg.filter_groups_max_rounds}); {what}")
+        if kept == 0:
+            return None, None, metrics, generated
+        mine = []
+        for (rollout, scores, informative), per_rank in zip(rounds, dynamic_sampling.take_first(counts, kept)):
+            rows = dynamic_sampling.group_rows(informative.nonzero().flatten()[:per_rank[g.dp_rank]], n)
+            mine.append((experience.select_responses(rollout, rows), scores[rows]))
+        with stage("dynamic_sampling"):
+            by_rank = dynamic_sampling.gather_objects(mine, g.dp_group)
+        rollout, scores = dynamic_sampling.spread_kept(by_rank, g.dp_rank, g.dp_size, n)
+        return rollout, scores, metrics, generated
 
     def _micro_batching(self) -> dict:
         """The forward passes' vocabulary and micro-batch keyword arguments: the training micro-batches'
@@ -342,12 +438,13 @@ class Trainer:
                 if cfg.kl_penalty == "full":  # the exact KL needs both models' logits: while the reference is here
                     passes.full_kl = forward_full_kl(self.models.actor, reference, seqs, self.groups,
                                                      temperature=cfg.rollout.temperature, **kw)
-        if cfg.needs_old_logp_pass():
+        if cfg.needs_old_logp_pass(batch.size * self.groups.dp_size):
             with timer("old_logp"):
                 batch.old_logp = forward_per_token(self.models.actor, seqs, self.groups, compute_entropy=False,
                                                    temperature=cfg.rollout.temperature, **kw)["logp"]
-        else:
-            batch.rollout_logp = rollout.rollout_logp  # the update's own pass gives the mismatch metric
+        if batch.old_logp is None or cfg.rollout_is is not None:
+            # the update's own pass gives the mismatch metric (no old-log-prob pass); rollout_is weighs by it
+            batch.rollout_logp = rollout.rollout_logp
         if self.models.critic is not None:
             with timer("values"):
                 passes.values = forward_per_token(self.models.critic, seqs, self.groups, kind="critic", **kw)["values"]

@@ -32,7 +32,8 @@ from liteppo_mcore.parallel.mcore import ParallelGroups
 from liteppo_mcore.parallel.reducer import all_gather_padded
 from liteppo_mcore.utils.seeds import mix_seed
 
-PER_TOKEN_KEYS = ("advantages", "old_logp", "ref_logp", "returns", "old_values", "rollout_logp")
+PER_TOKEN_KEYS = ("advantages", "old_logp", "ref_logp", "returns", "old_values", "rollout_logp", "is_log_weight",
+                  "loss_mask")
 
 
 @dataclass
@@ -42,7 +43,9 @@ class TrainBatch:
     `tokens [N, S]` prompt then response, right-padded; `prompt_lens`, `response_lens [N]`; the
     per-token tensors are `[N, T]` float. The actor needs `advantages` (and `old_logp` unless one
     optimizer update per step lets the update's own detached log-probs serve; `ref_logp` with the KL
-    loss); the critic needs `returns` (and `old_values` for the value clip).
+    loss); the critic needs `returns` (and `old_values` for the value clip). `loss_mask` (1: in the
+    losses; overlong_filter) leaves responses out of both losses and their denominators; `is_log_weight`
+    is the log of the rollout importance weight (rollout_is, from a separate old-log-prob pass).
     """
 
     tokens: Tensor
@@ -53,7 +56,9 @@ class TrainBatch:
     ref_logp: Tensor | None = None
     returns: Tensor | None = None
     old_values: Tensor | None = None
-    rollout_logp: Tensor | None = None  # the engine's; only for the train-vs-rollout mismatch metric
+    rollout_logp: Tensor | None = None  # the engine's: the mismatch metric and rollout_is
+    is_log_weight: Tensor | None = None
+    loss_mask: Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -158,7 +163,8 @@ def micro_batches(rank_minibatch: TrainBatch, plans: Sequence[MicroPlan | PackPl
     """
     for plan in plans:
         if isinstance(plan, PackPlan):
-            yield packed_micro_batch(rank_minibatch.sequences(), plan, groups, device, rank_minibatch.per_token())
+            yield _apply_loss_mask(packed_micro_batch(rank_minibatch.sequences(), plan, groups, device,
+                                                      rank_minibatch.per_token()))
             continue
         rows = _pad_rows(rank_minibatch.select(plan.rows), plan.num_rows)
         seqs = rows.sequences()
@@ -170,4 +176,11 @@ def micro_batches(rank_minibatch: TrainBatch, plans: Sequence[MicroPlan | PackPl
         item["seq_token_counts"] = rows.response_lens.clone()
         out: dict = {k: v.to(device) for k, v in item.items()}
         out["packed_seq_params"] = None
-        yield out
+        yield _apply_loss_mask(out)
+
+
+def _apply_loss_mask(item: dict) -> dict:
+    """`mask` narrowed to the positions in the losses: the per-token `loss_mask` is folded into it."""
+    if "loss_mask" in item:
+        item["mask"] = item["mask"] & (item.pop("loss_mask") > 0)
+    return item

@@ -9,7 +9,7 @@ of `Agg(...)` over the whole mini-batch, whatever the layout.
 
 Metrics are detached float64 sums over this rank's tokens (or shares of `Agg`), summed over
 micro-batches and ranks by the caller, then divided by the global token count: means over tokens,
-never averages of rank averages. `ratio_max` is a maximum.
+never averages of rank averages. `maxima` (ACTOR_MAXIMA) are maxima.
 """
 
 from __future__ import annotations
@@ -19,16 +19,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from liteppo_mcore.algo import aggregate, kl_estimate, policy_loss, value_loss
+from liteppo_mcore.algo import aggregate, kl_estimate, policy_loss, rollout_importance_weight, value_loss
 from liteppo_mcore.algo.stats import STAT_DTYPE
 from liteppo_mcore.config.schema import LitePPOConfig
 from liteppo_mcore.models.logprob import logprob_entropy_at
 from liteppo_mcore.parallel.mcore import ParallelGroups
+from liteppo_mcore.update.batch import TrainBatch
 
 # Metric sums of one micro-batch, in a fixed order (they travel as one float64 vector).
 ACTOR_SUMS = ("loss", "pg_loss", "kl_loss", "entropy_sum", "clipfrac_sum", "clipfrac_low_sum", "clipfrac_high_sum",
-              "dual_clipfrac_sum", "approx_kl_k3_sum", "approx_kl_k1_sum", "num_tokens", "rollout_abs_diff_sum")
+              "dual_clipfrac_sum", "approx_kl_k3_sum", "approx_kl_k1_sum", "num_tokens", "rollout_abs_diff_sum",
+              "is_weight_sum", "is_truncated_sum")
 CRITIC_SUMS = ("loss", "value_loss", "vf_clipfrac_sum", "values_sum", "num_tokens")
+# Maxima of one micro-batch, in a fixed order (one float64 vector, max-reduced; 0 is neutral: both positive).
+ACTOR_MAXIMA = ("ratio_max", "is_weight_max")
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,8 @@ class LossSettings:
     entropy_coef: float
     value_clip: float | None
     temperature: float
+    rollout_is: str | None = None
+    rollout_is_threshold: float = 2.0
 
     @classmethod
     def from_config(cls, cfg: LitePPOConfig) -> LossSettings:
@@ -54,7 +60,8 @@ class LossSettings:
                    pg_clip=cfg.pg_clip, pg_clip_low=cfg.pg_clip_low, pg_clip_high=cfg.pg_clip_high,
                    dual_clip_ratio=cfg.dual_clip_ratio if cfg.dual_clip_loss else None,
                    use_kl_loss=cfg.use_kl_loss, kl_loss_coef=cfg.kl_loss_coef, kl_loss_type=cfg.kl_loss_type,
-                   entropy_coef=cfg.entropy_coef, value_clip=cfg.value_clip, temperature=cfg.rollout.temperature)
+                   entropy_coef=cfg.entropy_coef, value_clip=cfg.value_clip, temperature=cfg.rollout.temperature,
+                   rollout_is=cfg.rollout_is, rollout_is_threshold=cfg.rollout_is_threshold)
 
 
 @dataclass(frozen=True)
@@ -82,7 +89,13 @@ def actor_loss(output: Tensor, micro_batch: dict[str, Tensor], settings: LossSet
     states `[b, S/cp, H]` and output weight `weight [V/tp, H]` (the trainer's path: the logits are never
     whole), or, without `weight`, from its logits `[b, S/cp, V/tp]`. `counts`: the mini-batch's global
     token and sequence counts the aggregation divides by. Returns the loss to back-propagate and
-    {"sums": [ACTOR_SUMS], "ratio_max"}."""
+    {"sums": [ACTOR_SUMS], "maxima": [ACTOR_MAXIMA]}.
+
+    With `rollout_is`, each token's policy-gradient term is multiplied by the truncated importance
+    weight of the old policy over the engine's (`rollout_importance_weight`): its log is the
+    micro-batch's `is_log_weight` when the update computed it from a separate old-log-prob pass
+    (`rollout_is_log_weights`), else, with one update per step, this pass's detached log-probs minus
+    `rollout_logp`, token by token."""
     mask = micro_batch["mask"]
     v_local = output.shape[-1] if weight is None else weight.shape[0]
     logp, entropy = logprob_entropy_at(
@@ -95,9 +108,16 @@ def actor_loss(output: Tensor, micro_batch: dict[str, Tensor], settings: LossSet
     pg, pg_stats = policy_loss(logp, old_logp, micro_batch["advantages"], mask, clip=settings.pg_clip,
                                clip_low=settings.pg_clip_low, clip_high=settings.pg_clip_high,
                                dual_clip_ratio=settings.dual_clip_ratio)
+    zero = pg.new_zeros(())  # the sums of terms that are off (on the loss's device: they are stacked with the rest)
+    is_stats = {"is_weight_sum": zero, "is_truncated_sum": zero, "is_weight_max": zero}
+    if settings.rollout_is is not None:
+        log_weight = (micro_batch["is_log_weight"] if "is_log_weight" in micro_batch
+                      else old_logp - micro_batch["rollout_logp"])
+        weight, is_stats = rollout_importance_weight(log_weight, mask, threshold=settings.rollout_is_threshold)
+        pg = pg * weight
     pg_loss = _agg(pg, micro_batch, settings, counts)
     loss = pg_loss
-    kl_loss = pg_loss.new_zeros(())  # on the loss's device: it is stacked with the other sums
+    kl_loss = zero
     if settings.use_kl_loss:
         kl = kl_estimate(logp, micro_batch["ref_logp"], settings.kl_loss_type)
         kl_loss = _agg(kl, micro_batch, settings, counts)
@@ -107,10 +127,25 @@ def actor_loss(output: Tensor, micro_batch: dict[str, Tensor], settings: LossSet
     entropy_sum = torch.where(mask, entropy.detach(), 0.0).sum()
     # With old_logp skipped, this pass's log-probs are the trainer's side of rollout/logprob_abs_diff.
     diff_sum = (torch.where(mask, (logp.detach() - micro_batch["rollout_logp"]).abs(), 0.0).sum()
-                if "rollout_logp" in micro_batch else kl_loss.new_zeros(()))
+                if "rollout_logp" in micro_batch and "old_logp" not in micro_batch else zero)
     sums = _sums(ACTOR_SUMS, {"loss": loss, "pg_loss": pg_loss, "kl_loss": kl_loss, "entropy_sum": entropy_sum,
-                              "rollout_abs_diff_sum": diff_sum, **pg_stats})
-    return loss, {"sums": sums, "ratio_max": pg_stats["ratio_max"].reshape(1)}
+                              "rollout_abs_diff_sum": diff_sum, **pg_stats, **is_stats})
+    maxima = _sums(ACTOR_MAXIMA, {"ratio_max": pg_stats["ratio_max"], "is_weight_max": is_stats["is_weight_max"]})
+    return loss, {"sums": sums, "maxima": maxima}
+
+
+def rollout_is_log_weights(batch: TrainBatch, level: str) -> Tensor:
+    """`[N, T]` log of the rollout importance weight from the batch's `old_logp` (a pass of its own) and
+    `rollout_logp`: per token (`token`), or the response's sum on each of its tokens (`sequence`); 0 at
+    padding."""
+    if batch.old_logp is None or batch.rollout_logp is None:
+        raise ValueError(f"rollout_is={level} needs TrainBatch.old_logp and TrainBatch.rollout_logp")
+    t = batch.old_logp.shape[1]
+    valid = torch.arange(t)[None, :] < batch.response_lens[:, None]
+    diff = torch.where(valid, batch.old_logp.to(STAT_DTYPE) - batch.rollout_logp[:, :t].to(STAT_DTYPE), 0.0)
+    if level == "sequence":
+        diff = torch.where(valid, diff.sum(dim=1, keepdim=True), 0.0)
+    return diff.float()
 
 
 def critic_loss(output: Tensor, micro_batch: dict[str, Tensor], settings: LossSettings, counts: Denominators
@@ -122,4 +157,4 @@ def critic_loss(output: Tensor, micro_batch: dict[str, Tensor], settings: LossSe
     e, value_stats = value_loss(values, old_values, micro_batch["returns"], mask, clip=settings.value_clip)
     loss = _agg(e, micro_batch, settings, counts)
     sums = _sums(CRITIC_SUMS, {"loss": loss, "value_loss": loss, **value_stats})
-    return loss, {"sums": sums, "ratio_max": sums.new_zeros(1)}
+    return loss, {"sums": sums, "maxima": sums.new_zeros(len(ACTOR_MAXIMA))}

@@ -44,7 +44,8 @@ class OptimSettings:
     def from_config(cls, cfg: LitePPOConfig, kind: str) -> OptimSettings:
         t = cfg.train
         lr, wd = (cfg.critic.lr, cfg.critic.weight_decay) if kind == "critic" else (t.lr, t.weight_decay)
-        updates_per_step = cfg.ppo_epochs * (cfg.num_responses_per_step // t.mini_batch_size)
+        # a filter_groups step short of informative groups makes fewer: the schedule then ends later
+        updates_per_step = cfg.updates_per_step()
         return cls(optimizer=t.optimizer, lr=lr, min_lr=min(t.min_lr, lr), weight_decay=wd,
                    lr_schedule=t.lr_schedule, lr_warmup_steps=t.lr_warmup_steps,
                    total_updates=max(1, cfg.max_steps * updates_per_step), adam_beta1=t.adam_beta1,

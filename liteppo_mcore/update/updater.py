@@ -40,7 +40,16 @@ from liteppo_mcore.parallel.device import compute_device
 from liteppo_mcore.parallel.mcore import ParallelGroups
 from liteppo_mcore.parallel.reducer import Reducer, make_allreduce_max, make_allreduce_sum
 from liteppo_mcore.update.batch import TrainBatch, micro_batches, minibatch_indices, rank_share
-from liteppo_mcore.update.loss import ACTOR_SUMS, CRITIC_SUMS, Denominators, LossSettings, actor_loss, critic_loss
+from liteppo_mcore.update.loss import (
+    ACTOR_MAXIMA,
+    ACTOR_SUMS,
+    CRITIC_SUMS,
+    Denominators,
+    LossSettings,
+    actor_loss,
+    critic_loss,
+    rollout_is_log_weights,
+)
 from liteppo_mcore.update.offload import offload_enabled, optimizer_state_on_device
 from liteppo_mcore.update.optim import (
     OptimSettings,
@@ -60,11 +69,12 @@ class _StepTotals:
     """Reduced metric sums over the mini-batches of one step."""
 
     sums: Tensor
-    ratio_max: float = 0.0
+    maxima: Tensor = field(default_factory=lambda: torch.zeros(len(ACTOR_MAXIMA), dtype=STAT_DTYPE))
     grad_norms: list[float] = field(default_factory=list)
     lr: float = 0.0
     num_minibatches: int = 0
     skipped: list[str] = field(default_factory=list)
+    empty_minibatches: int = 0
     has_rollout_logp: bool = False
 
 
@@ -98,12 +108,12 @@ class ModelUpdater:
         self._check_inputs(batch)
         cfg = self.cfg
         totals = _StepTotals(sums=torch.zeros(len(self._sum_names), dtype=STAT_DTYPE),
-                             has_rollout_logp=batch.rollout_logp is not None)
+                             has_rollout_logp=batch.rollout_logp is not None and batch.old_logp is None)
         self.model.train()
         with optimizer_state_on_device(self.optimizer, self.offload):
+            mini_batch_size = cfg.step_mini_batch_size(batch.size)
             for epoch in range(cfg.ppo_epochs):
-                for indices in minibatch_indices(batch.size, cfg.train.mini_batch_size, seed=cfg.seed, step=step,
-                                                 epoch=epoch):
+                for indices in minibatch_indices(batch.size, mini_batch_size, seed=cfg.seed, step=step, epoch=epoch):
                     rank_minibatch = batch.select(rank_share(indices, self.groups.dp_rank, self.groups.dp_size))
                     self._train_minibatch(rank_minibatch, totals, step)
         return self._metrics(totals)
@@ -115,12 +125,21 @@ class ModelUpdater:
             need.append("ref_logp")
         if self.kind == "actor" and self.cfg.updates_per_step(batch.size) > 1:
             need.append("old_logp")  # a single update may use its own detached log-probs (needs_old_logp_pass)
+        if self.kind == "actor" and self.cfg.rollout_is is not None:
+            need.append("rollout_logp")
+            if self.cfg.rollout_is == "sequence":
+                need.append("old_logp")  # the response's sum must be known before CP splits the response
         missing = [k for k in need if getattr(batch, k) is None]
         if missing:
             raise ValueError(f"the {self.kind} update needs TrainBatch.{', '.join(missing)}")
 
     def _denominators(self, rank_minibatch: TrainBatch) -> Denominators:
+        """The mini-batch's global token and sequence counts, of the responses in the losses (loss_mask)."""
         lens = rank_minibatch.response_lens
+        if rank_minibatch.loss_mask is not None:
+            t = rank_minibatch.loss_mask.shape[1]
+            valid = torch.arange(t)[None, :] < lens[:, None]
+            lens = (valid & (rank_minibatch.loss_mask > 0)).sum(dim=1)
         local = torch.stack([lens.sum(), (lens > 0).sum()]).to(STAT_DTYPE)
         num_tokens, num_seqs = self.reducer.dp_sum(local).unbind()
         return Denominators(num_tokens=num_tokens, num_seqs=num_seqs)
@@ -128,6 +147,13 @@ class ModelUpdater:
     def _train_minibatch(self, rank_minibatch: TrainBatch, totals: _StepTotals, step: int) -> None:
         g, t = self.groups, self.cfg.train
         denominators = self._denominators(rank_minibatch)
+        if float(denominators.num_tokens) == 0:
+            # every response of the mini-batch is out of the losses (overlong_filter): no gradient, and an
+            # optimizer step would still move the weights (momentum, weight decay); the same on every rank
+            totals.empty_minibatches += 1
+            return
+        if self.kind == "actor" and self.cfg.rollout_is is not None and rank_minibatch.old_logp is not None:
+            rank_minibatch.is_log_weight = rollout_is_log_weights(rank_minibatch, self.cfg.rollout_is)
         plans = micro_batch_plans(rank_minibatch.sequences(), g, t.micro_batch_size, self.cfg.micro_batch_tokens,
                                   self.cfg.parallel.sequence_parallel, t.pack_sequences)
         seq_length, rows = schedule_shape(plans)
@@ -138,7 +164,7 @@ class ModelUpdater:
             forward_step_func=partial(self._forward_step, denominators=denominators), data_iterator=data,
             model=[self.model], num_microbatches=len(plans), seq_length=seq_length, micro_batch_size=rows,
             forward_only=False)
-        sums, ratio_max = self._reduce(store)
+        sums, maxima = self._reduce(store)
         lr = learning_rate(self.num_updates + 1, self.optim_settings)
         set_learning_rate(self.optimizer, lr)
         applied, grad_norm, reason = guarded_step(self.optimizer, self.optim_settings.clip_grad,
@@ -152,7 +178,7 @@ class ModelUpdater:
         self.num_updates += 1
         self._check_weights(step)
         totals.sums += sums
-        totals.ratio_max = max(totals.ratio_max, ratio_max)
+        totals.maxima = torch.maximum(totals.maxima, maxima)
         totals.grad_norms.append(grad_norm)
         totals.lr = lr
 
@@ -197,18 +223,19 @@ class ModelUpdater:
 
         return output, loss_func
 
-    def _reduce(self, store: list[dict[str, Tensor]]) -> tuple[Tensor, float]:
-        """Sum the micro-batches' metric sums (held by the last stage) over PP, then DP x CP."""
+    def _reduce(self, store: list[dict[str, Tensor]]) -> tuple[Tensor, Tensor]:
+        """Sum the micro-batches' metric sums (held by the last stage) over PP, then DP x CP; the same
+        with a maximum for their maxima (ACTOR_MAXIMA)."""
         sums = torch.zeros(len(self._sum_names), dtype=STAT_DTYPE)
-        ratio_max = torch.zeros(1, dtype=STAT_DTYPE)
+        maxima = torch.zeros(len(ACTOR_MAXIMA), dtype=STAT_DTYPE)
         if self.groups.is_last_stage:
             for item in store:
                 sums += item["sums"].cpu()
-                ratio_max = torch.maximum(ratio_max, item["ratio_max"].cpu())
+                maxima = torch.maximum(maxima, item["maxima"].cpu())
         # Non-last stages hold zeros: a sum over PP broadcasts the last stage's values.
         sums = self.reducer.dp_cp_sum(self._pp_sum(sums))
-        ratio_max = self.reducer.dp_cp_max(self._pp_max(ratio_max))
-        return sums, float(ratio_max)
+        maxima = self.reducer.dp_cp_max(self._pp_max(maxima))
+        return sums, maxima
 
     # ------------------------------------------------------------------ metrics
     def _metrics(self, totals: _StepTotals) -> dict[str, float]:
@@ -226,9 +253,15 @@ class ModelUpdater:
                         "actor/clipfrac_high": s["clipfrac_high_sum"] / tokens,
                         "actor/dual_clipfrac": s["dual_clipfrac_sum"] / tokens,
                         "actor/approx_kl_k3": s["approx_kl_k3_sum"] / tokens,
-                        "actor/approx_kl_k1": s["approx_kl_k1_sum"] / tokens, "actor/ratio_max": totals.ratio_max})
+                        "actor/approx_kl_k1": s["approx_kl_k1_sum"] / tokens})
+            maxima = dict(zip(ACTOR_MAXIMA, totals.maxima.tolist()))
+            out["actor/ratio_max"] = maxima["ratio_max"]
             if totals.has_rollout_logp:
                 out["rollout/logprob_abs_diff"] = s["rollout_abs_diff_sum"] / tokens
+            if self.cfg.rollout_is is not None:
+                out.update({"rollout/is_weight_mean": s["is_weight_sum"] / tokens,
+                            "rollout/is_weight_max": maxima["is_weight_max"],
+                            "rollout/is_truncated_fraction": s["is_truncated_sum"] / tokens})
         else:
             out.update({"critic/value_loss": s["value_loss"] / applied,
                         "critic/vf_clipfrac": s["vf_clipfrac_sum"] / tokens,

@@ -104,6 +104,10 @@ def compute_everything(batch, allreduce_sum, num_micro_batches):
     out["rows/adv_gae"], out["rows/returns_gae"] = adv, returns
     out["rows/adv_reinforce"], _ = compute_advantages("reinforce", mask, token_rewards=token_rewards, gamma=0.99,
                                                       whiten=True, allreduce_sum=allreduce_sum)
+    out["rows/adv_rloo"], _ = compute_advantages("rloo", mask, token_rewards=token_rewards, group_size=GROUP,
+                                                 whiten=True, allreduce_sum=allreduce_sum)
+    out["rows/adv_reinforce_pp"], _ = compute_advantages("reinforce_plus_plus", mask, token_rewards=token_rewards,
+                                                         gamma=0.99, advantage_clip=2.0, allreduce_sum=allreduce_sum)
     out["rows/adv_grpo"], _ = compute_advantages("grpo", mask, normalized_scores=normalized, whiten=True,
                                                  advantage_clip=1.5, allreduce_sum=allreduce_sum)
     out.update(_loss_shares(batch, adv, returns, allreduce_sum, num_micro_batches))

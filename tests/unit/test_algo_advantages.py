@@ -151,6 +151,58 @@ def test_grpo_equals_reinforce_with_gamma_one_and_no_kl():
         assert g_grpo[i, :n].tolist() == [scores[i].item()] * n
 
 
+def ref_rloo(rewards, lengths, group):
+    totals = [sum(rewards[i][t] for t in range(n)) for i, n in enumerate(lengths)]
+    out = [[0.0] * T for _ in lengths]
+    for i, n in enumerate(lengths):
+        start = i - i % group
+        others = [totals[j] for j in range(start, start + group) if j != i]
+        for t in range(n):
+            out[i][t] = totals[i] - sum(others) / len(others)
+    return out
+
+
+@pytest.mark.parametrize("group", [2, 4])
+def test_rloo_matches_reference(group):
+    lengths, mask, rewards, _ = make_batch(18)
+    lengths, mask, rewards = lengths[:4], mask[:4], rewards[:4]  # whole groups of 2 and of 4
+    adv, ret = compute_advantages("rloo", mask, token_rewards=rewards, group_size=group)
+    assert torch.allclose(adv, as_tensor(ref_rloo(rewards.tolist(), lengths, group)), atol=1e-12, rtol=0)
+    assert torch.equal(adv, ret)
+    # the n / (n - 1) form: leave-one-out equals the group-centred sum scaled
+    totals = (rewards * mask).sum(1).reshape(-1, group)
+    centred = (totals - totals.mean(1, keepdim=True)) * group / (group - 1)
+    assert torch.allclose(adv[:, 0], centred.reshape(-1), atol=1e-12)
+    # whitening and the clip apply on top
+    white, _ = compute_advantages("rloo", mask, token_rewards=rewards, group_size=group, whiten=True,
+                                  advantage_clip=0.7)
+    ref = [[min(max(v, -0.7), 0.7) for v in row] for row in ref_whiten(ref_rloo(rewards.tolist(), lengths, group),
+                                                                        lengths)]
+    assert torch.allclose(white, as_tensor(ref), atol=1e-12, rtol=0)
+
+
+def test_rloo_needs_whole_groups_of_two():
+    mask = torch.ones(3, 2, dtype=torch.bool)
+    with pytest.raises(ValueError, match="needs group_size"):
+        compute_advantages("rloo", mask, token_rewards=torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="at least 2"):
+        compute_advantages("rloo", mask, token_rewards=torch.zeros(3, 2), group_size=1)
+    with pytest.raises(ValueError, match="does not divide the 3 responses"):
+        compute_advantages("rloo", mask, token_rewards=torch.zeros(3, 2), group_size=2)
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+def test_reinforce_plus_plus_is_whitened_discounted_returns(whiten):
+    lengths, mask, rewards, _ = make_batch(19)
+    adv, ret = compute_advantages("reinforce_plus_plus", mask, token_rewards=rewards, gamma=0.9, whiten=whiten,
+                                  advantage_clip=1.2)
+    returns = ref_returns(rewards.tolist(), lengths, 0.9)
+    assert torch.allclose(ret, as_tensor(returns), atol=1e-12, rtol=0)
+    want = [[min(max(v, -1.2), 1.2) for v in row] for row in ref_whiten(returns, lengths)]
+    assert torch.allclose(adv, as_tensor(want), atol=1e-12, rtol=0)  # whitened once, whiten or not
+    assert (adv.abs() == 1.2).any()
+
+
 def test_dispatcher_gae_whiten_and_clip_match_reference():
     lengths, mask, rewards, values = make_batch(17)
     adv, ret = compute_advantages("gae", mask, token_rewards=rewards, values=values, gamma=1.0, lambd=0.95,
@@ -169,6 +221,8 @@ def test_dispatcher_gae_whiten_and_clip_match_reference():
         ("vtrace", {}, "unknown adv_estimator"),
         ("gae", {"token_rewards": torch.zeros(2, 3)}, "needs values"),
         ("reinforce", {}, "needs token_rewards"),
+        ("rloo", {}, "needs token_rewards"),
+        ("reinforce_plus_plus", {}, "needs token_rewards"),
         ("grpo", {}, "needs normalized_scores"),
         ("grpo", {"normalized_scores": torch.zeros(2), "advantage_clip": -1.0}, "advantage_clip"),
         ("grpo", {"normalized_scores": torch.zeros(3)}, "normalized_scores must be"),

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from liteppo_mcore.algo import aggregate, policy_loss, value_loss
+from liteppo_mcore.algo import aggregate, policy_loss, rollout_importance_weight, value_loss
 
 B, T = 8, 9
 
@@ -283,3 +283,28 @@ def test_clip_range_is_checked():
         policy_loss(logp, old, adv, mask, clip=0.2, clip_low=1.0)
     with pytest.raises(ValueError, match="pg_clip_high > 0"):
         policy_loss(logp, old, adv, mask, clip=0.2, clip_high=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rollout_importance_weight_is_the_truncated_ratio(dtype):
+    g = torch.Generator().manual_seed(7)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    log_w = (torch.randn(3, 4, generator=g, dtype=torch.float64) * 0.8).to(dtype)
+    log_w[0, 0], log_w[2, 3] = 500.0, -500.0  # beyond exp's range in float32 at both ends
+    log_w[1, 3] = float("nan")  # padding: never reaches the output
+    log_w.requires_grad_(True)
+    weight, metrics = rollout_importance_weight(log_w, mask, threshold=1.5)
+    raw = [[math.exp(min(v, 50.0)) for v in row] for row in log_w.detach().double().tolist()]
+    want = [[min(r, 1.5) if m else 0.0 for r, m in zip(rr, mm)] for rr, mm in zip(raw, mask.tolist())]
+    assert torch.allclose(weight.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=1e-30)
+    assert weight.dtype == dtype and not weight.requires_grad  # detached: no gradient through the weight
+    valid = [w for row, mm in zip(want, mask.tolist()) for w, m in zip(row, mm) if m]
+    truncated = sum(r >= 1.5 for rr, mm in zip(raw, mask.tolist()) for r, m in zip(rr, mm) if m)
+    assert metrics["is_weight_sum"].item() == pytest.approx(sum(valid), rel=1e-6)
+    assert metrics["is_truncated_sum"].item() == truncated >= 1
+    assert metrics["is_weight_max"].item() == 1.5 and torch.isfinite(weight).all()
+
+
+def test_rollout_importance_weight_checks_the_threshold():
+    with pytest.raises(ValueError, match="rollout_is_threshold must be >= 1"):
+        rollout_importance_weight(torch.zeros(1, 1), torch.ones(1, 1), threshold=0.9)

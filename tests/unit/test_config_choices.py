@@ -125,7 +125,8 @@ def test_every_allowed_value_runs_in_the_algo_functions():
         out = algo.normalize_rewards(scores, group_size=2, reward_norm=norm, running=running)
         assert out.shape == scores.shape, norm
     for estimator in choices.ADV_ESTIMATORS:
-        adv, ret = algo.compute_advantages(estimator, mask, token_rewards=x, values=x, normalized_scores=scores)
+        adv, ret = algo.compute_advantages(estimator, mask, token_rewards=x, values=x, normalized_scores=scores,
+                                           group_size=2)
         assert adv.shape == ret.shape == mask.shape, estimator
     with pytest.raises(ValueError, match=re.escape("valid: 'group', 'batch', 'running', None")):
         algo.normalize_rewards(scores, group_size=2, reward_norm="median")

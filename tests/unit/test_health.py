@@ -142,6 +142,11 @@ def test_from_config_counts_the_updates_a_step_makes():
     assert health.limit == 4 and health.updates_per_step == 2 * cfg.num_responses_per_step // 128 == 4
     three_of_four = good(**{"actor/skipped_updates": 3.0})
     assert bad_step_kinds(three_of_four, num_responses=cfg.num_responses_per_step, updates_per_step=4) == ()
+    # a step that made room for fewer updates (filter_groups, short of informative groups): all of its 3 skipped
+    health.observe(1, three_of_four, num_responses=cfg.num_responses_per_step)
+    assert health.consecutive_bad_steps == 0
+    health.observe(2, three_of_four, num_responses=cfg.num_responses_per_step, updates_per_step=3)
+    assert health.consecutive_bad_steps == 1
 
 
 def test_bad_arguments():
