@@ -17,10 +17,11 @@ TWO_EPOCHS = ["ppo_epochs=2", "train.mini_batch_size=4", "train.micro_batch_size
 # mini-batch composition that depended on DP would move the weights by ~1e-2.
 MULTI_STEP_TOL = 1e-5
 CLIP_HIGHER = ["pg_clip_low=0.001", "pg_clip_high=0.5"]  # clipped below at once, hardly ever above
+ROLLOUT_IS = ["rollout_is=sequence", "rollout_is_threshold=1.5"]
 ONE_UPDATE = ["ppo_epochs=1", f"train.mini_batch_size={N}", "train.micro_batch_size=2"]
 
 
-def run_step(ws, overrides, data, init, *, with_old_logp=True, poison=False):
+def run_step(ws, overrides, data, init, *, with_old_logp=True, poison=False, engine_logp=False):
     from liteppo_mcore.config import load_config
     from liteppo_mcore.models.forward import forward_per_token
     from liteppo_mcore.models.gpt import build_models
@@ -43,6 +44,8 @@ def run_step(ws, overrides, data, init, *, with_old_logp=True, poison=False):
     local.ref_logp = forward_per_token(models.reference, local.sequences(), groups, **kw)["logp"]
     if with_old_logp:
         local.old_logp = forward_per_token(models.actor, local.sequences(), groups, **kw)["logp"]
+    if engine_logp:  # the engine's log-probs: the old policy's, off by up to +-0.3 per token
+        local.rollout_logp = local.old_logp + data["logp_noise"][rows, :local.old_logp.shape[1]]
     updater = ModelUpdater(models.actor, "actor", cfg, groups, vocab_size=VOCAB)
     metrics = updater.update(gather_over_dp(local, groups), step=STEP)
     out = {"metrics": metrics, "actor": whole_state_dict(models.actor, groups, VOCAB),
@@ -77,6 +80,7 @@ def one_process_worker(rank, ws, data, init):
         "one_update_clipped": run_step(ws, ONE_UPDATE + ["train.clip_grad=0.05"], data, init, with_old_logp=False),
         "token_bound": run_step(ws, TWO_EPOCHS + ["train.max_tokens_per_micro_batch=30"], data, init),
         "clip_higher": run_step(ws, TWO_EPOCHS + CLIP_HIGHER, data, init),
+        "rollout_is": run_step(ws, TWO_EPOCHS + ROLLOUT_IS, data, init, engine_logp=True),
     }
 
 
@@ -87,6 +91,7 @@ def two_process_worker(rank, ws, data, init):
         "adamw_distopt": run_step(ws, TWO_EPOCHS + ADAMW + ["train.use_distributed_optimizer=true"], data, init),
         "two_epochs_pp2": run_step(ws, TWO_EPOCHS + ["parallel.pp=2"], data, init),
         "clip_higher": run_step(ws, TWO_EPOCHS + CLIP_HIGHER, data, init),
+        "rollout_is": run_step(ws, TWO_EPOCHS + ROLLOUT_IS, data, init, engine_logp=True),
     }
 
 
@@ -131,6 +136,16 @@ def test_update_step_is_independent_of_dp_and_guards_non_finite_losses():
                         ch["metrics"]["actor/clipfrac"], rel_tol=1e-9, abs_tol=1e-12)
     for rank_result in two:
         assert _relative_difference(rank_result["clip_higher"]["actor"], ch["actor"]) <= MULTI_STEP_TOL
+    # the rollout importance weight over two epochs of two mini-batches each: weighted (other weights, some
+    # truncated), the same weights each epoch (old_logp is fixed), and the same at DP=2
+    weighted = one["rollout_is"]
+    assert _relative_difference(weighted["actor"], ref["actor"]) > 10 * MULTI_STEP_TOL
+    assert 0 < weighted["metrics"]["rollout/is_truncated_fraction"] < 1
+    assert weighted["metrics"]["rollout/is_weight_max"] == 1.5
+    for rank_result in two:
+        assert _relative_difference(rank_result["rollout_is"]["actor"], weighted["actor"]) <= MULTI_STEP_TOL
+        for key in ("rollout/is_weight_mean", "rollout/is_truncated_fraction"):
+            assert math.isclose(rank_result["rollout_is"]["metrics"][key], weighted["metrics"][key], rel_tol=1e-6)
     # token-bounded micro-batches change nothing but the memory
     assert _relative_difference(one["token_bound"]["actor"], ref["actor"]) <= MULTI_STEP_TOL
 
