@@ -297,6 +297,48 @@ def _fused_chunk_logits(hidden: Tensor, w: Tensor, kept: Tensor | None) -> Chunk
     return lambda lo, hi: hidden[lo:hi] @ w.t()
 
 
+def _one_pass_applies(hidden: Tensor, shard: _Shard, n: int, entropy_grad: bool) -> bool:
+    """Whether the fused call takes the one-pass path: one vocabulary shard (no TP), all rows in one
+    chunk, no entropy gradient, and logits whose temperature scaling can fold into the matmul without
+    another rounding (the compute dtype, or temperature 1)."""
+    return (shard.group is None or _group_size(shard.group) == 1) and 0 < n <= shard.rows_per_chunk and \
+        shard.num_valid > 0 and not entropy_grad and \
+        (hidden.dtype == shard.compute_dtype or shard.inv_temperature == 1.0)
+
+
+def _one_pass_forward(hidden: Tensor, w: Tensor, targets: Tensor, shard: _Shard, compute_entropy: bool, *,
+                      keep_probs: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """One shard, one chunk: ``z = (hidden @ w.T) / T`` (the scaling in the GEMM), then log-softmax in
+    one fused pass over the rows, where the general path takes the max, the shift, the exponential and
+    its sum as passes of their own over ``[N, V]``. Returns (log p(target), entropy or an empty tensor,
+    the probabilities for the backward pass (None unless ``keep_probs``), the target columns)."""
+    inv_t = shard.inv_temperature
+    z = hidden @ w.t() if inv_t == 1.0 else torch.addmm(hidden.new_zeros(()), hidden, w.t(), beta=0, alpha=inv_t)
+    log_p = torch.log_softmax(z, dim=1, dtype=shard.compute_dtype)
+    del z
+    col = (targets - shard.vocab_start).clamp(0, shard.num_valid - 1).unsqueeze(1)
+    logp = log_p.gather(1, col).squeeze(1)
+    p = log_p.exp() if keep_probs or compute_entropy else None
+    ent = logp.new_empty(0)
+    if compute_entropy:
+        assert p is not None
+        ent = torch.mul(p, log_p, out=log_p).sum(dim=1).neg_()  # H = -sum_v p_v log p_v
+    return logp, ent, (p if keep_probs else None), col
+
+
+def _one_pass_backward(hidden: Tensor, weight: Tensor, col: Tensor, p: Tensor, g_logp: Tensor,
+                       shard: _Shard) -> tuple[Tensor, Tensor]:
+    """Gradients of ``sum g_logp * logp`` for `_one_pass_forward`: d logp(t) / d logits = (onehot - p) / T,
+    from the probabilities kept by the forward pass (consumed here: the backward runs once)."""
+    inv_t = shard.inv_temperature
+    grad = p.mul_((-inv_t * g_logp).unsqueeze(1))
+    grad.scatter_add_(1, col, (inv_t * g_logp).unsqueeze(1).to(grad.dtype))
+    g = grad.to(hidden.dtype)
+    grad_weight = torch.zeros_like(weight)  # padding rows keep a zero gradient
+    torch.mm(g.t(), hidden, out=grad_weight[: shard.num_valid])
+    return torch.mm(g, weight[: shard.num_valid]), grad_weight
+
+
 class _FusedLogProbEntropy(torch.autograd.Function):
     """(hidden [N, H], weight [V/TP, H], targets [N]) -> (log p(target) [N], entropy [N]) with the output
     layer's matmul inside the chunk loop: the logits of one chunk of rows exist at a time, forward and
@@ -305,9 +347,19 @@ class _FusedLogProbEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, shard: _Shard, compute_entropy: bool,
-                entropy_grad: bool) -> tuple[Tensor, Tensor]:
+                entropy_grad: bool, grad_wanted: bool) -> tuple[Tensor, Tensor]:
         w = weight[: shard.num_valid]
         n = hidden.shape[0]
+        ctx.set_materialize_grads(False)
+        ctx.shard = shard
+        ctx.entropy_grad = compute_entropy and entropy_grad
+        ctx.one_pass = _one_pass_applies(hidden, shard, n, ctx.entropy_grad)
+        if ctx.one_pass:
+            logp, ent, p, col = _one_pass_forward(hidden, w, targets, shard, compute_entropy,
+                                                  keep_probs=grad_wanted)
+            ctx.mark_non_differentiable(ent)
+            ctx.save_for_backward(hidden, weight, col, p)
+            return logp, ent
         # Rows that fit one chunk: its logits (the one chunk this call holds anyway) are kept for the
         # backward pass instead of being computed again; more rows: each chunk is recomputed there.
         kept = hidden @ w.t() if 0 < n <= shard.rows_per_chunk else None
@@ -315,21 +367,23 @@ class _FusedLogProbEntropy(torch.autograd.Function):
         log_z, logp, ent = _merge_stats(_gather_stats(stats, shard.group))
         if not compute_entropy:
             ent = ent.new_empty(0)
-        if not (compute_entropy and entropy_grad):
+        if not ctx.entropy_grad:
             ctx.mark_non_differentiable(ent)
-        ctx.shard = shard
-        ctx.entropy_grad = compute_entropy and entropy_grad
         ctx.save_for_backward(hidden, weight, targets, log_z, ent if ctx.entropy_grad else None, kept)
-        ctx.set_materialize_grads(False)
         return logp, ent
 
     @staticmethod
     def backward(ctx, g_logp: Tensor | None, g_ent: Tensor | None):
+        if ctx.one_pass:
+            if g_logp is None:
+                return None, None, None, None, None, None, None
+            hidden, weight, col, p = ctx.saved_tensors
+            return (*_one_pass_backward(hidden, weight, col, p, g_logp, ctx.shard), None, None, None, None, None)
         hidden, weight, targets, log_z, ent, kept = ctx.saved_tensors
         shard: _Shard = ctx.shard
         g_ent = g_ent if ctx.entropy_grad else None
         if g_logp is None and g_ent is None:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         grad_hidden = torch.zeros_like(hidden)
         grad_weight = torch.zeros_like(weight)  # padding rows keep a zero gradient
         w, gw = weight[: shard.num_valid], grad_weight[: shard.num_valid]
@@ -339,7 +393,7 @@ class _FusedLogProbEntropy(torch.autograd.Function):
             g = chunk.to(hidden.dtype)
             torch.mm(g, w, out=grad_hidden[sl])
             gw.addmm_(g.t(), hidden[sl])  # accumulated by the GEMM itself: no pass over the weight per chunk
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def vocab_parallel_logprob_entropy_from_hidden(
@@ -359,7 +413,9 @@ def vocab_parallel_logprob_entropy_from_hidden(
     whole: the output layer's matmul runs per chunk of rows, in the forward pass and again in the
     backward pass, so besides the inputs a call holds one chunk of logits and its fp32 buffers. When all
     rows fit one chunk, that chunk's logits are kept from the forward pass for the backward pass (at
-    most the chunk budget, until the backward) instead of being computed twice.
+    most the chunk budget, until the backward) instead of being computed twice; without TP and without
+    an entropy gradient such a call takes one fused log-softmax pass over them and keeps the
+    probabilities instead (`_one_pass_forward`: the same values, fewer passes over ``[N, V]``).
 
     Args:
         hidden: ``[N, H]`` the last hidden states (after the final norm) of N selected positions, the
@@ -383,7 +439,10 @@ def vocab_parallel_logprob_entropy_from_hidden(
     shape_only = weight.new_empty(()).expand(hidden.shape[0], weight.shape[0])
     shard = _make_shard(shape_only, tp_group, temperature, vocab_start, vocab_size, chunk_size,
                         auto_elements=_FUSED_CHUNK_ELEMENTS, min_rows=_FUSED_MIN_ROWS)
-    logp, ent = _FusedLogProbEntropy.apply(hidden, weight, targets.long(), shard, compute_entropy, entropy_grad)
+    # under no_grad (the forward-only passes) nothing is kept for a backward pass
+    grad_wanted = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    logp, ent = _FusedLogProbEntropy.apply(hidden, weight, targets.long(), shard, compute_entropy, entropy_grad,
+                                           grad_wanted)
     return logp, (ent if compute_entropy else None)
 
 

@@ -267,6 +267,9 @@ def test_fused_computes_the_logits_of_a_single_chunk_once():
             _hidden_and_weight_grads(lambda h, w, c=chunk_size: vocab_parallel_logprob_entropy_from_hidden(
                 h, w, targets, chunk_size=c), hidden, weight, w_logp, w_ent)
         assert sum(e.count for e in prof.key_averages() if e.key == "aten::matmul") == logits_matmuls, chunk_size
+        # one chunk, one shard, no entropy gradient: the one fused log-softmax pass (_one_pass_forward)
+        one_pass = sum(e.count for e in prof.key_averages() if e.key == "aten::log_softmax")
+        assert one_pass == (1 if chunk_size != 7 else 0), chunk_size
 
 
 def test_fused_float64_gradcheck_and_edge_cases():
