@@ -74,7 +74,6 @@ class _StepTotals:
     lr: float = 0.0
     num_minibatches: int = 0
     skipped: list[str] = field(default_factory=list)
-    empty_minibatches: int = 0
     has_rollout_logp: bool = False
 
 
@@ -150,7 +149,6 @@ class ModelUpdater:
         if float(denominators.num_tokens) == 0:
             # every response of the mini-batch is out of the losses (overlong_filter): no gradient, and an
             # optimizer step would still move the weights (momentum, weight decay); the same on every rank
-            totals.empty_minibatches += 1
             return
         if self.kind == "actor" and self.cfg.rollout_is is not None and rank_minibatch.old_logp is not None:
             rank_minibatch.is_log_weight = rollout_is_log_weights(rank_minibatch, self.cfg.rollout_is)
