@@ -301,7 +301,7 @@ def _one_pass_applies(hidden: Tensor, shard: _Shard, n: int, entropy_grad: bool)
     """Whether the fused call takes the one-pass path: one vocabulary shard (no TP), all rows in one
     chunk, no entropy gradient, and logits whose temperature scaling can fold into the matmul without
     another rounding (the compute dtype, or temperature 1)."""
-    return (shard.group is None or _group_size(shard.group) == 1) and 0 < n <= shard.rows_per_chunk and \
+    return _group_size(shard.group) == 1 and 0 < n <= shard.rows_per_chunk and \
         shard.num_valid > 0 and not entropy_grad and \
         (hidden.dtype == shard.compute_dtype or shard.inv_temperature == 1.0)
 

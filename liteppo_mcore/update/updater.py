@@ -23,7 +23,7 @@ the same state would diverge again; the last checkpoint is that previous state.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
@@ -108,6 +108,9 @@ class ModelUpdater:
         cfg = self.cfg
         totals = _StepTotals(sums=torch.zeros(len(self._sum_names), dtype=STAT_DTYPE),
                              has_rollout_logp=batch.rollout_logp is not None and batch.old_logp is None)
+        if self.kind == "actor" and cfg.rollout_is is not None and batch.old_logp is not None:
+            # once per step: the weights depend on old_logp and rollout_logp only, the same every epoch
+            batch = replace(batch, is_log_weight=rollout_is_log_weights(batch, cfg.rollout_is))
         self.model.train()
         with optimizer_state_on_device(self.optimizer, self.offload):
             mini_batch_size = cfg.step_mini_batch_size(batch.size)
@@ -150,8 +153,6 @@ class ModelUpdater:
             # every response of the mini-batch is out of the losses (overlong_filter): no gradient, and an
             # optimizer step would still move the weights (momentum, weight decay); the same on every rank
             return
-        if self.kind == "actor" and self.cfg.rollout_is is not None and rank_minibatch.old_logp is not None:
-            rank_minibatch.is_log_weight = rollout_is_log_weights(rank_minibatch, self.cfg.rollout_is)
         plans = micro_batch_plans(rank_minibatch.sequences(), g, t.micro_batch_size, self.cfg.micro_batch_tokens,
                                   self.cfg.parallel.sequence_parallel, t.pack_sequences)
         seq_length, rows = schedule_shape(plans)
