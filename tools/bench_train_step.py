@@ -19,10 +19,13 @@ weights (nothing is downloaded).
 Reported per case: median (and min) seconds of the step (CUDA events after warm-up), real tokens/s, model
 TFLOP/s and MFU (`liteppo_mcore.utils.flops`: Megatron's convention, padding not counted) against a
 matmul rate measured in the same run, peak memory (reset before each case's build, so it includes
-weights and optimizer states), and ours / baseline ratios. A table is printed last.
+weights and optimizer states), and ours / baseline ratios. A table is printed last. `--rounds N` runs the
+whole list of cases N times, every other round in reverse order, and takes each ratio as the median of
+the rounds' own ratios: on a shared machine a slow minute then lands in one round, not on one side.
 
     python tools/bench_train_step.py --device cuda --size full --out bench_train_step.json
     python tools/bench_train_step.py --device cpu --size small          # tiny shape, fp32, ~30 s
+    python tools/bench_train_step.py --device cpu --size small --repeats 10 --rounds 5   # a robust ratio
     LITEPPO_STRICT_DEVICE=1 python tools/bench_train_step.py --device cuda --size small --dtype fp32
         # the GPU code paths on a CPU machine (strict virtual-device mode): a functional check, CPU times
 """
@@ -372,30 +375,37 @@ def measure(args) -> dict:
     padded_vocab = shape.padded_vocab_size(1, cfg.model.make_vocab_size_divisible_by)
     peak = matmul_tflops(device, dtype, n)
     print(f"{args.dtype} matmul {n}^3: {peak:.2f} TFLOP/s", flush=True)
-    total, rows = args.sequences * args.seq_len, []
+    total = args.sequences * args.seq_len
     baselines, ours = selected_cases(args.micro_batches, args.offload_row)
+    cases = []  # (name, build, rate keyword arguments): what one round runs
     for name, micro in baselines:
         data = stock_micro_batches(args.sequences, micro, args.seq_len, shape.vocab_size, device, cfg.seed)
-        row = run_case(name, lambda data=data: stock_step_fn(*build_stock(cfg, groups, shape, dtype, padded_vocab,
-                                                                          device), data), device, args)
-        rows.append(add_rates(row, shape, [args.seq_len] * args.sequences, peak, kind="baseline",
-                              micro_batch=micro, max_tokens=None, padded_tokens=total))
-        del data
+        cases.append((name, lambda data=data: stock_step_fn(*build_stock(cfg, groups, shape, dtype, padded_vocab,
+                                                                          device), data),
+                      {"seq_lens": [args.seq_len] * args.sequences, "kind": "baseline", "micro_batch": micro,
+                       "max_tokens": None, "padded_tokens": total}))
     prompts, responses = rl_lengths(total, args.seq_len, cfg.seed)
     batch, lens = rl_batch(prompts, responses, shape.vocab_size, cfg.seed), prompts + responses
     for name, micro, bound, versus, pack, offload in ours:
         max_tokens = bound * args.seq_len if bound else None
-        row = run_case(name, ours_builder(args, groups, lens.numel(), micro, max_tokens, batch, offload, pack),
-                       device, args)
-        rows.append(add_rates(row, shape, lens.tolist(), peak, kind="ours + offload" if offload else "ours",
-                              micro_batch=micro,
-                              max_tokens=max_tokens, versus=versus,
-                              padded_tokens=padded_tokens(lens, micro, max_tokens, pack)))
+        cases.append((name, ours_builder(args, groups, lens.numel(), micro, max_tokens, batch, offload, pack),
+                      {"seq_lens": lens.tolist(), "kind": "ours + offload" if offload else "ours", "micro_batch": micro,
+                       "max_tokens": max_tokens, "versus": versus,
+                       "padded_tokens": padded_tokens(lens, micro, max_tokens, pack)}))
+    runs: dict[str, list[dict]] = {name: [] for name, _, _ in cases}
+    for r in range(args.rounds):  # every other round in reverse order: a drift of the machine favours no side
+        for name, build, _ in (cases if r % 2 == 0 else cases[::-1]):
+            runs[name].append(run_case(name, build, device, args))
+    rows = []
+    for name, _, rate in cases:
+        row = merge_rounds(runs[name])
+        rate = dict(rate)
+        rows.append(add_rates(row, shape, rate.pop("seq_lens"), peak, **rate))
     add_ratios(rows)
     return {"device": str(device), "gpu": device_name(device), "strict_device": strict_virtual(),
             "dtype": args.dtype, "size": args.size, "shape": SIZES[args.size]["shape"],
             "attention_backend": args.attention_backend, "seq_len": args.seq_len, "tokens_per_step": total,
-            "warmup": args.warmup, "repeats": args.repeats,
+            "warmup": args.warmup, "repeats": args.repeats, "rounds": args.rounds,
             "timed": "one optimizer step: forward+backward of all micro-batches + optimizer step",
             "offload": "off in every compared case (as the baseline); the '+ optimizer offload' row times the "
                        "trainer's default train.offload_between_phases=true against the same case without it",
@@ -404,15 +414,33 @@ def measure(args) -> dict:
             "torch": torch.__version__, "megatron_core": version("megatron-core"), "rows": rows}
 
 
+def merge_rounds(runs: list[dict]) -> dict:
+    """One row of a case run in several rounds: every round's step times (the median and minimum over
+    all of them), each round's median (`round_median_s`), the largest peak memory of the rounds."""
+    row = dict(runs[-1])
+    row["times_s"] = [t for run in runs for t in run["times_s"]]
+    row["median_s"], row["min_s"] = statistics.median(row["times_s"]), min(row["times_s"])
+    row["round_median_s"] = [run["median_s"] for run in runs]
+    peaks = [run["peak_bytes"] for run in runs if run["peak_bytes"] is not None]
+    row["peak_bytes"] = max(peaks) if peaks else None
+    return row
+
+
 def add_ratios(rows: list[dict]) -> None:
-    """ours / its baseline: throughput (tokens/s), model TFLOP/s and peak memory."""
+    """ours / its baseline: throughput (tokens/s), model TFLOP/s and peak memory. With several rounds
+    the throughput ratio is the median of the rounds' own ratios (`ratio_rounds`: each round's ours
+    against the same round's baseline, run minutes apart at most), so a slow spell of the machine
+    moves one round's ratio, not the result."""
     by_name = {r["case"]: r for r in rows}
     for row in rows:
         base = by_name.get(row.get("versus"))
         if base is None:
             continue
-        row["ratio_tokens_per_s"] = row["tokens_per_s"] / base["tokens_per_s"]
-        row["ratio_tflops"] = row["tflops"] / base["tflops"]
+        per_token = row["tokens"] / base["tokens"]  # the same tokens on both sides; kept exact if not
+        row["ratio_rounds"] = [per_token * b / o for o, b in zip(row["round_median_s"], base["round_median_s"])]
+        row["ratio_tokens_per_s"] = statistics.median(row["ratio_rounds"])  # one round: tokens/s over tokens/s
+        row["ratio_tflops"] = row["ratio_tokens_per_s"] * (row["tflops"] / row["tokens_per_s"]) / (
+            base["tflops"] / base["tokens_per_s"])
         if row["peak_bytes"] is not None and (base["peak_bytes"] or 0) >= 1 << 20:  # below 1 MiB: page noise
             row["ratio_peak_memory"] = row["peak_bytes"] / base["peak_bytes"]
 
@@ -427,6 +455,8 @@ def print_table(result: dict) -> None:
         pad = r["padded_tokens"] / r["tokens"] - 1
         peak = f"{r['peak_bytes'] / GIB:.2f}" if r.get("peak_bytes") is not None else "-"
         ratio = f"{r['ratio_tokens_per_s']:.2f}x" if "ratio_tokens_per_s" in r else "-"
+        if len(r.get("ratio_rounds", ())) > 1:  # the rounds' spread
+            ratio += f" ({min(r['ratio_rounds']):.2f}-{max(r['ratio_rounds']):.2f})"
         mem = f"{r['ratio_peak_memory']:.2f}x" if r.get("ratio_peak_memory") is not None else "-"
         print(f"{r['case']:<40} {r['median_s']:>8.4f} {r['min_s']:>8.4f} {r['tokens_per_s']:>10.0f} "
               f"{r['tflops']:>8.3f} {100 * r['mfu']:>5.1f}% {100 * pad:>4.0f}% {peak:>9}  {ratio:>18} {mem:>5}")
@@ -443,12 +473,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the micro-batch sizes (and token bounds, in sequences) to run")
     parser.add_argument("--no-offload-row", dest="offload_row", action="store_false",
                         help="skip the row that times the optimizer-state offload")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every case this many times, every other round in reverse order; each ratio is "
+                             "the median of the rounds' own ratios (a shared machine's speed drifts)")
     args = parser.parse_args(argv)
     resolve_common_args(args, warmup=(2, 1), repeats=(5, 5))
     args.sequences = args.sequences or SIZES[args.size]["sequences"]
     args.seq_len = args.seq_len or SIZES[args.size]["seq_len"]
     if args.sequences % GROUP:
         parser.error(f"--sequences must be a multiple of {GROUP}")
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
     return args
 
 

@@ -36,6 +36,8 @@ from torch import Tensor
 from .stats import STAT_DTYPE, as_bool_mask
 
 LOG_RATIO_BOUND = 20.0  # |log rho| at most this before exp (module docstring)
+_POLICY_SUMS = ("clipfrac_sum", "clipfrac_low_sum", "clipfrac_high_sum", "dual_clipfrac_sum", "num_tokens",
+                "approx_kl_k3_sum", "approx_kl_k1_sum")  # policy_loss's metric sums, in the order it reduces them
 
 
 def _check_same_shape(mask: Tensor, **tensors: Tensor) -> None:
@@ -105,16 +107,13 @@ def policy_loss(
     loss = torch.where(valid, loss, 0.0)
     with torch.no_grad():
         clip_active = valid & (clipped > unclipped)
-        metrics = {
-            "clipfrac_sum": clip_active.sum().to(STAT_DTYPE),
-            "clipfrac_low_sum": (clip_active & (ratio < 1.0 - low)).sum().to(STAT_DTYPE),
-            "clipfrac_high_sum": (clip_active & (ratio > 1.0 + high)).sum().to(STAT_DTYPE),
-            "dual_clipfrac_sum": (valid & dual_active).sum().to(STAT_DTYPE),
-            "approx_kl_k3_sum": _masked_sum(torch.expm1(log_ratio) - log_ratio, valid),
-            "approx_kl_k1_sum": _masked_sum(-log_ratio, valid),
-            "ratio_max": _masked_max_of_positive(ratio, valid),
-            "num_tokens": valid.sum().to(STAT_DTYPE),
-        }
+        # the counts in one reduction, and the KL sums in another: log_ratio is exactly 0 at padding, where
+        # both estimates are 0 too (expm1(0) - 0), so summing every entry sums the valid ones
+        counts = torch.stack([clip_active, clip_active & (ratio < 1.0 - low), clip_active & (ratio > 1.0 + high),
+                              valid & dual_active, valid]).flatten(1).sum(dim=1).to(STAT_DTYPE)
+        kl_sums = torch.stack([torch.expm1(log_ratio) - log_ratio, -log_ratio]).to(STAT_DTYPE).flatten(1).sum(dim=1)
+        metrics = dict(zip(_POLICY_SUMS, (*counts.unbind(), *kl_sums.unbind())))
+        metrics["ratio_max"] = _masked_max_of_positive(ratio, valid)
     return loss, metrics
 
 

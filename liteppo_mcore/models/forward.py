@@ -34,7 +34,7 @@ from liteppo_mcore.models.packing import (
     packed_seq_params,
     response_index,
 )
-from liteppo_mcore.parallel.device import collective_device, compute_device
+from liteppo_mcore.parallel.device import collective_device, compute_device, to_device
 from liteppo_mcore.parallel.mcore import ParallelGroups
 
 
@@ -190,8 +190,9 @@ def packed_micro_batch(batch: SequenceBatch, plan: PackPlan, groups: ParallelGro
     predicting its tokens (0 elsewhere), `seq_token_counts` (each position's sequence's response
     length; 0 in the trailing padding), all `[1, row_len / cp]`, and `packed_seq_params`.
 
-    Built in a fixed number of gathers whatever the number of segments: each token is addressed by
-    (segment, position within it) from `packing.packed_positions`."""
+    Built on the host in a fixed number of numpy gathers whatever the number of segments (each token
+    is addressed by (segment, position within it) from `packing.packed_positions`), then moved in one
+    copy per dtype: the integer rows, the mask, the per-token floats; views of those copies."""
     params = packed_seq_params(plan, device, groups.cp_rank, groups.cp_size)
     seg, pos = params.liteppo_positions  # numpy: the index arithmetic stays on the host, in a few array ops
     k = len(plan.seg_lens)
@@ -202,15 +203,19 @@ def packed_micro_batch(batch: SequenceBatch, plan: PackPlan, groups: ParallelGro
     prompt, response = batch.prompt_lens.numpy()[row], batch.response_lens.numpy()[row]
     t = pos - (prompt - 1)  # the response token each position predicts
     mask = real & (t >= 0) & (t < response)
-    # gathers from the flattened [B, S] / [B, T] tensors; index `numel` is an appended 0 (outside the sequences)
-    tokens = torch.cat([batch.tokens.reshape(-1), batch.tokens.new_zeros(1)])
-    at = [torch.from_numpy(np.where(real & (col < width), row * s + col, n * s)) for col in (pos, pos + 1)]
-    out = {"tokens": tokens[at[0]], "labels": tokens[at[1]], "mask": torch.from_numpy(mask)}
-    for key, value in (per_token or {}).items():
-        flat = torch.cat([value.float().reshape(-1), value.new_zeros(1, dtype=torch.float32)])
-        out[key] = flat[torch.from_numpy(np.where(mask, row * value.shape[1] + t, value.numel()))]
-    out["seq_token_counts"] = torch.from_numpy(np.where(real, response, 0))
-    item: dict = {key: value[None].to(device, non_blocking=True) for key, value in out.items()}
+    # gathers from the flattened [B, S] / [B, T] arrays; index `numel` is an appended 0 (outside the sequences)
+    tokens = np.append(batch.tokens.numpy().reshape(-1), 0)
+    ints = np.stack([tokens[np.where(real & (col < width), row * s + col, n * s)] for col in (pos, pos + 1)]
+                    + [np.where(real, response, 0)]).astype(np.int64, copy=False)
+    keys = list(per_token or {})
+    floats = [np.where(mask, per_token[key].float().numpy()[row, np.clip(t, 0, per_token[key].shape[1] - 1)], 0.0)
+              for key in keys] if per_token else []
+    moved = [to_device(torch.from_numpy(x), device) for x in (ints, mask)]
+    item: dict = {"tokens": moved[0][0:1], "labels": moved[0][1:2], "mask": moved[1][None],
+                  "seq_token_counts": moved[0][2:3]}
+    if keys:
+        values = to_device(torch.from_numpy(np.stack(floats).astype(np.float32, copy=False)), device)
+        item.update({key: values[i:i + 1] for i, key in enumerate(keys)})
     item["packed_seq_params"] = params
     return item
 

@@ -5,7 +5,9 @@ without Transformer Engine.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,6 +16,14 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
+
+from liteppo_mcore.parallel.device import to_device
+
+_varlen_attn: Callable[..., Any] | None
+try:  # variable-length flash attention (CUDA only, newer torch), see varlen_applies
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+except ImportError:  # an older torch (pyproject admits 2.6): the re-padded path everywhere
+    _varlen_attn = None
 
 
 class RMSNorm(torch.nn.Module):
@@ -135,25 +145,35 @@ class SDPACoreAttention(MegatronModule):
 
     def _packed(self, query: Tensor, key: Tensor, value: Tensor, params) -> Tensor:
         """Packed sequences (THD: q `[t, np, hn]`, k/v `[t, ng, hn]`, this CP rank's tokens): causal within
-        each segment of the row, nothing across segments. The row is re-padded around the attention: each
-        segment becomes a row of a `[segments, longest, ...]` batch (index tables built once per
-        micro-batch), so the cost is that of the segments, never of the whole row squared. Without CP one
-        causal SDPA call covers the batch; under CP the keys and values of every rank are gathered and a
-        mask compares global positions."""
+        each segment of the row, nothing across segments. On a GPU without CP, in fp16/bf16, torch's
+        variable-length flash attention takes the row as it is (`cu_seqlens`). Elsewhere the row is
+        re-padded around the attention (`_slot_attention`)."""
         plan = getattr(params, "liteppo_plan", None)
         if plan is None:
             raise ValueError("SDPACoreAttention takes packed sequences built by models/packing.packed_seq_params")
-        t, nq, hn = query.shape
         cp = self.cp_group.size() if self.cp_group is not None else 1
+        if cp == 1 and varlen_applies(query):
+            return varlen_attention(query, key, value, params, self.softmax_scale)
+        return self._slot_attention(query, key, value, params, plan, cp)
+
+    def _slot_attention(self, query: Tensor, key: Tensor, value: Tensor, params, plan, cp: int) -> Tensor:
+        """Each segment becomes a row of a `[segments, longest, ...]` batch (index tables built once per
+        micro-batch), so the cost is that of the segments, never of the whole row squared. Without CP one
+        causal SDPA call covers the batch; under CP the keys and values of every rank are gathered and a
+        mask compares global positions."""
+        t, nq, hn = query.shape
         if cp > 1:
             key = _GatherOverCP.apply(key, self.cp_group)
             value = _GatherOverCP.apply(value, self.cp_group)
         tables = _packed_tables(params, plan, self.cp_group, cp, query.device)
         segments, q_slots = tables.q_shape
         # [t, h, d] -> [segments, h, slots, d]: one gather each, the segments' tokens at their slots
-        q = _ToSlots.apply(query, tables.q_index, tables.q_back).view(segments, q_slots, nq, hn).transpose(1, 2)
-        k, v = (_ToSlots.apply(x, tables.k_index, tables.k_back).view(segments, -1, x.shape[1], hn).transpose(1, 2)
-                for x in (key, value))
+        if cp == 1:  # the keys' tables are the queries'
+            q, k, v = _ToSlots.apply(tables.q_index, tables.q_back, query, key, value)
+        else:
+            (q,) = _ToSlots.apply(tables.q_index, tables.q_back, query)
+            k, v = _ToSlots.apply(tables.k_index, tables.k_back, key, value)
+        q, k, v = (x.view(segments, -1, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
         gqa = k.shape[1] != nq
         if tables.mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale, enable_gqa=gqa)
@@ -165,22 +185,42 @@ class SDPACoreAttention(MegatronModule):
         return _FromSlots.apply(out, tables.q_back, tables.q_index, tables.q_valid).reshape(t, 1, nq * hn)
 
 
+def varlen_applies(query: Tensor) -> bool:
+    """Whether torch's variable-length (flash) attention can take these queries: a real CUDA device (not
+    the strict mode's virtual one, whose data is on the host), fp16 or bf16, and a torch that has it."""
+    return _varlen_attn is not None and torch.cuda.is_available() and query.is_cuda and \
+        query.dtype in (torch.float16, torch.bfloat16)
+
+
+def varlen_attention(query: Tensor, key: Tensor, value: Tensor, params, scale: float | None) -> Tensor:
+    """Causal attention within each segment of a packed row (`params.cu_seqlens_q`, the trailing padding a
+    segment of its own) by `torch.nn.attention.varlen.varlen_attn`: q `[t, np, hn]`, k/v `[t, ng, hn]`
+    -> `[t, 1, np * hn]`. No CP (the keys are the queries' own row)."""
+    assert _varlen_attn is not None  # varlen_applies
+    t, nq, hn = query.shape
+    cu = params.cu_seqlens_q
+    out = _varlen_attn(query, key.contiguous(), value.contiguous(), cu, cu, int(params.max_seqlen_q),
+                       int(params.max_seqlen_kv), scale=scale, window_size=(-1, 0), enable_gqa=key.shape[1] != nq)
+    return out.reshape(t, 1, nq * hn)
+
+
 class _ToSlots(torch.autograd.Function):
-    """`x.index_select(0, index)`: each token `[t, ...]` to its slot, the empty slots repeating token 0.
+    """`x.index_select(0, index)` of each `x` (one autograd node for all): each token `[t, ...]` to its
+    slot, the empty slots repeating token 0.
     The backward is a gather too (`back`: each token's slot) instead of a scatter-add into zeros: the
     gradient of an empty slot is exactly zero, since no real query attends to an empty key slot (it
     comes after the segment's tokens, or the CP mask hides it) and `_FromSlots` gives the empty query
     slots a zero output gradient."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, index: Tensor, back: Tensor) -> Tensor:
+    def forward(ctx, index: Tensor, back: Tensor, *xs: Tensor) -> tuple[Tensor, ...]:
         ctx.save_for_backward(back)
-        return x.index_select(0, index)
+        return tuple(x.index_select(0, index) for x in xs)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx, *grads: Tensor | None):
         (back,) = ctx.saved_tensors
-        return grad.index_select(0, back), None, None
+        return None, None, *(None if g is None else g.index_select(0, back) for g in grads)
 
 
 class _FromSlots(torch.autograd.Function):
@@ -231,6 +271,18 @@ def _slots(seg: np.ndarray, pos: np.ndarray, segments: int) -> tuple[np.ndarray,
     return index, flat_slot, valid.reshape(segments, width), slot_pos.reshape(segments, width)
 
 
+def _contiguous_slots(segments: tuple[int, ...], seg: np.ndarray, pos: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_slots` (index, flat slot, valid) of a row whose segments lie end to end, each in position order:
+    slot i of segment j holds token `offset_j + i`."""
+    lengths = np.asarray(segments, dtype=np.int64)
+    width = int(lengths.max())
+    slot = np.arange(width)
+    valid = slot[None, :] < lengths[:, None]
+    index = np.where(valid, (np.cumsum(lengths) - lengths)[:, None] + slot[None, :], 0).reshape(-1)
+    return index, seg * width + pos, valid
+
+
 def _packed_tables(params, plan, cp_group, cp: int, device: torch.device) -> _PackedTables:
     """The re-padding tables of one micro-batch for this CP rank, cached on `params` (shared by the layers)."""
     cached = getattr(params, "liteppo_tables", None)
@@ -240,7 +292,10 @@ def _packed_tables(params, plan, cp_group, cp: int, device: torch.device) -> _Pa
 
     segments = len(plan.segments)
     q_seg, q_pos = params.liteppo_positions  # this rank's tokens (packed_seq_params)
-    q_index, q_back, q_valid, q_slot_pos = _slots(q_seg, q_pos, segments)
+    if cp == 1:  # the tokens are in (segment, position) order: the tables in closed form
+        q_index, q_back, q_valid = _contiguous_slots(plan.segments, q_seg, q_pos)
+    else:
+        q_index, q_back, q_valid, q_slot_pos = _slots(q_seg, q_pos, segments)
     mask = None  # without CP the keys are the queries, each segment's tokens a prefix of its slots: causal
     k_index, k_back = q_index, q_back
     if cp > 1:
@@ -249,9 +304,13 @@ def _packed_tables(params, plan, cp_group, cp: int, device: torch.device) -> _Pa
                                                  np.concatenate([ps for _, ps in keys]), segments)
         allowed = k_valid[:, None, :] & (q_slot_pos[:, :, None] >= k_slot_pos[:, None, :])
         allowed[:, :, 0] |= ~q_valid  # an empty query slot sees one key (its output is dropped): no all-masked row
-        mask = torch.from_numpy(allowed).unsqueeze(1).to(device)
-    q_index_d, q_back_d, q_valid_d, k_index_d, k_back_d = (torch.from_numpy(x).to(device) for x in (
-        q_index, q_back, q_valid.reshape(-1), k_index, k_back))
+        mask = to_device(torch.from_numpy(allowed).unsqueeze(1), device)
+    # the index tables in one copy to the device (views of it); without CP the keys' tables are the queries'
+    parts = [q_index, q_back] + ([k_index, k_back] if cp > 1 else [])
+    flat = to_device(torch.from_numpy(np.concatenate(parts)), device).split([p.size for p in parts])
+    q_index_d, q_back_d = flat[0], flat[1]
+    k_index_d, k_back_d = (flat[2], flat[3]) if cp > 1 else (q_index_d, q_back_d)
+    q_valid_d = to_device(torch.from_numpy(q_valid.reshape(-1)), device)
     tables = _PackedTables((segments, q_valid.shape[1]), q_index_d, q_back_d, q_valid_d, k_index_d, k_back_d, mask)
     params.liteppo_tables = tables
     return tables

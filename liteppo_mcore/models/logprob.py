@@ -460,14 +460,18 @@ def logprob_entropy_at(output: Tensor, targets: Tensor, mask: Tensor, *, weight:
     if mask.dtype != torch.bool or mask.shape != output.shape[:-1] or targets.shape != mask.shape:
         raise ValueError(f"mask (bool) and targets must have shape {tuple(output.shape[:-1])}, got "
                          f"{tuple(mask.shape)} {mask.dtype} and {tuple(targets.shape)}")
+    # the selected positions once (one nonzero: a host synchronisation on a GPU), then gathers and scatters
+    at = mask.reshape(-1).nonzero().squeeze(1)
+    rows = output.reshape(-1, output.shape[-1]).index_select(0, at)
+    picked = targets.reshape(-1).index_select(0, at)
     if weight is None:
         kwargs.setdefault("inplace_backward", True)  # the selection is a private copy
-        logp, ent = vocab_parallel_logprob_entropy(output[mask], targets[mask], **kwargs)
+        logp, ent = vocab_parallel_logprob_entropy(rows, picked, **kwargs)
     else:
-        logp, ent = vocab_parallel_logprob_entropy_from_hidden(output[mask], weight, targets[mask], **kwargs)
+        logp, ent = vocab_parallel_logprob_entropy_from_hidden(rows, weight, picked, **kwargs)
 
     def scatter(values: Tensor) -> Tensor:
-        return values.new_zeros(mask.shape).index_put((mask,), values)
+        return values.new_zeros(mask.numel()).index_copy(0, at, values).view(mask.shape)
 
     return scatter(logp), (None if ent is None else scatter(ent))
 

@@ -179,13 +179,13 @@ def packed_seq_params(plan: PackPlan, device: torch.device, cp_rank: int = 0, cp
     from megatron.core.packed_seq_params import PackedSeqParams
 
     from liteppo_mcore.models.rope import ROPE_POSITIONS
+    from liteppo_mcore.parallel.device import to_device
 
     segments = plan.segments
-    cu = torch.zeros(len(segments) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(segments, dtype=torch.int32).cumsum(0)
-    cu = cu.to(device)
     seg, pos = packed_positions(plan, cp_rank, cp_size)
-    setattr(cu, ROPE_POSITIONS, torch.from_numpy(pos).to(device))
+    cu = torch.from_numpy(np.concatenate([[0], np.cumsum(segments)]).astype(np.int32))
+    cu = to_device(cu, device)
+    setattr(cu, ROPE_POSITIONS, to_device(torch.from_numpy(pos), device))
     longest = max(segments)
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
                              cu_seqlens_kv_padded=cu, max_seqlen_q=longest, max_seqlen_kv=longest)

@@ -36,6 +36,11 @@ _CUDA_TYPE_NAMES = {
 _is_cuda_device = strict_device._is_cuda
 
 
+# the functions _CudaToCpuMode rewrites whatever their keyword arguments (the rest only for `device=` or
+# `pin_memory=` keywords)
+_REWRITTEN = frozenset({torch.Tensor.cuda, torch.Tensor.pin_memory, torch.Tensor.type, torch.Tensor.to})
+
+
 class _CudaToCpuMode(TorchFunctionMode):
     """Rewrites CUDA placements to the CPU.
 
@@ -44,6 +49,8 @@ class _CudaToCpuMode(TorchFunctionMode):
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if not kwargs and func not in _REWRITTEN:  # most calls: nothing to rewrite (this runs for every torch call)
+            return func(*args)
         kwargs = dict(kwargs or {})
         if strict_device.is_active():  # turned on after this mode: the strict mode does the rewrites
             return func(*args, **kwargs)

@@ -34,6 +34,12 @@ def compute_device() -> torch.device:
     return torch.device("cpu")
 
 
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`: itself when that is the host (no copy, and no call through torch, which
+    costs more than the small index tensors it would move), else an asynchronous copy."""
+    return x if device.type == "cpu" else x.to(device, non_blocking=True)
+
+
 def is_host_group(group: dist.ProcessGroup | None) -> bool:
     """Whether collectives over `group` take host tensors (gloo) rather than CUDA ones (NCCL)."""
     if torch.cuda.is_available():

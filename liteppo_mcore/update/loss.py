@@ -78,8 +78,10 @@ def _agg(x: Tensor, micro_batch: dict[str, Tensor], settings: LossSettings, coun
                      seq_token_counts=micro_batch["seq_token_counts"])
 
 
+@torch.no_grad()
 def _sums(names: tuple[str, ...], values: dict[str, Tensor]) -> Tensor:
-    return torch.stack([values[k].detach().reshape(()) for k in names]).to(STAT_DTYPE)
+    """The 0-d `values` named by `names`, detached, as one float64 vector (one stack, promoting the dtypes)."""
+    return torch.stack([values[k] for k in names]).to(STAT_DTYPE)
 
 
 def actor_loss(output: Tensor, micro_batch: dict[str, Tensor], settings: LossSettings, counts: Denominators,

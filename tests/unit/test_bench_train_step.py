@@ -16,7 +16,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
-from bench_train_step import BASELINES, OFFLOAD, OURS, SIZES, config_overrides  # noqa: E402
+from bench_train_step import BASELINES, OFFLOAD, OURS, SIZES, add_ratios, config_overrides, merge_rounds  # noqa: E402
 
 from tests.gpu.check_report import SUMMARIES  # noqa: E402
 
@@ -93,8 +93,11 @@ def test_both_sides_build_and_step_on_the_gpu_under_the_strict_mode(tmp_path):
     """`--device cuda` on a CPU machine under LITEPPO_STRICT_DEVICE=1: every tensor is placed as on a GPU
     and host/device mixes fail as CUDA would (e.g. a baseline whose norms megatron made on the CPU)."""
     _, result = _run(tmp_path, "--device", "cuda", "--size", "small", "--dtype", "fp32", "--warmup", "0",
-                     "--repeats", "1", "--micro-batches", "2", strict=True)
-    assert result["strict_device"] is True and result["device"] == "cuda:0"
+                     "--repeats", "1", "--micro-batches", "2", "--rounds", "2", strict=True)
+    assert result["strict_device"] is True and result["device"] == "cuda:0" and result["rounds"] == 2
+    for row in result["rows"]:  # both rounds' steps are in every row; every compared row has a ratio per round
+        assert len(row["times_s"]) == 2 and len(row["round_median_s"]) == 2, row["case"]
+        assert "versus" not in row or len(row["ratio_rounds"]) == 2
     rows = {row["case"]: row for row in result["rows"]}
     offload_name = OFFLOAD[2][0]
     assert list(rows) == [BASELINES[0][0], OURS[0][0], OURS[2][0], offload_name]
@@ -107,3 +110,27 @@ def test_both_sides_build_and_step_on_the_gpu_under_the_strict_mode(tmp_path):
     assert (rows[offload_name]["offload_between_phases"], rows[offload_name]["offload_active"]) == (True, True)
     for row in rows.values():
         assert all(math.isfinite(v) for v in row["last_step"].values() if isinstance(v, float)), row["case"]
+
+
+def test_a_ratio_over_rounds_is_the_median_of_each_rounds_own_ratio():
+    """--rounds: a case's row holds every round's steps; its ratio compares each round's ours with the same
+    round's baseline, then takes the median, so one slow round on one side does not decide it."""
+    def run(times, peak):
+        return {"case": "x", "times_s": times, "median_s": sorted(times)[len(times) // 2], "peak_bytes": peak}
+
+    base = merge_rounds([run([1.0, 1.0, 1.0], 10 << 20), run([2.0, 2.0, 2.0], 12 << 20),
+                         run([1.0, 1.0, 1.0], 11 << 20)])
+    ours = merge_rounds([run([1.25, 1.25, 1.25], 20 << 20), run([2.0, 2.0, 2.0], 20 << 20),
+                         run([4.0, 4.0, 4.0], 20 << 20)])  # the last round slow on our side only
+    assert base["round_median_s"] == [1.0, 2.0, 1.0] and len(base["times_s"]) == 9 and base["peak_bytes"] == 12 << 20
+    rows = []
+    for name, row, versus in (("base", base, None), ("ours", ours, "base")):
+        row.update(case=name, tokens=1000, tokens_per_s=1000 / row["median_s"], tflops=2.0 / row["median_s"])
+        if versus:
+            row["versus"] = versus
+        rows.append(row)
+    add_ratios(rows)
+    assert rows[1]["ratio_rounds"] == [0.8, 1.0, 0.25]
+    assert rows[1]["ratio_tokens_per_s"] == 0.8  # the median round; all steps pooled would give 1.0 / 2.0
+    assert abs(rows[1]["ratio_tflops"] - 0.8) < 1e-12  # the same flops per token on both sides
+    assert abs(rows[1]["ratio_peak_memory"] - (20 / 12)) < 1e-12

@@ -202,3 +202,31 @@ def test_the_default_token_bound_when_packing():
     cfg = load_config(overrides=["train.max_tokens_per_micro_batch=50", "prompt_length=10", "response_length=20"],
                       world_size=1)
     assert cfg.micro_batch_tokens == 50
+
+
+def test_contiguous_slot_tables_equal_the_general_ones():
+    """Without CP the attention's re-padding tables come in closed form; they equal the general
+    construction (sorting tokens by segment and position) on random rows, trailing padding included."""
+    import numpy as np
+
+    from liteppo_mcore.models.layers import _contiguous_slots, _slots
+    from liteppo_mcore.models.packing import packed_positions
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        k = int(rng.integers(1, 7))
+        seg_lens = tuple(int(x) for x in rng.integers(1, 30, k))
+        plan = PackPlan(rows=torch.arange(k), seg_lens=seg_lens, row_len=sum(seg_lens) + int(rng.integers(0, 5)))
+        seg, pos = packed_positions(plan)
+        general = _slots(seg, pos, len(plan.segments))[:3]
+        for got, want in zip(_contiguous_slots(plan.segments, seg, pos), general):
+            assert np.array_equal(got, want), (seg_lens, plan.row_len)
+
+
+def test_variable_length_attention_is_taken_only_on_a_real_gpu_in_half_precision():
+    """varlen_attn is CUDA-only: off a GPU (and under the strict mode, whose 'cuda' tensors keep their data
+    on the host) the packed attention takes the re-padded path, whatever the dtype."""
+    from liteppo_mcore.models.layers import varlen_applies
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert varlen_applies(torch.zeros(4, 2, 8, dtype=dtype)) is False
