@@ -377,30 +377,27 @@ def measure(args) -> dict:
     print(f"{args.dtype} matmul {n}^3: {peak:.2f} TFLOP/s", flush=True)
     total = args.sequences * args.seq_len
     baselines, ours = selected_cases(args.micro_batches, args.offload_row)
-    cases = []  # (name, build, rate keyword arguments): what one round runs
+    cases = []  # (name, build, sequence lengths, add_rates keyword arguments): what one round runs
     for name, micro in baselines:
         data = stock_micro_batches(args.sequences, micro, args.seq_len, shape.vocab_size, device, cfg.seed)
         cases.append((name, lambda data=data: stock_step_fn(*build_stock(cfg, groups, shape, dtype, padded_vocab,
                                                                           device), data),
-                      {"seq_lens": [args.seq_len] * args.sequences, "kind": "baseline", "micro_batch": micro,
-                       "max_tokens": None, "padded_tokens": total}))
+                      [args.seq_len] * args.sequences,
+                      {"kind": "baseline", "micro_batch": micro, "max_tokens": None, "padded_tokens": total}))
     prompts, responses = rl_lengths(total, args.seq_len, cfg.seed)
     batch, lens = rl_batch(prompts, responses, shape.vocab_size, cfg.seed), prompts + responses
     for name, micro, bound, versus, pack, offload in ours:
         max_tokens = bound * args.seq_len if bound else None
         cases.append((name, ours_builder(args, groups, lens.numel(), micro, max_tokens, batch, offload, pack),
-                      {"seq_lens": lens.tolist(), "kind": "ours + offload" if offload else "ours", "micro_batch": micro,
+                      lens.tolist(),
+                      {"kind": "ours + offload" if offload else "ours", "micro_batch": micro,
                        "max_tokens": max_tokens, "versus": versus,
                        "padded_tokens": padded_tokens(lens, micro, max_tokens, pack)}))
-    runs: dict[str, list[dict]] = {name: [] for name, _, _ in cases}
+    runs: dict[str, list[dict]] = {name: [] for name, *_ in cases}
     for r in range(args.rounds):  # every other round in reverse order: a drift of the machine favours no side
-        for name, build, _ in (cases if r % 2 == 0 else cases[::-1]):
+        for name, build, *_ in (cases if r % 2 == 0 else cases[::-1]):
             runs[name].append(run_case(name, build, device, args))
-    rows = []
-    for name, _, rate in cases:
-        row = merge_rounds(runs[name])
-        rate = dict(rate)
-        rows.append(add_rates(row, shape, rate.pop("seq_lens"), peak, **rate))
+    rows = [add_rates(merge_rounds(runs[name]), shape, seq_lens, peak, **rate) for name, _, seq_lens, rate in cases]
     add_ratios(rows)
     return {"device": str(device), "gpu": device_name(device), "strict_device": strict_virtual(),
             "dtype": args.dtype, "size": args.size, "shape": SIZES[args.size]["shape"],
@@ -439,8 +436,8 @@ def add_ratios(rows: list[dict]) -> None:
         per_token = row["tokens"] / base["tokens"]  # the same tokens on both sides; kept exact if not
         row["ratio_rounds"] = [per_token * b / o for o, b in zip(row["round_median_s"], base["round_median_s"])]
         row["ratio_tokens_per_s"] = statistics.median(row["ratio_rounds"])  # one round: tokens/s over tokens/s
-        row["ratio_tflops"] = row["ratio_tokens_per_s"] * (row["tflops"] / row["tokens_per_s"]) / (
-            base["tflops"] / base["tokens_per_s"])
+        flops_per_token = (row["model_flops"] / row["tokens"]) / (base["model_flops"] / base["tokens"])
+        row["ratio_tflops"] = row["ratio_tokens_per_s"] * flops_per_token
         if row["peak_bytes"] is not None and (base["peak_bytes"] or 0) >= 1 << 20:  # below 1 MiB: page noise
             row["ratio_peak_memory"] = row["peak_bytes"] / base["peak_bytes"]
 

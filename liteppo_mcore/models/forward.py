@@ -207,15 +207,13 @@ def packed_micro_batch(batch: SequenceBatch, plan: PackPlan, groups: ParallelGro
     tokens = np.append(batch.tokens.numpy().reshape(-1), 0)
     ints = np.stack([tokens[np.where(real & (col < width), row * s + col, n * s)] for col in (pos, pos + 1)]
                     + [np.where(real, response, 0)]).astype(np.int64, copy=False)
-    keys = list(per_token or {})
-    floats = [np.where(mask, per_token[key].float().numpy()[row, np.clip(t, 0, per_token[key].shape[1] - 1)], 0.0)
-              for key in keys] if per_token else []
     moved = [to_device(torch.from_numpy(x), device) for x in (ints, mask)]
     item: dict = {"tokens": moved[0][0:1], "labels": moved[0][1:2], "mask": moved[1][None],
                   "seq_token_counts": moved[0][2:3]}
-    if keys:
-        values = to_device(torch.from_numpy(np.stack(floats).astype(np.float32, copy=False)), device)
-        item.update({key: values[i:i + 1] for i, key in enumerate(keys)})
+    if per_token:
+        floats = np.stack([np.where(mask, v.float().numpy()[row, np.clip(t, 0, v.shape[1] - 1)], 0.0)
+                           for v in per_token.values()]).astype(np.float32, copy=False)
+        item.update(zip(per_token, to_device(torch.from_numpy(floats), device).split(1)))
     item["packed_seq_params"] = params
     return item
 

@@ -460,18 +460,17 @@ def logprob_entropy_at(output: Tensor, targets: Tensor, mask: Tensor, *, weight:
     if mask.dtype != torch.bool or mask.shape != output.shape[:-1] or targets.shape != mask.shape:
         raise ValueError(f"mask (bool) and targets must have shape {tuple(output.shape[:-1])}, got "
                          f"{tuple(mask.shape)} {mask.dtype} and {tuple(targets.shape)}")
-    # the selected positions once (one nonzero: a host synchronisation on a GPU), then gathers and scatters
-    at = mask.reshape(-1).nonzero().squeeze(1)
-    rows = output.reshape(-1, output.shape[-1]).index_select(0, at)
-    picked = targets.reshape(-1).index_select(0, at)
+    # the selected positions once (one nonzero: a host synchronisation on a GPU) for the gathers and the
+    # scatters; indexing the (possibly transposed) output by them copies the selected rows only
+    at = mask.nonzero(as_tuple=True)
     if weight is None:
         kwargs.setdefault("inplace_backward", True)  # the selection is a private copy
-        logp, ent = vocab_parallel_logprob_entropy(rows, picked, **kwargs)
+        logp, ent = vocab_parallel_logprob_entropy(output[at], targets[at], **kwargs)
     else:
-        logp, ent = vocab_parallel_logprob_entropy_from_hidden(rows, weight, picked, **kwargs)
+        logp, ent = vocab_parallel_logprob_entropy_from_hidden(output[at], weight, targets[at], **kwargs)
 
     def scatter(values: Tensor) -> Tensor:
-        return values.new_zeros(mask.numel()).index_copy(0, at, values).view(mask.shape)
+        return values.new_zeros(mask.shape).index_put(at, values)
 
     return scatter(logp), (None if ent is None else scatter(ent))
 

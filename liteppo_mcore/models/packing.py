@@ -35,6 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from liteppo_mcore.parallel.device import to_device
+
 
 @dataclass(frozen=True)
 class PackPlan:
@@ -179,7 +181,6 @@ def packed_seq_params(plan: PackPlan, device: torch.device, cp_rank: int = 0, cp
     from megatron.core.packed_seq_params import PackedSeqParams
 
     from liteppo_mcore.models.rope import ROPE_POSITIONS
-    from liteppo_mcore.parallel.device import to_device
 
     segments = plan.segments
     seg, pos = packed_positions(plan, cp_rank, cp_size)

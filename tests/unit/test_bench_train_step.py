@@ -125,7 +125,8 @@ def test_a_ratio_over_rounds_is_the_median_of_each_rounds_own_ratio():
     assert base["round_median_s"] == [1.0, 2.0, 1.0] and len(base["times_s"]) == 9 and base["peak_bytes"] == 12 << 20
     rows = []
     for name, row, versus in (("base", base, None), ("ours", ours, "base")):
-        row.update(case=name, tokens=1000, tokens_per_s=1000 / row["median_s"], tflops=2.0 / row["median_s"])
+        row.update(case=name, tokens=1000, model_flops=2e12, tokens_per_s=1000 / row["median_s"],
+                   tflops=2.0 / row["median_s"])
         if versus:
             row["versus"] = versus
         rows.append(row)
