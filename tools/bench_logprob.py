@@ -12,7 +12,8 @@ trainer has): "logits, then chunked" computes ``hidden @ weight.T`` whole and ru
 on it (with the gradient written in place); "fused" is `vocab_parallel_logprob_entropy_from_hidden`,
 whose matmul runs per chunk forward and backward. Each version runs in a child process of its own, so
 its peak memory is its own: on CPU the peak resident set (VmHWM) minus the resident set once the
-inputs exist, on CUDA `max_memory_allocated` minus the memory allocated then. The gradients of the
+inputs exist, in a child of its own whose C heap maps every allocation of 64 KiB or more apart (so the
+resident set follows the live tensors, not the pages the allocator keeps), on CUDA `max_memory_allocated` minus the memory allocated then. The gradients of the
 hidden states and of the weight, which every version must produce, are reported apart ("net": the
 peak beyond them), as a multiple of the full logits' size (``tokens x vocab`` in the dtype).
 
@@ -262,23 +263,41 @@ def hidden_child(args) -> dict:
             "grad_weight_sum": float(weight.grad.double().abs().sum())}
 
 
-def _child_argv(args, version: str) -> list[str]:
+def _child_argv(args, version: str, warmup: int, repeats: int) -> list[str]:
     argv = [sys.executable, os.path.abspath(__file__), "--child", version, "--device", args.device,
-            "--dtype", args.dtype, "--temperature", repr(args.temperature), "--warmup", str(args.warmup),
-            "--repeats", str(args.repeats), "--hidden-shape", *map(str, args.hidden_shape)]
+            "--dtype", args.dtype, "--temperature", repr(args.temperature), "--warmup", str(warmup),
+            "--repeats", str(repeats), "--hidden-shape", *map(str, args.hidden_shape)]
     return argv + (["--chunk-size", str(args.chunk_size)] if args.chunk_size else [])
 
 
+# The CPU memory child's C heap: every allocation of 64 KiB or more is mapped on its own and unmapped
+# when freed (a fixed threshold, which glibc then no longer raises), so the resident set follows the
+# live tensors; with the default heap, pages freed by one tensor stay resident for the next, and the
+# peak resident set depends on where the allocator placed them.
+MEMORY_CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 << 10)}
+
+
+def _run_child(args, version: str, warmup: int, repeats: int, env: dict) -> dict:
+    proc = subprocess.run(_child_argv(args, version, warmup, repeats), capture_output=True, text=True,
+                          check=False, env={**os.environ, "LITEPPO_STRICT_DEVICE": "0", **env})
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench_logprob: the child for {version!r} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def measure_hidden(args) -> dict:
-    """Table 2: each version in its own child process, the same inputs (seeded) in each."""
+    """Table 2: each version in its own child process, the same inputs (seeded) in each. On CPU the peak
+    memory comes from a second child per version, with the C heap of MEMORY_CHILD_ENV (one warm-up, one
+    measured call); the times from the first, with the default heap."""
     n, v, h = args.hidden_shape
     rows = []
     for version in HIDDEN_VERSIONS:
-        proc = subprocess.run(_child_argv(args, version), capture_output=True, text=True, check=False,
-                              env={**os.environ, "LITEPPO_STRICT_DEVICE": "0"})
-        if proc.returncode != 0:
-            raise RuntimeError(f"bench_logprob: the child for {version!r} failed:\n{proc.stderr[-3000:]}")
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        row = _run_child(args, version, args.warmup, args.repeats, {})
+        if args.device == "cpu":
+            memory = _run_child(args, version, 1, 1, MEMORY_CHILD_ENV)
+            row["extra_peak_bytes"] = memory["extra_peak_bytes"]
+            row["peak_memory_env"] = MEMORY_CHILD_ENV
+        rows.append(row)
     logits_bytes = n * v * torch.empty((), dtype=DTYPES[args.dtype]).element_size()
     first = rows[0]
     for row in rows:

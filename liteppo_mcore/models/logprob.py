@@ -37,10 +37,20 @@ Tensor = torch.Tensor
 
 # Rows per chunk when the caller gives none: 64 Mi elements, i.e. 256 MiB for each fp32 temporary.
 _AUTO_CHUNK_ELEMENTS = 1 << 26
-# The same for the fused path, whose chunk temporaries are all there is besides its inputs: 4 Mi elements
-# (16 MiB per fp32 temporary, about four of them), at least _FUSED_MIN_ROWS rows so the matmul stays efficient.
+# The same for the fused path, whose chunk temporaries are all there is besides its inputs and gradients:
+# 4 Mi elements (16 MiB per fp32 temporary; a chunk holds one, two with the entropy, one more for logits
+# not in fp32), at least _FUSED_MIN_ROWS rows. Fewer rows would hold less but read the weight more: every
+# chunk's GEMMs read the whole weight shard (on 2 CPU cores 32-row chunks took 1.7x the time of 128-row
+# ones). On a GPU a chunk needs rows enough to be compute-bound rather than bandwidth-bound (about 2 x
+# rows flops per weight byte in bf16; an H200 has about 200 flops per byte of bandwidth): at least
+# _FUSED_MIN_ROWS_GPU there.
 _FUSED_CHUNK_ELEMENTS = 1 << 22
 _FUSED_MIN_ROWS = 16
+_FUSED_MIN_ROWS_GPU = 256
+
+
+def _fused_min_rows(hidden: Tensor) -> int:
+    return _FUSED_MIN_ROWS_GPU if hidden.is_cuda and torch.cuda.is_available() else _FUSED_MIN_ROWS
 # Row max reported by a shard of vocabulary padding only (s = a = 0): it must never become the merged max,
 # or rows whose real logits sit far below 0 would underflow to Z = 0; and (m - M) * 0 stays finite.
 _EMPTY_MAX = -1.0e30
@@ -123,8 +133,8 @@ def _chunk_stats(x: Tensor, local_t: Tensor, shard: _Shard, entropy: bool, work:
     c = x.shape[0]
     # max(x) / T is the max of z for T > 0, and reading it from the stored dtype is half the traffic.
     m = x.amax(dim=1).to(shard.compute_dtype) * shard.inv_temperature
+    z_t = _target_z(x, local_t, shard)  # before y: x may be work[0] itself (the fused path's logits)
     y = _scaled_minus(x, m, shard.inv_temperature, work[0, :c])
-    z_t = _target_z(x, local_t, shard)
     if entropy:
         e = torch.exp(y, out=work[1, :c])
         s = e.sum(dim=1)
@@ -136,8 +146,9 @@ def _chunk_stats(x: Tensor, local_t: Tensor, shard: _Shard, entropy: bool, work:
 
 
 # The logits of rows lo:hi of this shard's real vocabulary columns, `[hi - lo, num_valid]`: a slice of
-# stored logits, or (the fused path) a chunk computed from the hidden states.
-ChunkLogits = Callable[[int, int], Tensor]
+# stored logits, or (the fused path) a chunk computed from the hidden states, possibly into the third
+# argument (the chunk's first fp32 buffer, which the caller then overwrites in place, element by element).
+ChunkLogits = Callable[[int, int, Tensor], Tensor]
 
 
 def _local_stats(chunk_logits: ChunkLogits, n: int, targets: Tensor, shard: _Shard, entropy: bool,
@@ -152,7 +163,8 @@ def _local_stats(chunk_logits: ChunkLogits, n: int, targets: Tensor, shard: _Sha
     work = _workspace(n, shard, 2 if entropy else 1, device)
     for lo in range(0, n, shard.rows_per_chunk):
         hi = min(n, lo + shard.rows_per_chunk)
-        stats[:, lo:hi] = _chunk_stats(chunk_logits(lo, hi), local_t[lo:hi], shard, entropy, work)
+        stats[:, lo:hi] = _chunk_stats(chunk_logits(lo, hi, work[0, :hi - lo]), local_t[lo:hi], shard, entropy,
+                                       work)
     return stats
 
 
@@ -167,7 +179,7 @@ def _chunk_grads(chunk_logits: ChunkLogits, n: int, targets: Tensor, log_z: Tens
     work = _workspace(n, shard, 1 if g_ent is None else 2, device)
     for lo in range(0, n, shard.rows_per_chunk):
         sl = slice(lo, min(n, lo + shard.rows_per_chunk))
-        yield sl, _chunk_grad(chunk_logits(sl.start, sl.stop), local_t[sl], log_z[sl],
+        yield sl, _chunk_grad(chunk_logits(sl.start, sl.stop, work[0, :sl.stop - sl.start]), local_t[sl], log_z[sl],
                               None if ent is None else ent[sl], None if g_logp is None else g_logp[sl],
                               None if g_ent is None else g_ent[sl], shard, work)
 
@@ -219,7 +231,7 @@ class _LogProbEntropy(torch.autograd.Function):
     def forward(ctx, logits: Tensor, targets: Tensor, shard: _Shard, compute_entropy: bool,
                 entropy_grad: bool, inplace_backward: bool) -> tuple[Tensor, Tensor]:
         columns = logits[:, : shard.num_valid]
-        stats = _gather_stats(_local_stats(lambda lo, hi: columns[lo:hi], logits.shape[0], targets, shard,
+        stats = _gather_stats(_local_stats(lambda lo, hi, _: columns[lo:hi], logits.shape[0], targets, shard,
                                            compute_entropy, logits.device), shard.group)
         log_z, logp, ent = _merge_stats(stats)
         if not compute_entropy:
@@ -243,7 +255,7 @@ class _LogProbEntropy(torch.autograd.Function):
         grad = logits if ctx.inplace_backward else torch.empty_like(logits)
         grad[:, shard.num_valid:].zero_()  # vocabulary padding is outside the distribution
         columns = logits[:, : shard.num_valid]
-        for sl, chunk in _chunk_grads(lambda lo, hi: columns[lo:hi], logits.shape[0], targets, log_z, ent, g_logp,
+        for sl, chunk in _chunk_grads(lambda lo, hi, _: columns[lo:hi], logits.shape[0], targets, log_z, ent, g_logp,
                                       g_ent, shard, logits.device):
             grad[sl, : shard.num_valid].copy_(chunk)
         return grad, None, None, None, None, None
@@ -291,10 +303,17 @@ def vocab_parallel_logprob_entropy(
 
 def _fused_chunk_logits(hidden: Tensor, w: Tensor, kept: Tensor | None) -> ChunkLogits:
     """A chunk's logits `hidden[lo:hi] @ w.T`, in hidden's dtype: sliced from `kept` (the logits of all
-    rows, when they fit one chunk) or computed."""
+    rows, when they fit one chunk) or computed, straight into the chunk's fp32 buffer when hidden is in
+    the compute dtype (then the chunk holds one fp32 temporary less)."""
     if kept is not None:
-        return lambda lo, hi: kept[lo:hi]
-    return lambda lo, hi: hidden[lo:hi] @ w.t()
+        return lambda lo, hi, _: kept[lo:hi]
+
+    def compute(lo: int, hi: int, out: Tensor) -> Tensor:
+        if out.dtype == hidden.dtype:
+            return torch.mm(hidden[lo:hi], w.t(), out=out)
+        return hidden[lo:hi] @ w.t()
+
+    return compute
 
 
 def _one_pass_applies(hidden: Tensor, shard: _Shard, n: int, entropy_grad: bool) -> bool:
@@ -423,7 +442,7 @@ def vocab_parallel_logprob_entropy_from_hidden(
         weight: ``[V/TP, H]`` this rank's shard of the output layer (tied or untied), padded rows included.
         targets, tp_group, temperature, vocab_start, vocab_size, compute_entropy, entropy_grad,
         chunk_size: as for `vocab_parallel_logprob_entropy` (``chunk_size``: rows per chunk; None: as many
-            as make 16 MiB of fp32 per temporary, at least 16).
+            as make 16 MiB of fp32 per temporary, at least 16 rows; at least 256 on a GPU).
 
     Gradients: ``weight`` gets this rank's full gradient; ``hidden`` gets this rank's share (its vocabulary
     slice's part), to be summed over ``tp_group``, as megatron's column-parallel output layer does in the
@@ -438,7 +457,7 @@ def vocab_parallel_logprob_entropy_from_hidden(
     # the shard's geometry is the logits' [N, V/TP]: a view of that shape describes it without computing it
     shape_only = weight.new_empty(()).expand(hidden.shape[0], weight.shape[0])
     shard = _make_shard(shape_only, tp_group, temperature, vocab_start, vocab_size, chunk_size,
-                        auto_elements=_FUSED_CHUNK_ELEMENTS, min_rows=_FUSED_MIN_ROWS)
+                        auto_elements=_FUSED_CHUNK_ELEMENTS, min_rows=_fused_min_rows(hidden))
     # under no_grad (the forward-only passes) nothing is kept for a backward pass
     grad_wanted = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     logp, ent = _FusedLogProbEntropy.apply(hidden, weight, targets.long(), shard, compute_entropy, entropy_grad,
@@ -560,7 +579,7 @@ def vocab_parallel_full_kl_from_hidden(
         raise ValueError(f"the two models' hidden states {tuple(hidden_p.shape)}, {tuple(hidden_q.shape)} and "
                          f"output weights {tuple(weight_p.shape)}, {tuple(weight_q.shape)} must match")
     n, v_local = hidden_p.shape[0], weight_p.shape[0]
-    rows = chunk_size if chunk_size is not None else max(_FUSED_MIN_ROWS, _FUSED_CHUNK_ELEMENTS // v_local)
+    rows = chunk_size if chunk_size is not None else max(_fused_min_rows(hidden_p), _FUSED_CHUNK_ELEMENTS // v_local)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 or None (automatic), got {chunk_size}")
     parts = [vocab_parallel_full_kl(hidden_p[lo:lo + rows] @ weight_p.t(), hidden_q[lo:lo + rows] @ weight_q.t(),

@@ -75,3 +75,35 @@ def test_device_cuda_without_cuda_needs_the_strict_mode(monkeypatch):
     args = parser.parse_args(["--device", "cuda", "--size", "small", "--dtype", "fp32"])
     assert resolve_common_args(args, warmup=(2, 1), repeats=(5, 3)) is True
     assert (args.warmup, args.repeats) == (2, 5)
+
+
+PEAK_PROBE = """
+import json, sys
+import torch
+from liteppo_mcore.utils.bench import reset_peak_rss, resident_bytes
+n = 8 << 20  # bytes: above glibc's first mmap threshold, so its free raises the threshold past it
+for _ in range(3):  # allocated, touched and freed: later ones come from the heap and stay resident there
+    x = torch.ones(n // 4)
+    del x
+base = reset_peak_rss()
+y = torch.ones(n // 4)
+print(json.dumps({"bytes": n, "peak": resident_bytes("VmHWM") - base}))
+"""
+
+
+def test_the_cpu_peak_counts_memory_that_reuses_a_freed_heap():
+    """reset_peak_rss gives the C heap's free pages back first: an allocation that takes memory freed
+    before the measured span still grows the resident set, so the peak sees it (without that, glibc hands
+    the freed, still-resident pages back and the peak reads about zero, or below zero)."""
+    import json
+    import subprocess
+
+    from liteppo_mcore.utils.bench import release_free_heap
+
+    if not release_free_heap():
+        pytest.skip("no glibc malloc_trim on this system")
+    proc = subprocess.run([sys.executable, "-c", PEAK_PROBE], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["peak"] >= 0.9 * out["bytes"], out
