@@ -22,10 +22,14 @@ matmul rate measured in the same run, peak memory (reset before each case's buil
 weights and optimizer states), and ours / baseline ratios. A table is printed last. `--rounds N` runs the
 whole list of cases N times, every other round in reverse order, and takes each ratio as the median of
 the rounds' own ratios: on a shared machine a slow minute then lands in one round, not on one side.
+`--paired N` then times each of our cases against its baseline step by step (both built at once, one
+step of each in turn, N pairs): the ratio of two steps a few tens of milliseconds apart, which a
+machine's drift over seconds does not reach (`ratio_paired`, the median of the pairs).
 
     python tools/bench_train_step.py --device cuda --size full --out bench_train_step.json
     python tools/bench_train_step.py --device cpu --size small          # tiny shape, fp32, ~30 s
     python tools/bench_train_step.py --device cpu --size small --repeats 10 --rounds 5   # a robust ratio
+    python tools/bench_train_step.py --device cpu --size small --paired 40   # + each pair of steps side by side
     LITEPPO_STRICT_DEVICE=1 python tools/bench_train_step.py --device cuda --size small --dtype fp32
         # the GPU code paths on a CPU machine (strict virtual-device mode): a functional check, CPU times
 """
@@ -399,16 +403,49 @@ def measure(args) -> dict:
             runs[name].append(run_case(name, build, device, args))
     rows = [add_rates(merge_rounds(runs[name]), shape, seq_lens, peak, **rate) for name, _, seq_lens, rate in cases]
     add_ratios(rows)
+    if args.paired:
+        builds = {name: build for name, build, *_ in cases}
+        for row in rows:
+            if row.get("versus") is not None:
+                add_paired(row, builds[row["versus"]], builds[row["case"]], device, args)
     return {"device": str(device), "gpu": device_name(device), "strict_device": strict_virtual(),
             "dtype": args.dtype, "size": args.size, "shape": SIZES[args.size]["shape"],
             "attention_backend": args.attention_backend, "seq_len": args.seq_len, "tokens_per_step": total,
-            "warmup": args.warmup, "repeats": args.repeats, "rounds": args.rounds,
+            "warmup": args.warmup, "repeats": args.repeats, "rounds": args.rounds, "paired": args.paired,
             "timed": "one optimizer step: forward+backward of all micro-batches + optimizer step",
             "offload": "off in every compared case (as the baseline); the '+ optimizer offload' row times the "
                        "trainer's default train.offload_between_phases=true against the same case without it",
             "matmul": {"n": n, "dtype": args.dtype, "tflops": peak},
             "prompt_lens": prompts.tolist(), "response_lens": responses.tolist(),
             "torch": torch.__version__, "megatron_core": version("megatron-core"), "rows": rows}
+
+
+def paired_ratios(base_step: Callable[[], dict], ours_step: Callable[[], dict], device, warmup: int,
+                  pairs: int) -> list[float]:
+    """Seconds of the baseline's step over ours, one pair of steps after the other, `pairs` times (the
+    order swapped every other pair): both sides then see the same seconds of the machine, where
+    separate runs (even rounds of them) see different ones."""
+    for _ in range(warmup):
+        base_step(), ours_step()
+    ratios = []
+    for i in range(pairs):
+        order = (base_step, ours_step) if i % 2 == 0 else (ours_step, base_step)
+        seconds = {id(fn): time_steps(fn, device, 0, 1)[0][0] for fn in order}
+        ratios.append(seconds[id(base_step)] / seconds[id(ours_step)])
+    return ratios
+
+
+def add_paired(row: dict, build_base: Callable, build_ours: Callable, device, args) -> None:
+    """`ratio_paired`: ours / baseline tokens/s from `paired_ratios` (both sides built and alive at once,
+    so no peak memory from this part), the median over the pairs; `paired_ratios` each pair's."""
+    free_memory(device)
+    base_step, ours_step = build_base(), build_ours()
+    per_token = row["tokens"] / row["versus_tokens"]
+    row["paired_ratios"] = [per_token * r for r in paired_ratios(base_step, ours_step, device, args.warmup, args.paired)]
+    row["ratio_paired"] = statistics.median(row["paired_ratios"])
+    del base_step, ours_step
+    free_memory(device)
+    print(f"  {row['case']}: paired with {row['versus']}: {row['ratio_paired']:.3f}x", flush=True)
 
 
 def merge_rounds(runs: list[dict]) -> dict:
@@ -434,6 +471,7 @@ def add_ratios(rows: list[dict]) -> None:
         if base is None:
             continue
         per_token = row["tokens"] / base["tokens"]  # the same tokens on both sides; kept exact if not
+        row["versus_tokens"] = base["tokens"]
         row["ratio_rounds"] = [per_token * b / o for o, b in zip(row["round_median_s"], base["round_median_s"])]
         row["ratio_tokens_per_s"] = statistics.median(row["ratio_rounds"])  # one round: tokens/s over tokens/s
         flops_per_token = (row["model_flops"] / row["tokens"]) / (base["model_flops"] / base["tokens"])
@@ -447,7 +485,7 @@ def print_table(result: dict) -> None:
           f"{result['dtype']} on {result['gpu'] or result['device']} | "
           f"{result['matmul']['dtype']} matmul {result['matmul']['tflops']:.2f} TFLOP/s = 100% MFU")
     print(f"{'case':<40} {'s/step':>8} {'min s':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'pad':>5} "
-          f"{'peak GiB':>9}  {'vs ref: tok/s':>18} {'mem':>5}")
+          f"{'peak GiB':>9}  {'vs ref: tok/s':>18} {'paired':>7} {'mem':>5}")
     for r in result["rows"]:
         pad = r["padded_tokens"] / r["tokens"] - 1
         peak = f"{r['peak_bytes'] / GIB:.2f}" if r.get("peak_bytes") is not None else "-"
@@ -455,8 +493,10 @@ def print_table(result: dict) -> None:
         if len(r.get("ratio_rounds", ())) > 1:  # the rounds' spread
             ratio += f" ({min(r['ratio_rounds']):.2f}-{max(r['ratio_rounds']):.2f})"
         mem = f"{r['ratio_peak_memory']:.2f}x" if r.get("ratio_peak_memory") is not None else "-"
+        paired = f"{r['ratio_paired']:.3f}x" if "ratio_paired" in r else "-"
         print(f"{r['case']:<40} {r['median_s']:>8.4f} {r['min_s']:>8.4f} {r['tokens_per_s']:>10.0f} "
-              f"{r['tflops']:>8.3f} {100 * r['mfu']:>5.1f}% {100 * pad:>4.0f}% {peak:>9}  {ratio:>18} {mem:>5}")
+              f"{r['tflops']:>8.3f} {100 * r['mfu']:>5.1f}% {100 * pad:>4.0f}% {peak:>9}  {ratio:>18} {paired:>7} "
+              f"{mem:>5}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -473,6 +513,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every case this many times, every other round in reverse order; each ratio is "
                              "the median of the rounds' own ratios (a shared machine's speed drifts)")
+    parser.add_argument("--paired", type=int, default=0, metavar="N",
+                        help="also time each of our cases against its baseline in N pairs of steps, one right "
+                             "after the other (`ratio_paired`: the median of the pairs' ratios)")
     args = parser.parse_args(argv)
     resolve_common_args(args, warmup=(2, 1), repeats=(5, 5))
     args.sequences = args.sequences or SIZES[args.size]["sequences"]
@@ -481,6 +524,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--sequences must be a multiple of {GROUP}")
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
+    if args.paired < 0:
+        parser.error("--paired must be >= 0")
     return args
 
 

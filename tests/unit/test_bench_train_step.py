@@ -16,7 +16,16 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
-from bench_train_step import BASELINES, OFFLOAD, OURS, SIZES, add_ratios, config_overrides, merge_rounds  # noqa: E402
+from bench_train_step import (  # noqa: E402
+    BASELINES,
+    OFFLOAD,
+    OURS,
+    SIZES,
+    add_ratios,
+    config_overrides,
+    merge_rounds,
+    paired_ratios,
+)
 
 from tests.gpu.check_report import SUMMARIES  # noqa: E402
 
@@ -93,11 +102,13 @@ def test_both_sides_build_and_step_on_the_gpu_under_the_strict_mode(tmp_path):
     """`--device cuda` on a CPU machine under LITEPPO_STRICT_DEVICE=1: every tensor is placed as on a GPU
     and host/device mixes fail as CUDA would (e.g. a baseline whose norms megatron made on the CPU)."""
     _, result = _run(tmp_path, "--device", "cuda", "--size", "small", "--dtype", "fp32", "--warmup", "0",
-                     "--repeats", "1", "--micro-batches", "2", "--rounds", "2", strict=True)
+                     "--repeats", "1", "--micro-batches", "2", "--rounds", "2", "--paired", "2", strict=True)
     assert result["strict_device"] is True and result["device"] == "cuda:0" and result["rounds"] == 2
     for row in result["rows"]:  # both rounds' steps are in every row; every compared row has a ratio per round
         assert len(row["times_s"]) == 2 and len(row["round_median_s"]) == 2, row["case"]
         assert "versus" not in row or len(row["ratio_rounds"]) == 2
+        # and, from --paired, one ratio per pair of steps side by side
+        assert "versus" not in row or (len(row["paired_ratios"]) == 2 and row["ratio_paired"] > 0), row["case"]
     rows = {row["case"]: row for row in result["rows"]}
     offload_name = OFFLOAD[2][0]
     assert list(rows) == [BASELINES[0][0], OURS[0][0], OURS[2][0], offload_name]
@@ -135,3 +146,28 @@ def test_a_ratio_over_rounds_is_the_median_of_each_rounds_own_ratio():
     assert rows[1]["ratio_tokens_per_s"] == 0.8  # the median round; all steps pooled would give 1.0 / 2.0
     assert abs(rows[1]["ratio_tflops"] - 0.8) < 1e-12  # the same flops per token on both sides
     assert abs(rows[1]["ratio_peak_memory"] - (20 / 12)) < 1e-12
+
+
+def test_paired_ratios_time_the_two_sides_step_by_step_in_alternating_order(monkeypatch):
+    """--paired: one step of each side in turn (the order swapped every pair), each pair's ratio the
+    baseline's seconds over ours; warm-up steps of both sides are not timed."""
+    import torch
+
+    from liteppo_mcore.utils import bench
+
+    clock = [0.0]
+    calls = []
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+
+    def step(name, seconds):
+        def run():
+            calls.append(name)
+            clock[0] += seconds.pop(0)
+            return {}
+        return run
+
+    base = step("base", [9.0, 3.0, 3.0, 6.0, 3.0])
+    ours = step("ours", [9.0, 2.0, 1.0, 4.0, 4.0])
+    ratios = paired_ratios(base, ours, torch.device("cpu"), warmup=1, pairs=4)
+    assert calls == ["base", "ours", "base", "ours", "ours", "base", "base", "ours", "ours", "base"]
+    assert ratios == [1.5, 3.0, 1.5, 0.75]
