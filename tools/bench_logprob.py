@@ -13,9 +13,10 @@ on it (with the gradient written in place); "fused" is `vocab_parallel_logprob_e
 whose matmul runs per chunk forward and backward. Each version runs in a child process of its own, so
 its peak memory is its own: on CPU the peak resident set (VmHWM) minus the resident set once the
 inputs exist, in a child of its own whose C heap maps every allocation of 64 KiB or more apart (so the
-resident set follows the live tensors, not the pages the allocator keeps), on CUDA `max_memory_allocated` minus the memory allocated then. The gradients of the
-hidden states and of the weight, which every version must produce, are reported apart ("net": the
-peak beyond them), as a multiple of the full logits' size (``tokens x vocab`` in the dtype).
+resident set follows the live tensors, not the pages the allocator keeps), on CUDA
+`max_memory_allocated` minus the memory allocated then. The gradients of the hidden states and of the
+weight, which every version must produce, are reported apart ("net": the peak beyond them), as a
+multiple of the full logits' size (``tokens x vocab`` in the dtype).
 
     python tools/bench_logprob.py --device cpu --size small --out bench_logprob.json
     python tools/bench_logprob.py --device cuda --size full          # bf16, 16,384 x 151,936

@@ -441,7 +441,8 @@ def add_paired(row: dict, build_base: Callable, build_ours: Callable, device, ar
     free_memory(device)
     base_step, ours_step = build_base(), build_ours()
     per_token = row["tokens"] / row["versus_tokens"]
-    row["paired_ratios"] = [per_token * r for r in paired_ratios(base_step, ours_step, device, args.warmup, args.paired)]
+    ratios = paired_ratios(base_step, ours_step, device, args.warmup, args.paired)
+    row["paired_ratios"] = [per_token * r for r in ratios]
     row["ratio_paired"] = statistics.median(row["paired_ratios"])
     del base_step, ours_step
     free_memory(device)
