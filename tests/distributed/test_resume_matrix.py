@@ -21,6 +21,12 @@ import pytest
 
 from tests.distributed.spawn import run_gloo
 
+# The module's fixture trains and resumes every case (four runs of gloo processes) inside the first test's
+# setup: on a slow 2-core machine that took over 25 minutes, more than the suite's 900 s per test and the
+# 1500 s per run it had.
+pytestmark = pytest.mark.timeout(3600)
+PHASE_TIMEOUT_S = 2400
+
 CONFIG = "examples/tiny_cpu.yaml"
 SMALL = ["rollout_batch_size=8", "num_return_sequences_in_group=4", "train.mini_batch_size=32",
          "train.micro_batch_size=8", "eval.enabled=false", "logging.tensorboard=false", "logging.plot=false",
@@ -100,7 +106,7 @@ def _run_phase(jobs_by_world):
     out = {}
     for world, jobs in sorted(jobs_by_world.items()):
         if jobs:
-            out.update(run_gloo(_jobs, world, jobs, timeout=1500)[0])
+            out.update(run_gloo(_jobs, world, jobs, timeout=PHASE_TIMEOUT_S)[0])
     return out
 
 
